@@ -1,0 +1,5 @@
+import sys
+
+from npinv.cli import main
+
+sys.exit(main())

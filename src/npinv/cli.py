@@ -1,0 +1,179 @@
+"""The ``npinv`` command line: thin parsing over :mod:`npinv.pipeline`.
+
+User errors print one line ``npinv: error: ...`` and exit with code 2; nothing is written then.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from collections.abc import Sequence
+
+from npinv.errors import NpinvError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        raise NpinvError(f"{message} (see npinv {self.prog.split()[-1]} --help)" if " " in self.prog else message)
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="diffusers folder, .safetensors file or hub id (default: embedded)")
+    p.add_argument("--model-config", default=None, help="diffusers folder or hub id with configs for a single file")
+    p.add_argument("--allow-pickle", action="store_true", help="allow loading a trusted .ckpt/.bin/.pt checkpoint")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="UNet precision (default fp32)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+
+
+def _schedule_args(p: argparse.ArgumentParser, guidance: float = 7.5) -> None:
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=float, default=guidance, help=f"guidance scale w (default {guidance})")
+    p.add_argument("--offset", type=int, default=None, choices=[0, 1],
+                   help="timestep offset: 0 as published code, 1 as the SD config (default: the model's config)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="npinv", description="Fast real-image inversion and editing with diffusion models.")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("reconstruct", help="invert an image and reconstruct it with NPI, NTI or DDIM")
+    p.add_argument("image")
+    p.add_argument("--prompt", required=True, help="the source prompt describing the image")
+    p.add_argument("--method", default="npi", choices=["npi", "nti", "ddim"])
+    _schedule_args(p)
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
+    p.add_argument("--resize", default="crop", choices=["crop", "fit"],
+                   help="crop: centre square crop; fit: keep aspect, sides multiples of 8")
+    p.add_argument("--save-inversion", default=None, help="write the inversion (.safetensors) for later edits")
+    p.add_argument("--out", required=True, help="reconstruction image path (.png, .jpg, .webp)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    _model_args(p)
+
+    p = sub.add_parser("generate", help="text-to-image sampling")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    _schedule_args(p)
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--out", required=True)
+    p.add_argument("--json", action="store_true")
+    _model_args(p)
+
+    p = sub.add_parser("models", help="list the models npinv knows")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _load(args):
+    from npinv.model import load_model
+
+    return load_model(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.model_config)
+
+
+def cmd_reconstruct(args) -> int:
+    from npinv.io import check_output_path, load_image, save_image, tensor_to_image
+    from npinv.pipeline import load_input, run_reconstruction
+
+    out = check_output_path(args.out, inputs=(args.image,))
+    if args.save_inversion:
+        check_output_path(args.save_inversion, inputs=(args.image, args.out), image=False)
+    load_image(args.image)  # bad input fails before the (slow) model load
+    _check_schedule(args)
+    model = _load(args)
+    image = load_input(args.image, model, args.size, args.resize)
+    report = run_reconstruction(model, image, args.prompt, args.method, steps=args.steps, guidance=args.guidance,
+                                offset=args.offset, progress=not args.quiet)
+    save_image(tensor_to_image(report.reconstruction.image), out)
+    if args.save_inversion:
+        report.reconstruction.inversion.save(args.save_inversion)
+    row = report.summary() | {"out": str(out), "model": model.name, "dtype": args.dtype,
+                              "size": list(image.shape[-2:])}
+    if args.save_inversion:
+        row["inversion"] = args.save_inversion
+    if args.json:
+        print(json.dumps(row))
+    else:
+        print(f"{args.method}: PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}  MSE {row['mse']:.5f}  "
+              f"{row['seconds']:.2f} s  {row['unet_calls']} UNet calls ({row['unet_rows']} rows)  -> {out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import time
+
+    from npinv.io import check_output_path, save_image, tensor_to_image
+    from npinv.pipeline import generate
+
+    out = check_output_path(args.out)
+    _check_schedule(args)
+    model = _load(args)
+    start = time.perf_counter()
+    calls = model.counter.calls
+    image = generate(model, args.prompt, seed=args.seed, guidance=args.guidance, steps=args.steps, size=args.size,
+                     offset=args.offset, progress=not args.quiet)
+    save_image(tensor_to_image(image), out)
+    row = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
+           "seconds": time.perf_counter() - start, "unet_calls": model.counter.calls - calls, "out": str(out)}
+    print(json.dumps(row) if args.json else f"{out}  ({row['seconds']:.2f} s, {row['unet_calls']} UNet calls)")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from npinv.model import embedded_model_path
+
+    info = {"default": {"name": "npinv-shapes-64", "path": str(embedded_model_path()),
+                        "available": (embedded_model_path() / "model_index.json").is_file()}}
+    if args.json:
+        print(json.dumps(info))
+    else:
+        for key, m in info.items():
+            print(f"{key}: {m['name']}  {m['path']}")
+    return 0
+
+
+def _check_schedule(args) -> None:
+    if args.steps < 1 or args.steps > 1000:
+        raise NpinvError(f"--steps must lie in 1..1000, got {args.steps}")
+    if args.guidance < 0:
+        raise NpinvError(f"--guidance must be >= 0, got {args.guidance}")
+    if getattr(args, "size", None) is not None and not 8 <= args.size <= 4096:
+        raise NpinvError(f"--size must lie in 8..4096, got {args.size}")
+
+
+COMMANDS = {"reconstruct": cmd_reconstruct, "generate": cmd_generate, "models": cmd_models}
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"npinv: warning: {message}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    warnings.showwarning = _one_line_warning
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except NpinvError as exc:
+        print(f"npinv: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("npinv: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print("npinv: error: out of memory; try a smaller --size or --dtype fp16", file=sys.stderr)
+        return 1
+    except Exception as exc:  # a bug, not bad input: keep it short unless asked
+        if os.environ.get("NPINV_DEBUG"):
+            raise
+        print(f"npinv: internal error: {type(exc).__name__}: {exc} (set NPINV_DEBUG=1 for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,238 @@
+"""Inversion results and the methods that turn them into inputs of the sampling loop.
+
+- ``ddim``: negatives are the null embedding (sampling at w drifts for w > 1: the problem);
+- ``npi``: negatives are the source embedding itself, so reconstruction costs one UNet row per
+  step and equals the guidance-1 DDIM round trip exactly;
+- ``nti``: negatives optimised per step (null-text inversion, Mokady et al.), as a step hook.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from npinv.errors import NpinvError
+from npinv.guidance import CFG
+from npinv.io import atomic_path
+from npinv.model import Model, PromptEmbedding
+from npinv.sampling import Branch, StepHook, StepState, invert, sample
+from npinv.schedule import Schedule
+
+METHODS = ("npi", "nti", "ddim")
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass
+class Inversion:
+    """A DDIM inversion of one image and everything needed to reuse it.
+
+    ``trajectory[k]`` is ``z*[k]``: index 0 the clean latent, index ``steps`` the noise.
+    ``negatives`` holds NTI's per-step negatives (denoising order) when they were optimised.
+    """
+
+    trajectory: torch.Tensor
+    source_prompt: str
+    source: PromptEmbedding
+    null: PromptEmbedding
+    schedule: dict[str, Any]
+    model: dict[str, str]
+    image_size: tuple[int, int]
+    dtype: str
+    negatives: list[PromptEmbedding] | None = None
+    nti: dict[str, Any] | None = None
+
+    @property
+    def steps(self) -> int:
+        return int(self.schedule["steps"])
+
+    @property
+    def noise(self) -> torch.Tensor:
+        return self.trajectory[-1:]
+
+    def schedule_for(self, model: Model) -> Schedule:
+        return model.schedule(self.steps, int(self.schedule["offset"]))
+
+    def check_compatible(self, model: Model, *, steps: int | None = None, size: tuple[int, int] | None = None) -> None:
+        """Refuse reuse with another model, step count or image size (a clear error, not a blur)."""
+        if self.model.get("fingerprint") != model.fingerprint:
+            raise NpinvError(f"the inversion was made with model {self.model.get('name')!r}, not {model.name!r}")
+        if steps is not None and steps != self.steps:
+            raise NpinvError(f"the inversion has {self.steps} steps; asked for {steps}")
+        if size is not None and tuple(size) != tuple(self.image_size):
+            raise NpinvError(f"the inversion is of a {self.image_size[1]}x{self.image_size[0]} image, not {size[1]}x{size[0]}")
+
+    # -- persistence: one .safetensors file whose metadata holds the JSON settings ---------------
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        tensors = {"trajectory": self.trajectory}
+        tensors.update(_embedding_tensors("source", self.source))
+        tensors.update(_embedding_tensors("null", self.null))
+        if self.negatives is not None:
+            tensors.update(_embedding_tensors("negatives", PromptEmbedding.cat(self.negatives)))
+        meta = {
+            "format": "npinv-inversion", "version": FORMAT_VERSION, "source_prompt": self.source_prompt,
+            "schedule": self.schedule, "model": self.model, "image_size": list(self.image_size),
+            "dtype": self.dtype, "nti": self.nti,
+        }
+        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata={"npinv": json.dumps(meta)})
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Inversion:
+        from safetensors import safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise NpinvError(f"no such inversion file: {path}")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                meta = json.loads((fh.metadata() or {}).get("npinv", "null"))
+                tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        except Exception as exc:
+            raise NpinvError(f"{path.name} is not a readable inversion file ({exc})") from None
+        if not meta or meta.get("format") != "npinv-inversion":
+            raise NpinvError(f"{path.name} is not an npinv inversion file")
+        negatives = None
+        if "negatives.hidden" in tensors:
+            stacked = _embedding_from("negatives", tensors)
+            negatives = [
+                PromptEmbedding(stacked.hidden[k : k + 1], None if stacked.pooled is None else stacked.pooled[k : k + 1])
+                for k in range(stacked.hidden.shape[0])
+            ]
+        return cls(
+            trajectory=tensors["trajectory"], source_prompt=meta["source_prompt"],
+            source=_embedding_from("source", tensors), null=_embedding_from("null", tensors),
+            schedule=meta["schedule"], model=meta["model"], image_size=tuple(meta["image_size"]),
+            dtype=meta["dtype"], negatives=negatives, nti=meta.get("nti"),
+        )
+
+
+def _embedding_tensors(prefix: str, e: PromptEmbedding) -> dict[str, torch.Tensor]:
+    out = {f"{prefix}.hidden": e.hidden}
+    if e.pooled is not None:
+        out[f"{prefix}.pooled"] = e.pooled
+    return out
+
+
+def _embedding_from(prefix: str, tensors: dict[str, torch.Tensor]) -> PromptEmbedding:
+    return PromptEmbedding(tensors[f"{prefix}.hidden"], tensors.get(f"{prefix}.pooled"))
+
+
+def ddim_inversion(
+    model: Model, image: torch.Tensor, prompt: str, *, steps: int = 50, offset: int | None = None,
+    progress: bool = False,
+) -> Inversion:
+    """Encode ``image`` (1, 3, H, W) in [-1, 1] and invert it with DDIM under ``prompt``."""
+    schedule = model.schedule(steps, offset)
+    source = model.encode_prompt(prompt)
+    z0 = model.encode_image(image)
+    trajectory = invert(model, z0, schedule, source, progress="invert" if progress else None)
+    return Inversion(
+        trajectory=trajectory, source_prompt=prompt, source=source, null=model.null_embedding(),
+        schedule=schedule.to_dict(), model={"name": model.name, "fingerprint": model.fingerprint},
+        image_size=(image.shape[-2], image.shape[-1]), dtype=str(model.dtype).removeprefix("torch."),
+    )
+
+
+# -- negatives per method --------------------------------------------------------------------------
+def npi_negatives(inv: Inversion) -> list[PromptEmbedding]:
+    """Negative-prompt inversion: the source embedding is the negative at every step."""
+    return [inv.source] * inv.steps
+
+
+def ddim_negatives(inv: Inversion) -> list[PromptEmbedding]:
+    return [inv.null] * inv.steps
+
+
+class NullTextOptimisation(StepHook):
+    """Null-text inversion as a hook on branch 0: before step ``i`` it optimises ``N_i`` so that the
+    guided step from the current latent lands on ``z*[n-1-i]``, then hands the loop ``N_i`` and the
+    conditional output it already computed (so that row is not evaluated twice).
+    """
+
+    def __init__(self, model: Model, inv: Inversion, guidance: CFG, *, inner_steps: int = 10,
+                 lr: float = 1e-2, early_stop: float = 1e-5) -> None:
+        self.model, self.inv, self.guidance = model, inv, guidance
+        self.inner_steps, self.lr, self.early_stop = inner_steps, lr, early_stop
+        self.current = inv.null
+        self.losses: list[list[float]] = []
+
+    def before_step(self, state: StepState) -> None:
+        i, t, n = state.i, state.t, state.schedule.steps
+        z = state.z[0:1]
+        branch = state.branches[0]
+        target = self.inv.trajectory[n - 1 - i : n - i].to(z.device)
+        with torch.no_grad():
+            eps_cond = self.model.unet_output(z, t, branch.cond)
+        hidden = self.current.hidden.detach().clone().float().requires_grad_(True)
+        pooled = None if self.current.pooled is None else self.current.pooled.detach().clone().float()
+        opt = torch.optim.Adam([hidden], lr=self.lr * (1.0 - i / 100.0))
+        losses = []
+        for _ in range(self.inner_steps):
+            eps_neg = self.model.unet_output(z, t, PromptEmbedding(hidden, pooled))
+            z_prev = state.schedule.denoise_step(z, self.guidance(eps_neg, eps_cond), i)
+            loss = F.mse_loss(z_prev, target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if losses[-1] < self.early_stop + 2e-5 * i:
+                break
+        self.losses.append(losses)
+        self.current = PromptEmbedding(hidden.detach(), pooled)
+        branch.negatives[i] = self.current
+        state.known[(0, "cond")] = eps_cond
+
+
+@dataclasses.dataclass
+class Reconstruction:
+    """A method's reconstruction of an inverted image."""
+
+    method: str
+    guidance: float
+    latent: torch.Tensor
+    image: torch.Tensor  # (1, 3, H, W) in [-1, 1]
+    unet_calls: int
+    unet_rows: int
+    inversion: Inversion
+
+
+def reconstruct(model: Model, inv: Inversion, method: str, guidance: float = 7.5, *, progress: bool = False,
+                nti_inner_steps: int = 10) -> Reconstruction:
+    """Sample from ``z*[n]`` with the source prompt and the method's negatives at scale ``guidance``.
+
+    For NTI the optimisation walk is the reconstruction, and the optimised negatives are stored
+    on the returned inversion for later edits.
+    """
+    if method not in METHODS:
+        raise NpinvError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    schedule = inv.schedule_for(model)
+    cfg = CFG(guidance)
+    hooks: list[StepHook] = []
+    if method == "npi":
+        negatives = npi_negatives(inv)
+    elif method == "ddim":
+        negatives = ddim_negatives(inv)
+    elif inv.negatives is not None and inv.nti and inv.nti.get("guidance") == guidance:
+        negatives = list(inv.negatives)  # reuse optimised negatives from a saved NTI inversion
+    else:
+        negatives = ddim_negatives(inv)
+        hooks.append(NullTextOptimisation(model, inv, cfg, inner_steps=nti_inner_steps))
+    branch = Branch(inv.source, list(negatives))
+    result = sample(model, inv.noise, schedule, [branch], cfg, hooks=hooks,
+                    progress=f"{method} sample" if progress else None)
+    if hooks:
+        opt = hooks[0]
+        assert isinstance(opt, NullTextOptimisation)
+        inv = dataclasses.replace(inv, negatives=branch.negatives,
+                                  nti={"guidance": guidance, "inner_steps": nti_inner_steps, "losses": opt.losses})
+    return Reconstruction(method, guidance, result.latents, model.decode(result.latents), result.unet_calls,
+                          result.unet_rows, inv)

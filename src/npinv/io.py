@@ -1,0 +1,143 @@
+"""Files in and out: image loading and preparation with clear errors, atomic writes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from npinv.errors import NpinvError
+
+IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
+                  ".tiff": "TIFF"}
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def check_output_path(out: str | Path, *, inputs: tuple[str | Path, ...] = (), image: bool = True) -> Path:
+    """Fail early (before any model work) if ``out`` cannot be written or would clobber an input."""
+    out = Path(out)
+    if image and out.suffix.lower() not in IMAGE_SUFFIXES:
+        raise NpinvError(f"{out}: unsupported output image type {out.suffix!r} (use .png, .jpg or .webp)")
+    parent = out.parent if str(out.parent) else Path(".")
+    if not parent.is_dir():
+        raise NpinvError(f"output folder does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise NpinvError(f"output folder is not writable: {parent}")
+    if out.is_dir():
+        raise NpinvError(f"output path is a folder: {out}")
+    for src in inputs:
+        if Path(src).exists() and out.exists() and os.path.samefile(src, out):
+            raise NpinvError(f"output path {out} is the input file; choose another name")
+        if Path(src).resolve() == out.resolve():
+            raise NpinvError(f"output path {out} is the input file; choose another name")
+    return out
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file as 8-bit RGB, EXIF orientation applied; one clear error for bad files."""
+    path = Path(path)
+    if not path.exists():
+        raise NpinvError(f"no such file: {path}")
+    if path.is_dir():
+        raise NpinvError(f"{path} is a folder, not an image")
+    if path.stat().st_size == 0:
+        raise NpinvError(f"{path} is empty")
+    try:
+        with warnings.catch_warnings():
+            # Over Pillow's pixel limit is a decompression bomb: an error, not a warning.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise NpinvError(f"{path}: image is too large (over Pillow's {Image.MAX_IMAGE_PIXELS} pixel limit)") from None
+    except UnidentifiedImageError:
+        raise NpinvError(f"{path} is not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise NpinvError(f"{path}: cannot read image ({exc})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: alpha composited on white, 16-bit scaled down, palette expanded."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if arr.max() > 255 else 255.0
+        img = Image.fromarray(np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P":
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
+    return img.convert("RGB")
+
+
+def prepare_image(img: Image.Image, size: int, *, mode: str = "crop", multiple: int = 8) -> Image.Image:
+    """Fit an RGB image to the model.
+
+    ``crop``: centre crop to a square, then resize to ``size`` x ``size``.
+    ``fit``: keep the aspect ratio, longer side ``size``, both sides rounded to multiples of ``multiple``.
+    """
+    w, h = img.size
+    if mode == "crop":
+        side = min(w, h)
+        left, top = (w - side) // 2, (h - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+        target = (size, size)
+    elif mode == "fit":
+        scale = size / max(w, h)
+        target = tuple(max(multiple, int(round(v * scale / multiple)) * multiple) for v in (w, h))
+    else:
+        raise NpinvError(f"unknown resize mode {mode!r} (crop or fit)")
+    if img.size != target:
+        img = img.resize(target, Image.Resampling.LANCZOS)
+    return img
+
+
+def image_to_tensor(img: Image.Image) -> torch.Tensor:
+    """(1, 3, H, W) float32 in [-1, 1]."""
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def tensor_to_image(x: torch.Tensor) -> Image.Image:
+    """First image of a (B, 3, H, W) tensor in [-1, 1] as 8-bit RGB."""
+    arr = ((x[0].detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return Image.fromarray(arr.permute(1, 2, 0).numpy(), "RGB")
+
+
+def save_image(img: Image.Image, path: str | Path) -> Path:
+    path = Path(path)
+    fmt = IMAGE_SUFFIXES.get(path.suffix.lower())
+    if fmt is None:
+        raise NpinvError(f"{path}: unsupported output image type {path.suffix!r}")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format=fmt)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)

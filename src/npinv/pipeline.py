@@ -1,0 +1,75 @@
+"""End-to-end operations on files that the CLI, the app and the benchmarks share."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import torch
+
+from npinv.guidance import CFG
+from npinv.inversion import Inversion, Reconstruction, ddim_inversion, reconstruct
+from npinv.io import image_to_tensor, load_image, prepare_image
+from npinv.metrics import image_metrics, tensor_to_unit
+from npinv.model import Model
+from npinv.sampling import Branch, sample
+
+
+@dataclasses.dataclass
+class ReconstructReport:
+    """A reconstruction with its cost and its distance to the prepared input."""
+
+    method: str
+    steps: int
+    guidance: float
+    offset: int
+    psnr: float
+    ssim: float
+    mse: float
+    seconds: float
+    invert_seconds: float
+    unet_calls: int
+    unet_rows: int
+    reconstruction: Reconstruction
+    input_image: torch.Tensor
+
+    def summary(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("reconstruction", "input_image")}
+
+
+def load_input(path: str | Path, model: Model, size: int | None = None, resize: str = "crop") -> torch.Tensor:
+    img = prepare_image(load_image(path), size or model.resolution, mode=resize, multiple=max(8, model.vae_scale_factor))
+    return image_to_tensor(img)
+
+
+def run_reconstruction(
+    model: Model, image: torch.Tensor, prompt: str, method: str, *, steps: int = 50, guidance: float = 7.5,
+    offset: int | None = None, progress: bool = False, inversion: Inversion | None = None,
+) -> ReconstructReport:
+    """Invert (unless ``inversion`` is given) and reconstruct one image; time and count both parts."""
+    calls0, rows0 = model.counter.calls, model.counter.rows
+    start = time.perf_counter()
+    inv = inversion or ddim_inversion(model, image, prompt, steps=steps, offset=offset, progress=progress)
+    inverted = time.perf_counter()
+    rec = reconstruct(model, inv, method, guidance, progress=progress)
+    seconds = time.perf_counter() - start
+    m = image_metrics(tensor_to_unit(image), tensor_to_unit(rec.image))
+    return ReconstructReport(
+        method=method, steps=inv.steps, guidance=guidance, offset=int(inv.schedule["offset"]), psnr=m["psnr"],
+        ssim=m["ssim"], mse=m["mse"], seconds=seconds, invert_seconds=inverted - start,
+        unet_calls=model.counter.calls - calls0, unet_rows=model.counter.rows - rows0,
+        reconstruction=rec, input_image=image,
+    )
+
+
+def generate(model: Model, prompt: str, *, seed: int = 0, guidance: float = 7.5, steps: int = 50,
+             size: int | None = None, offset: int | None = None, progress: bool = False) -> torch.Tensor:
+    """Text-to-image sampling with classifier-free guidance against the null prompt; (1, 3, H, W)."""
+    side = (size or model.resolution) // model.vae_scale_factor
+    channels = model.unet.config.in_channels
+    noise = torch.randn((1, channels, side, side), generator=torch.Generator().manual_seed(seed))
+    schedule = model.schedule(steps, offset)
+    branch = Branch.constant(model.encode_prompt(prompt), model.null_embedding(), steps)
+    result = sample(model, noise, schedule, [branch], CFG(guidance), progress="generate" if progress else None)
+    return model.decode(result.latents)

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny import build_sd, build_sdxl  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def sd_folder(tmp_path_factory) -> Path:
+    return build_sd(tmp_path_factory.mktemp("sd1"))
+
+
+@pytest.fixture(scope="session")
+def sd_v_folder(tmp_path_factory) -> Path:
+    return build_sd(tmp_path_factory.mktemp("sd2v"), prediction_type="v_prediction", seed=1)
+
+
+@pytest.fixture(scope="session")
+def sdxl_folder(tmp_path_factory) -> Path:
+    return build_sdxl(tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.fixture(scope="session")
+def sd_model(sd_folder):
+    from npinv import load_model
+
+    return load_model(str(sd_folder), device="cpu")
+
+
+@pytest.fixture
+def image_file(tmp_path) -> Path:
+    """A 32x32 picture of a red circle on blue, as a PNG."""
+    from npinv.scenes import Scene
+
+    path = tmp_path / "input.png"
+    Scene("circle", "red", "blue", 0.5).render(32).save(path)
+    return path

@@ -1,0 +1,120 @@
+"""Exact identities of the methods on tiny random models of every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from npinv import Inversion, ddim_inversion, load_model, reconstruct
+from npinv.pipeline import load_input, run_reconstruction
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module", params=["sd_folder", "sd_v_folder", "sdxl_folder"])
+def family_model(request):
+    return load_model(str(request.getfixturevalue(request.param)), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def picture(tmp_path_factory):
+    from npinv.io import image_to_tensor
+    from npinv.scenes import Scene
+
+    return image_to_tensor(Scene("square", "yellow", "black", 0.5, 0.45, 0.55).render(32))
+
+
+def test_npi_equals_guidance_one_ddim_round_trip(family_model, picture):
+    inv = ddim_inversion(family_model, picture, "a photo of a cat", steps=STEPS)
+    npi = reconstruct(family_model, inv, "npi", 7.5)
+    ddim1 = reconstruct(family_model, inv, "ddim", 1.0)
+    assert torch.equal(npi.latent, ddim1.latent)
+    assert torch.equal(npi.image, ddim1.image)
+    assert npi.unet_calls == STEPS and npi.unet_rows == STEPS  # one call, one row per step
+    ddim = reconstruct(family_model, inv, "ddim", 7.5)
+    assert ddim.unet_calls == STEPS and ddim.unet_rows == 2 * STEPS
+    assert not torch.equal(ddim.latent, npi.latent)
+
+
+def test_inversion_trajectory_shape_and_first_step(sd_model, picture):
+    inv = ddim_inversion(sd_model, picture, "a red circle", steps=STEPS, offset=0)
+    assert inv.trajectory.shape == (STEPS + 1, 4, 16, 16)
+    assert inv.trajectory.dtype == torch.float32
+    # At offset 0 the first inversion step goes from alpha(0) to alpha(0): a no-op.
+    torch.testing.assert_close(inv.trajectory[1], inv.trajectory[0], atol=1e-5, rtol=0)
+    assert inv.schedule["offset"] == 0
+
+
+def test_nti_loss_falls_and_beats_ddim(sd_model, picture):
+    inv = ddim_inversion(sd_model, picture, "a photo of a dog", steps=STEPS)
+    nti = reconstruct(sd_model, inv, "nti", 7.5)
+    ddim = reconstruct(sd_model, inv, "ddim", 7.5)
+    target = inv.trajectory[0:1]
+    err = lambda r: float((r.latent - target).pow(2).mean())  # noqa: E731
+    assert err(nti) < err(ddim)
+    losses = nti.inversion.nti["losses"]
+    assert len(losses) == STEPS
+    assert all(steps[-1] <= steps[0] for steps in losses)
+    assert any(steps[-1] < 0.9 * steps[0] for steps in losses)
+    assert nti.inversion.negatives is not None and len(nti.inversion.negatives) == STEPS
+    # cond once per step (reused by the loop), inner iterations, then the optimised negative row.
+    inner = sum(len(s) for s in losses)
+    assert nti.unet_calls == STEPS + inner + STEPS
+
+
+def test_inversion_saves_and_loads(tmp_path, sd_model, picture):
+    inv = ddim_inversion(sd_model, picture, "a photo of a cat", steps=STEPS)
+    nti = reconstruct(sd_model, inv, "nti", 7.5, nti_inner_steps=2)
+    path = nti.inversion.save(tmp_path / "cat.safetensors")
+    back = Inversion.load(path)
+    assert torch.equal(back.trajectory, nti.inversion.trajectory)
+    assert torch.equal(back.source.hidden, inv.source.hidden)
+    assert back.source_prompt == "a photo of a cat" and back.steps == STEPS
+    assert back.model["fingerprint"] == sd_model.fingerprint
+    assert len(back.negatives) == STEPS
+    # A loaded NTI inversion reconstructs with its stored negatives, no optimisation, same result
+    # (up to batch-size rounding: the walk ran its rows one at a time, the replay two at once).
+    again = reconstruct(sd_model, back, "nti", 7.5)
+    assert again.unet_calls == STEPS and again.unet_rows == 2 * STEPS
+    torch.testing.assert_close(again.latent, nti.latent, atol=1e-3, rtol=0)
+
+
+def test_inversion_refuses_another_model_or_settings(sd_model, sd_v_folder, picture):
+    from npinv.errors import NpinvError
+
+    inv = ddim_inversion(sd_model, picture, "a cat", steps=STEPS)
+    other = load_model(str(sd_v_folder), device="cpu")
+    with pytest.raises(NpinvError, match="made with model"):
+        inv.check_compatible(other)
+    with pytest.raises(NpinvError, match="steps"):
+        inv.check_compatible(sd_model, steps=STEPS + 1)
+    with pytest.raises(NpinvError, match="image"):
+        inv.check_compatible(sd_model, size=(64, 64))
+    inv.check_compatible(sd_model, steps=STEPS, size=(32, 32))
+
+
+def test_report_counts_inversion_and_sampling(sd_model, image_file):
+    image = load_input(image_file, sd_model)
+    report = run_reconstruction(sd_model, image, "a red circle", "npi", steps=STEPS, guidance=7.5)
+    assert report.unet_calls == 2 * STEPS
+    assert report.psnr > 0 and 0 < report.ssim <= 1 and report.seconds > 0
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_half_precision_unet_with_fp32_schedule(sd_folder, picture, dtype):
+    model = load_model(str(sd_folder), device="cpu", dtype=dtype)
+    assert model.unet.dtype == {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    inv = ddim_inversion(model, picture, "a cat", steps=3)
+    assert inv.trajectory.dtype == torch.float32
+    rec = reconstruct(model, inv, "npi", 7.5)
+    assert torch.isfinite(rec.image).all()
+
+
+def test_non_finite_unet_output_is_reported(sd_folder, picture):
+    from npinv.errors import NpinvError
+
+    model = load_model(str(sd_folder), device="cpu", dtype="fp16")
+    with torch.no_grad():
+        model.unet.conv_out.weight.mul_(1e8)  # overflows fp16, as large activations do in real models
+    with pytest.raises(NpinvError, match="non-finite"):
+        ddim_inversion(model, picture, "a cat", steps=3)
