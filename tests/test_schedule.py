@@ -8,11 +8,11 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from npinv.errors import NpinvError
+from npinv.guidance import CFG
 from npinv.model import PromptEmbedding, UNetCounter
 from npinv.sampling import Branch, invert, sample
 from npinv.schedule import Schedule
 from npinv.training import SD1_SCHEDULER
-from npinv.guidance import CFG
 
 
 def _config(prediction_type: str) -> dict:

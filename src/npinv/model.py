@@ -250,15 +250,14 @@ def load_model(
     dlogging.set_verbosity_error()  # diffusers' load chatter would drown our one-line messages
     try:
         pipe = _load_pipeline(str(spec), path, allow_pickle, config)
+        vae_dtype = torch.float32 if pipe.vae.config.get("force_upcast", True) else torch_dtype
+        parts = [(pipe.unet, torch_dtype), (pipe.text_encoder, torch_dtype), (pipe.vae, vae_dtype),
+                 (getattr(pipe, "text_encoder_2", None), torch_dtype)]
+        for part, wanted in parts:
+            if part is not None and (part.dtype != wanted or part.device != dev):
+                part.to(dev, wanted)
     finally:
         dlogging.set_verbosity(verbosity)
-    vae_dtype = torch.float32 if pipe.vae.config.get("force_upcast", True) else torch_dtype
-    pipe.to(dev)
-    pipe.unet.to(torch_dtype)
-    pipe.text_encoder.to(torch_dtype)
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        pipe.text_encoder_2.to(torch_dtype)
-    pipe.vae.to(vae_dtype)
     pipe.set_progress_bar_config(disable=True)
     return Model(pipe, name, dev, torch_dtype)
 
@@ -321,6 +320,6 @@ def _call(load, spec: str):
         return load()
     except NpinvError:
         raise
-    except (OSError, ValueError, EnvironmentError, KeyError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise NpinvError(f"cannot load model {spec!r}: {first}") from None

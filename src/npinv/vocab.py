@@ -37,7 +37,7 @@ def _symbols(word: str, table: dict[int, str]) -> list[str]:
 def _apply(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     """BPE as CLIP applies it: merge the lowest-ranked adjacent pair until none is known."""
     while len(symbols) > 1:
-        pairs = [(ranks.get(p, 1 << 30), i) for i, p in enumerate(zip(symbols, symbols[1:]))]
+        pairs = [(ranks.get(p, 1 << 30), i) for i, p in enumerate(zip(symbols, symbols[1:], strict=False))]
         rank, i = min(pairs)
         if rank == 1 << 30:
             break

@@ -1,0 +1,147 @@
+"""The command line with real files in and out, and every bad-input path."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from npinv.cli import main
+
+KEYS = {"method", "steps", "guidance", "psnr", "ssim", "mse", "seconds", "unet_calls", "out"}
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["--quiet", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("method,calls", [("npi", 8), ("ddim", 8), ("nti", None)])
+def test_reconstruct_writes_image_and_json(capsys, tmp_path, sd_folder, image_file, method, calls):
+    out = tmp_path / "rec.png"
+    code, stdout, stderr = run(capsys, "reconstruct", str(image_file), "--prompt", "a red circle on a blue background",
+                               "--method", method, "--steps", "4", "--model", str(sd_folder), "--out", str(out), "--json")
+    assert code == 0, stderr
+    row = json.loads(stdout)
+    assert KEYS <= row.keys()
+    assert row["method"] == method and row["steps"] == 4 and row["out"] == str(out)
+    if calls is not None:
+        assert row["unet_calls"] == calls  # 4 inversion + 4 sampling calls
+    with Image.open(out) as img:
+        assert img.size == (32, 32)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.png", "rec.png"]
+
+
+def test_reconstruct_human_output_and_saved_inversion(capsys, tmp_path, sd_folder, image_file):
+    from npinv import Inversion
+
+    out, inv = tmp_path / "rec.jpg", tmp_path / "inv.safetensors"
+    code, stdout, _ = run(capsys, "reconstruct", str(image_file), "--prompt", "a cat", "--steps", "3", "--model",
+                          str(sd_folder), "--out", str(out), "--save-inversion", str(inv), "--offset", "0")
+    assert code == 0
+    assert "PSNR" in stdout and "UNet calls" in stdout
+    assert Inversion.load(inv).schedule["offset"] == 0
+
+
+def test_long_prompt_warns_and_truncates(capsys, tmp_path, sd_folder, image_file):
+    out = tmp_path / "rec.png"
+    code, _, stderr = run(capsys, "reconstruct", str(image_file), "--prompt", " ".join(["cat"] * 100), "--steps", "2",
+                          "--model", str(sd_folder), "--out", str(out))
+    assert code == 0
+    assert "npinv: warning: prompt has 102 tokens, over the tokenizer's limit of 77" in stderr
+    assert out.exists()
+
+
+def _assert_clean_error(code: int, stderr: str, folder: Path, before: set[str], match: str) -> None:
+    assert code == 2
+    lines = [ln for ln in stderr.strip().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("npinv: error:"), stderr
+    assert match in lines[0]
+    assert "Traceback" not in stderr
+    assert {p.name for p in folder.iterdir()} == before  # nothing written
+
+
+@pytest.mark.parametrize("case,match", [
+    ("missing", "no such file"),
+    ("empty", "empty"),
+    ("text", "not an image"),
+    ("truncated", "cannot read"),
+    ("same-as-input", "is the input file"),
+    ("no-folder", "does not exist"),
+    ("folder-is-file", "does not exist"),
+    ("bad-suffix", "unsupported output image type"),
+    ("method", "invalid choice"),
+    ("model", "no such model"),
+    ("unknown-model", "unknown model"),
+    ("pickle", "pickle checkpoint"),
+    ("steps", "--steps"),
+])
+def test_bad_input_one_line_exit_2_nothing_written(capsys, tmp_path, sd_folder, image_file, case, match):
+    image, out = str(image_file), str(tmp_path / "out.png")
+    extra: list[str] = []
+    model = str(sd_folder)
+    if case == "missing":
+        image = str(tmp_path / "nope.png")
+    elif case == "empty":
+        (tmp_path / "empty.png").write_bytes(b"")
+        image = str(tmp_path / "empty.png")
+    elif case == "text":
+        (tmp_path / "notes.png").write_text("hello")
+        image = str(tmp_path / "notes.png")
+    elif case == "truncated":
+        Image.effect_noise((64, 64), 40).convert("RGB").save(tmp_path / "full.png")
+        (tmp_path / "cut.png").write_bytes((tmp_path / "full.png").read_bytes()[:200])
+        image = str(tmp_path / "cut.png")
+    elif case == "same-as-input":
+        out = image
+    elif case == "no-folder":
+        out = str(tmp_path / "missing" / "out.png")
+    elif case == "folder-is-file":
+        out = str(image_file / "out.png")
+    elif case == "bad-suffix":
+        out = str(tmp_path / "out.txt")
+    elif case == "method":
+        extra = ["--method", "magic"]
+    elif case == "model":
+        model = str(tmp_path / "nothing.safetensors")
+    elif case == "unknown-model":
+        model = "not a model"
+    elif case == "pickle":
+        (tmp_path / "weights.ckpt").write_bytes(b"\x80\x04")
+        model = str(tmp_path / "weights.ckpt")
+    elif case == "steps":
+        extra = ["--steps", "0"]
+    before = {p.name for p in tmp_path.iterdir()}
+    input_bytes = Path(image_file).read_bytes()
+    code, _, stderr = run(capsys, "reconstruct", image, "--prompt", "a cat", "--steps", "2", "--model", model,
+                          "--out", out, *extra)
+    _assert_clean_error(code, stderr, tmp_path, before, match)
+    assert Path(image_file).read_bytes() == input_bytes  # the input is never changed
+
+
+def test_decompression_bomb_is_refused(capsys, tmp_path, sd_folder, monkeypatch):
+    path = tmp_path / "big.png"
+    Image.new("RGB", (200, 200)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)
+    before = {p.name for p in tmp_path.iterdir()}
+    code, _, stderr = run(capsys, "reconstruct", str(path), "--prompt", "x", "--model", str(sd_folder), "--out",
+                          str(tmp_path / "o.png"))
+    _assert_clean_error(code, stderr, tmp_path, before, "too large")
+
+
+def test_entry_point_subprocess(tmp_path):
+    """The installed module runs as a program; a bad call exits 2 with one line, no traceback."""
+    proc = subprocess.run([sys.executable, "-m", "npinv", "reconstruct", str(tmp_path / "x.png"), "--prompt", "p",
+                           "--out", str(tmp_path / "o.png")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"npinv: error: no such file: {tmp_path / 'x.png'}"]
+    proc = subprocess.run([sys.executable, "-m", "npinv", "models", "--json"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    info = json.loads(proc.stdout)
+    assert {"name", "path"} <= info["default"].keys()

@@ -1,0 +1,78 @@
+"""Loading every family from every kind of spec, offline."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ldm_export import export_single_file
+from npinv import load_model
+from npinv.errors import NpinvError
+from npinv.model import NpinvWarning
+
+
+def _same_outputs(a, b) -> None:
+    z = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cond = a.encode_prompt("a photo of a cat")
+    torch.testing.assert_close(a.unet_output(z, 500, cond), b.unet_output(z, 500, b.encode_prompt("a photo of a cat")))
+
+
+@pytest.mark.parametrize("fixture,family,prediction", [
+    ("sd_folder", "sd", "epsilon"), ("sd_v_folder", "sd", "v_prediction"), ("sdxl_folder", "sdxl", "epsilon")])
+def test_folder(request, fixture, family, prediction):
+    model = load_model(str(request.getfixturevalue(fixture)), device="cpu")
+    assert model.family == family and model.prediction_type == prediction
+    assert model.resolution == 32 and model.unet.dtype == torch.float32
+    emb = model.encode_prompt("a photo of a cat")
+    assert emb.hidden.shape[0] == 1 and (emb.pooled is not None) == (family == "sdxl")
+    assert model.counter.calls == 0
+
+
+@pytest.mark.parametrize("fixture", ["sd_folder", "sdxl_folder"])
+def test_single_safetensors_file(request, tmp_path, fixture):
+    folder = request.getfixturevalue(fixture)
+    reference = load_model(str(folder), device="cpu")
+    path = tmp_path / "model.safetensors"
+    export_single_file(reference.pipe, path)
+    model = load_model(str(path), device="cpu", config=str(folder))
+    assert model.family == reference.family
+    _same_outputs(reference, model)
+
+
+def test_pickle_checkpoint_needs_opt_in(tmp_path, sd_folder):
+    from safetensors.torch import load_file
+
+    reference = load_model(str(sd_folder), device="cpu")
+    st = tmp_path / "model.safetensors"
+    export_single_file(reference.pipe, st)
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": load_file(st)}, ckpt)
+    with pytest.raises(NpinvError, match="pickle checkpoint"):
+        load_model(str(ckpt), device="cpu", config=str(sd_folder))
+    model = load_model(str(ckpt), device="cpu", config=str(sd_folder), allow_pickle=True)
+    _same_outputs(reference, model)
+
+
+def test_hub_id_offline_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(NpinvError, match="cannot load model 'nobody/no-such-model'"):
+        load_model("nobody/no-such-model", device="cpu")
+
+
+def test_bad_specs(tmp_path):
+    with pytest.raises(NpinvError, match="not a diffusers model folder"):
+        load_model(str(tmp_path), device="cpu")
+    (tmp_path / "w.onnx").write_bytes(b"x")
+    with pytest.raises(NpinvError, match="unsupported checkpoint"):
+        load_model(str(tmp_path / "w.onnx"), device="cpu")
+    (tmp_path / "broken.safetensors").write_bytes(b"garbage")
+    with pytest.raises(NpinvError, match="not a readable safetensors"):
+        load_model(str(tmp_path / "broken.safetensors"), device="cpu")
+    with pytest.raises(NpinvError, match="unknown dtype"):
+        load_model(str(tmp_path), device="cpu", dtype="fp8")
+
+
+def test_prompt_over_the_limit_warns(sd_model):
+    with pytest.warns(NpinvWarning, match="over the tokenizer's limit"):
+        emb = sd_model.encode_prompt(" ".join(["cat"] * 90))
+    assert emb.hidden.shape[1] == 77
