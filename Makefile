@@ -27,7 +27,7 @@ lint: $(STAMP)
 	$(PY) -m ruff check src tests
 
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	$(VENV)/bin/npinv demo --out out
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

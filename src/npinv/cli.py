@@ -62,6 +62,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _model_args(p)
 
+    p = sub.add_parser("demo", help="reconstruct a bundled example with DDIM, NTI and NPI (embedded model)")
+    p.add_argument("--out", default="out", help="output folder (default: out)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--example", type=int, default=0, help="which bundled example (default 0)")
+    _model_args(p)
+
+    p = sub.add_parser("train-scenes", help="train the embedded shapes model from a config")
+    p.add_argument("--config", required=True, help="training config JSON (see configs/shapes64.json)")
+    p.add_argument("--out", required=True, help="output diffusers folder")
+    p.add_argument("--run-dir", default=None, help="checkpoints and log (default: OUT.run); reruns resume")
+
     p = sub.add_parser("models", help="list the models npinv knows")
     p.add_argument("--json", action="store_true")
     return parser
@@ -121,6 +132,32 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from pathlib import Path
+
+    from npinv.demo import bundled_examples, run_demo
+
+    if not 0 <= args.example < len(bundled_examples()):
+        raise NpinvError(f"--example must lie in 0..{len(bundled_examples()) - 1}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NpinvError(f"--out {out} exists and is not a folder")
+    _check_schedule(args)
+    run_demo(_load(args), out, steps=args.steps, example=args.example, progress=not args.quiet)
+    return 0
+
+
+def cmd_train_scenes(args) -> int:
+    from pathlib import Path
+
+    from npinv.training import train_scenes
+
+    if not Path(args.config).is_file():
+        raise NpinvError(f"no such config file: {args.config}")
+    train_scenes(args.config, args.out, args.run_dir)
+    return 0
+
+
 def cmd_models(args) -> int:
     from npinv.model import embedded_model_path
 
@@ -137,13 +174,14 @@ def cmd_models(args) -> int:
 def _check_schedule(args) -> None:
     if args.steps < 1 or args.steps > 1000:
         raise NpinvError(f"--steps must lie in 1..1000, got {args.steps}")
-    if args.guidance < 0:
+    if getattr(args, "guidance", 0) < 0:
         raise NpinvError(f"--guidance must be >= 0, got {args.guidance}")
     if getattr(args, "size", None) is not None and not 8 <= args.size <= 4096:
         raise NpinvError(f"--size must lie in 8..4096, got {args.size}")
 
 
-COMMANDS = {"reconstruct": cmd_reconstruct, "generate": cmd_generate, "models": cmd_models}
+COMMANDS = {"reconstruct": cmd_reconstruct, "generate": cmd_generate, "demo": cmd_demo, "train-scenes": cmd_train_scenes,
+            "models": cmd_models}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -141,3 +141,16 @@ def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def image_grid(rows: list[list[Image.Image]], *, pad: int = 2, scale: int = 1) -> Image.Image:
+    """Paste equally sized images into a grid (row-major) on white, optionally upscaled (nearest)."""
+    w, h = rows[0][0].size
+    w, h = w * scale, h * scale
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (cols * (w + pad) + pad, len(rows) * (h + pad) + pad), (255, 255, 255))
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            tile = img.resize((w, h), Image.Resampling.NEAREST) if scale != 1 else img
+            grid.paste(tile, (pad + c * (w + pad), pad + r * (h + pad)))
+    return grid

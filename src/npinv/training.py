@@ -43,6 +43,11 @@ CAPTION_WORDS = ["a", "an", "the", "on", "of", "in", "with", "and", "background"
                  *SHAPES, *COLORS]
 
 
+def write_vocabulary_list(model_folder: Path) -> None:
+    """The words the model was trained on, so npinv can warn about prompts outside them."""
+    (Path(model_folder) / "tokenizer" / "vocabulary_words.txt").write_text("\n".join(CAPTION_WORDS) + "\n")
+
+
 def build_components(cfg: dict[str, Any], tokenizer_dir: Path) -> dict[str, Any]:
     """Fresh (untrained) tokenizer, text encoder, VAE, UNet and scheduler from a config."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -249,6 +254,7 @@ def train_scenes(config_path: str | Path, out: str | Path, run_dir: str | Path |
     shutil.rmtree(staging, ignore_errors=True)
     # fp16 storage keeps the shipped folder small; the loader computes in fp32 unless told otherwise.
     pipe.to(torch.float16).save_pretrained(staging, safe_serialization=True)
+    write_vocabulary_list(staging)
     shutil.copy(run / "train_log.jsonl", staging / "train_log.jsonl")
     shutil.copy(config_path, staging / "train_config.json")
     if out.exists():
