@@ -26,3 +26,34 @@ class CFG:
         if not self.needs_negative:
             return eps_cond
         return eps_neg + self.scale * (eps_cond - eps_neg)
+
+
+@dataclasses.dataclass
+class ProximalGuidance:
+    """Proximal guidance (ProxNPI, Han et al. 2023): soft-threshold the guidance direction
+    ``d = e_cond - e_neg`` at the ``q``-quantile of ``|d|`` over the whole batch (source rows
+    included, fp32, as the reference does), then ``e_neg + w * (d - clamp(d, -tau, tau))``.
+
+    ``last_mask`` keeps the dilated per-channel mask ``|d_prox| > tau`` of the latest call, for
+    the inversion-guidance hook.
+    """
+
+    scale: float
+    quantile: float = 0.75
+    dilate: int = 1
+    last_mask: torch.Tensor | None = dataclasses.field(default=None, repr=False)
+    needs_negative: bool = True
+
+    def __call__(self, eps_neg: torch.Tensor, eps_cond: torch.Tensor) -> torch.Tensor:
+        d = (eps_cond - eps_neg).float()
+        flat = d.abs().flatten()
+        # torch.quantile refuses very large inputs; kthvalue is exact and has no size limit.
+        k = max(1, min(flat.numel(), int(round(self.quantile * (flat.numel() - 1))) + 1))
+        tau = flat.kthvalue(k).values
+        d_prox = d - d.clamp(-tau, tau)
+        mask = (d_prox.abs() > tau).float()
+        if self.dilate:
+            size = 2 * self.dilate + 1
+            mask = torch.nn.functional.max_pool2d(mask, size, stride=1, padding=self.dilate)
+        self.last_mask = mask
+        return eps_neg + self.scale * d_prox

@@ -1,0 +1,155 @@
+"""Prompt-to-Prompt controllers (Hertz et al. 2022) over the sampling loop's row layout.
+
+The source branch is branch 0; every other branch is a target. Only the rows that carry a
+branch's *condition* are edited (negative rows keep their own attention). Cross-attention maps
+are kept only as running sums at one small resolution (for local blend) and, on request, per
+word at the latent resolution (for heat maps): never the large self-attention maps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from npinv.attention.align import RefineMap
+from npinv.attention.processor import LayerInfo
+from npinv.sampling import StepHook, StepState
+
+
+@dataclasses.dataclass
+class CrossEdit:
+    """How each target's cross-attention is built from the source's.
+
+    ``replace``: (T, K, K) mappers (word swap); ``refine``: per-target :class:`RefineMap`;
+    neither: the source's attention as it is (reweight alone). ``reweight``: (T, K) token scales.
+    ``alpha``: (steps, T, K) weight of the edited attention at each step (cross_replace_steps).
+    """
+
+    alpha: torch.Tensor
+    replace: torch.Tensor | None = None
+    refine: list[RefineMap] | None = None
+    reweight: torch.Tensor | None = None
+
+    def apply(self, base: torch.Tensor, target: torch.Tensor, step: int) -> torch.Tensor:
+        """base (H, Q, K) of the source; target (T, H, Q, K); returns the targets' new attention."""
+        if self.replace is not None:
+            edited = torch.einsum("hqk,tkj->thqj", base, self.replace.to(base))
+        elif self.refine is not None:
+            edited = torch.stack([
+                base[..., m.index.to(base.device)] * m.alpha.to(base) + target[t] * (1 - m.alpha.to(base))
+                for t, m in enumerate(self.refine)
+            ])
+        else:
+            edited = base.unsqueeze(0).expand_as(target)
+        if self.reweight is not None:
+            edited = edited * self.reweight.to(base)[:, None, None, :]
+        a = self.alpha[min(step, len(self.alpha) - 1)].to(base)[:, None, None, :]
+        return edited * a + target * (1 - a)
+
+
+class EditController:
+    """Edits the target rows' attention during sampling and records what local blend and heat maps need."""
+
+    def __init__(self, steps: int, cross: CrossEdit | None = None, self_window: tuple[float, float] = (0.0, 0.0),
+                 *, blend_downscale: int | None = None, keep_maps: bool = False) -> None:
+        self.steps = steps
+        self.cross = cross
+        self.self_steps = (int(self_window[0] * steps), int(self_window[1] * steps))
+        self.blend_downscale = blend_downscale
+        self.keep_maps = keep_maps
+        self.state: StepState | None = None
+        self.blend_sum: dict[int, torch.Tensor] = {}  # branch -> (side*side, K), summed over layers and steps
+        self.map_sum: dict[int, torch.Tensor] = {}  # branch -> (latent_h, latent_w, K)
+        self.map_count = 0
+
+    # -- the loop's controller protocol --------------------------------------------------------
+    def begin_step(self, state: StepState) -> None:
+        self.state = state
+
+    def end_step(self, state: StepState) -> None:
+        self.state = None
+
+    # -- the processors' hook -------------------------------------------------------------------
+    def attention(self, probs: torch.Tensor, layer: LayerInfo) -> torch.Tensor:
+        state = self.state
+        if state is None:  # a UNet call outside the loop's step (e.g. NTI's optimisation)
+            return probs
+        cond_rows = {r.branch: k for k, r in enumerate(state.rows) if r.kind == "cond"}
+        if layer.is_cross:
+            self._record(probs, layer, cond_rows, state)
+        if 0 not in cond_rows or len(cond_rows) < 2:
+            return probs
+        src = cond_rows[0]
+        tgt = [cond_rows[b] for b in sorted(cond_rows) if b != 0]
+        if layer.is_cross and self.cross is not None:
+            probs = probs.clone()
+            probs[tgt] = self.cross.apply(probs[src], probs[tgt], state.i)
+        elif not layer.is_cross and self.self_steps[0] <= state.i < self.self_steps[1]:
+            base = probs[src].clone()
+            probs = probs.clone()
+            probs[tgt] = base.unsqueeze(0).expand(len(tgt), -1, -1, -1)
+        return probs
+
+    def _record(self, probs: torch.Tensor, layer: LayerInfo, cond_rows: dict[int, int], state: StepState) -> None:
+        with torch.no_grad():
+            mean = probs.detach().float().mean(1)  # over heads: (B, Q, K)
+            if layer.downscale == self.blend_downscale:
+                for b, row in cond_rows.items():
+                    self.blend_sum[b] = self.blend_sum.get(b, 0) + mean[row]
+            if self.keep_maps:
+                h, w = (s // layer.downscale for s in state.z.shape[-2:])
+                lh, lw = state.z.shape[-2:]
+                for b, row in cond_rows.items():
+                    grid = mean[row].T.reshape(1, -1, h, w)
+                    up = F.interpolate(grid, size=(lh, lw), mode="bilinear", align_corners=False)[0]
+                    self.map_sum[b] = self.map_sum.get(b, 0) + up.permute(1, 2, 0)
+                self.map_count += 1
+
+    def word_maps(self, branch: int, positions: list[int]) -> torch.Tensor:
+        """Mean cross-attention heat map (latent_h, latent_w) of the tokens at ``positions``."""
+        total = self.map_sum[branch][..., positions].sum(-1)
+        return total / max(1, self.map_count)
+
+
+class LocalBlend(StepHook):
+    """Keep everything outside the blend words' attention from the source branch:
+    ``z_tgt = z_src + m * (z_tgt - z_src)`` after the first ``start`` fraction of steps.
+
+    The mask is the union of the source word's and the target word's maps at the controller's
+    blend resolution, max-pooled (3x3), resized to the latent, normalised by its max and
+    thresholded (0.3), as in the reference code.
+    """
+
+    def __init__(self, controller: EditController, source_tokens: list[int], target_tokens: list[list[int]],
+                 *, threshold: float = 0.3, start: float = 0.2) -> None:
+        self.controller = controller
+        self.source_tokens = source_tokens
+        self.target_tokens = target_tokens
+        self.threshold = threshold
+        self.start = start
+        self.last_mask: torch.Tensor | None = None
+
+    def mask(self, branch: int, tokens: list[int], latent_hw: tuple[int, int]) -> torch.Tensor:
+        flat = self.controller.blend_sum[branch][:, tokens].sum(-1)  # (side*side,)
+        down = self.controller.blend_downscale or 1
+        side_h, side_w = latent_hw[0] // down, latent_hw[1] // down
+        m = flat.reshape(1, 1, side_h, side_w)
+        m = F.max_pool2d(m, 3, stride=1, padding=1)
+        m = F.interpolate(m, size=latent_hw)
+        m = m / m.amax().clamp_min(1e-12)
+        return (m > self.threshold)[0]
+
+    def after_step(self, state: StepState) -> None:
+        if state.i < int(self.start * state.schedule.steps) or not self.controller.blend_sum:
+            return
+        hw = tuple(state.z.shape[-2:])
+        src = self.mask(0, self.source_tokens, hw)
+        z = state.z_next
+        masks = []
+        for t, tokens in enumerate(self.target_tokens, start=1):
+            m = (src | self.mask(t, tokens, hw)).to(z.dtype)
+            z[t] = z[0] + m * (z[t] - z[0])
+            masks.append(m)
+        self.last_mask = torch.stack(masks)

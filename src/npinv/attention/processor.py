@@ -1,0 +1,111 @@
+"""A diffusers attention processor that exposes attention probabilities to a controller.
+
+It is installed only on the layers a controller needs (every cross-attention layer, and the
+self-attention layers small enough to replace); the other layers keep their fused processors.
+:func:`controlled_attention` restores the original processors on exit, error or not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+from collections.abc import Iterator
+from typing import Protocol
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerInfo:
+    """Where an attention layer sits: its name, kind and the latent downscale of its queries."""
+
+    name: str
+    is_cross: bool
+    downscale: int  # queries are (latent_h / downscale) x (latent_w / downscale)
+
+
+class AttentionHook(Protocol):
+    def attention(self, probs: torch.Tensor, layer: LayerInfo) -> torch.Tensor:
+        """Given probabilities (batch, heads, queries, keys), return the ones to use."""
+        ...
+
+
+def layer_infos(unet) -> dict[str, LayerInfo]:
+    """Every attention layer of a UNet2DConditionModel, with its resolution derived from the config."""
+    depth = len(unet.config.block_out_channels)
+    infos = {}
+    for key in unet.attn_processors:
+        name = key.removesuffix(".processor")
+        if m := re.match(r"down_blocks\.(\d+)\.", name):
+            level = int(m.group(1))
+        elif m := re.match(r"up_blocks\.(\d+)\.", name):
+            level = depth - 1 - int(m.group(1))
+        elif name.startswith("mid_block."):
+            level = depth - 1
+        else:
+            continue
+        infos[key] = LayerInfo(name, name.endswith("attn2"), 2**level)
+    return infos
+
+
+class ControlledAttnProcessor:
+    """Plain (unfused) attention with the probabilities passed through ``hook.attention``."""
+
+    def __init__(self, hook: AttentionHook, layer: LayerInfo) -> None:
+        self.hook = hook
+        self.layer = layer
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch, channel, height * width).transpose(1, 2)
+        batch, seq_len, _ = hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        attention_mask = attn.prepare_attention_mask(attention_mask, seq_len, batch)
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.head_to_batch_dim(attn.to_k(encoder_hidden_states))
+        value = attn.head_to_batch_dim(attn.to_v(encoder_hidden_states))
+        probs = attn.get_attention_scores(attn.head_to_batch_dim(query), key, attention_mask)
+        heads = attn.heads
+        probs = probs.view(batch, heads, *probs.shape[1:])
+        probs = self.hook.attention(probs, self.layer).reshape(batch * heads, *probs.shape[2:])
+        hidden_states = attn.batch_to_head_dim(torch.bmm(probs.to(value.dtype), value))
+        hidden_states = attn.to_out[1](attn.to_out[0](hidden_states))
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@contextlib.contextmanager
+def controlled_attention(unet, hook: AttentionHook, *, self_min_downscale: int | None = None) -> Iterator[dict]:
+    """Route the cross-attention layers, and the self-attention layers whose queries are downscaled at
+    least ``self_min_downscale`` times from the latent, through ``hook``; restore every processor after.
+
+    METHOD.md replaces self-attention up to 32x32 queries at 512 px (latent 64x64): downscale 2.
+    """
+    original = dict(unet.attn_processors)
+    infos = layer_infos(unet)
+    hooked = {
+        key: info for key, info in infos.items()
+        if info.is_cross or (self_min_downscale is not None and info.downscale >= self_min_downscale)
+    }
+    processors = {key: ControlledAttnProcessor(hook, hooked[key]) if key in hooked else proc
+                  for key, proc in original.items()}
+    unet.set_attn_processor(processors)
+    try:
+        yield hooked
+    finally:
+        unet.set_attn_processor(original)
+

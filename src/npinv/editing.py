@@ -1,0 +1,198 @@
+"""Text-guided editing of an inverted image with Prompt-to-Prompt attention control.
+
+Branch 0 is the source (its prompt, starting from ``z*[n]``); branches 1.. are the targets.
+Each inversion method only chooses the negatives: NPI gives every branch the source embedding
+(so the source branch costs one row and the whole step 1 + 2T rows instead of 2 + 2T), NTI the
+optimised per-step embeddings, DDIM the null embedding. ProxNPI is NPI with proximal guidance,
+with (``proxnpi``) or without (``proxnpi-noig``) inversion guidance. Direct inversion is a hook
+that pins the source branch to the inversion trajectory; it combines with every method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import torch
+
+from npinv.attention.align import (
+    cross_replace_alpha,
+    find_word,
+    refine_mapper,
+    replace_mapper,
+    reweight_vector,
+)
+from npinv.attention.control import CrossEdit, EditController, LocalBlend
+from npinv.attention.processor import controlled_attention, layer_infos
+from npinv.errors import NpinvError
+from npinv.guidance import CFG, ProximalGuidance
+from npinv.inversion import Inversion, reconstruct
+from npinv.model import Model, PromptEmbedding
+from npinv.sampling import Branch, StepHook, StepState, sample
+
+EDIT_METHODS = ("npi", "proxnpi", "proxnpi-noig", "nti", "ddim")
+CONTROLLERS = ("replace", "refine", "reweight", "none")
+
+
+@dataclasses.dataclass
+class EditSettings:
+    """Everything that shapes an edit besides the prompts."""
+
+    method: str = "npi"
+    controller: str = "refine"
+    guidance: float = 7.5
+    cross_replace: float | dict[str, float] = 0.8
+    self_replace: float | tuple[float, float] = 0.6
+    blend: tuple[str, str] | None = None
+    blend_threshold: float = 0.3
+    reweight: dict[str, float] = dataclasses.field(default_factory=dict)
+    direct: bool = False
+    prox_quantile: float = 0.75
+    recon_t: int = 400
+    recon_lr: float = 1.0
+    keep_attention_maps: bool = False
+
+    def validate(self) -> None:
+        if self.method not in EDIT_METHODS:
+            raise NpinvError(f"unknown method {self.method!r}; choose one of {', '.join(EDIT_METHODS)}")
+        if self.controller not in CONTROLLERS:
+            raise NpinvError(f"unknown controller {self.controller!r}; choose one of {', '.join(CONTROLLERS)}")
+        window = self.self_window
+        if not 0.0 <= window[0] <= window[1] <= 1.0:
+            raise NpinvError("self-replace must be a fraction in [0, 1] or a window start <= end within [0, 1]")
+        if self.controller == "reweight" and not self.reweight:
+            raise NpinvError("the reweight controller needs at least one --reweight WORD=SCALE")
+
+    @property
+    def self_window(self) -> tuple[float, float]:
+        if isinstance(self.self_replace, (int, float)):
+            return (0.0, float(self.self_replace))
+        return (float(self.self_replace[0]), float(self.self_replace[1]))
+
+
+@dataclasses.dataclass
+class EditResult:
+    """Edited images (one per target, in order) and the source branch's image, with their cost."""
+
+    images: torch.Tensor  # (T, 3, H, W) in [-1, 1]
+    source_image: torch.Tensor  # (1, 3, H, W): the source branch (a reconstruction)
+    latents: torch.Tensor  # (1 + T, C, h, w): final latents, source first
+    targets: list[str]
+    seconds: float
+    unet_calls: int
+    unet_rows: int
+    inversion: Inversion
+    controller: EditController | None
+    blend_mask: torch.Tensor | None
+
+
+class DirectInversion(StepHook):
+    """Direct inversion (Ju et al. 2023): after each step the source branch is put back on the
+    inversion trajectory (``z_src += z*[k] - z_src``), so it reproduces it exactly."""
+
+    def __init__(self, trajectory: torch.Tensor) -> None:
+        self.trajectory = trajectory
+
+    def after_step(self, state: StepState) -> None:
+        k = state.schedule.steps - 1 - state.i
+        state.z_next[0] = self.trajectory[k].to(state.z_next)
+
+
+class InversionGuidance(StepHook):
+    """ProxNPI's inversion guidance: below ``recon_t`` pull each target's unedited region (outside
+    the proximal mask) toward the inversion trajectory by ``recon_lr`` (1 copies it)."""
+
+    def __init__(self, guidance: ProximalGuidance, trajectory: torch.Tensor, recon_t: int, recon_lr: float) -> None:
+        self.guidance, self.trajectory = guidance, trajectory
+        self.recon_t, self.recon_lr = recon_t, recon_lr
+
+    def after_step(self, state: StepState) -> None:
+        if state.t >= self.recon_t or self.guidance.last_mask is None:
+            return
+        k = state.schedule.steps - 1 - state.i
+        ref = self.trajectory[k].to(state.z_next)
+        z = state.z_next
+        m = self.guidance.last_mask.to(z)
+        z[1:] = z[1:] - self.recon_lr * (z[1:] - ref) * (1 - m[1:])
+
+
+def _negatives(method: str, inv: Inversion, model: Model, guidance: float) -> tuple[list, list, Inversion]:
+    """(source negatives, target negatives, inversion) for a method; NTI optimises if it must."""
+    if method in ("npi", "proxnpi", "proxnpi-noig"):
+        return [inv.source] * inv.steps, [inv.source] * inv.steps, inv
+    if method == "ddim":
+        return [inv.null] * inv.steps, [inv.null] * inv.steps, inv
+    if inv.negatives is None or not inv.nti or inv.nti.get("guidance") != guidance:
+        inv = reconstruct(model, inv, "nti", guidance).inversion
+    return list(inv.negatives), list(inv.negatives), inv
+
+
+def blend_downscale(unet, latent_hw: tuple[int, int]) -> int:
+    """The cross-attention downscale closest to the reference's 16x16 maps of a 64x64 latent (4)."""
+    scales = sorted({i.downscale for i in layer_infos(unet).values() if i.is_cross})
+    return min(scales, key=lambda s: (abs(s - 4), -s))
+
+
+def edit(model: Model, inv: Inversion, targets: list[str], settings: EditSettings, *,
+         source_rows: str = "shared", progress: bool = False) -> EditResult:
+    """Edit an inverted image toward each of ``targets`` in one batched run.
+
+    ``source_rows="separate"`` gives NPI's source branch a copy of its embedding as the negative,
+    reproducing the reference code's 4-rows-a-step layout (for tests and comparisons).
+    """
+    settings.validate()
+    if not targets:
+        raise NpinvError("give at least one target prompt")
+    tok = model.pipe.tokenizer
+    steps = inv.steps
+    source_prompt = inv.source_prompt
+    cross = None
+    if settings.controller != "none":
+        alpha = cross_replace_alpha(tok, targets, steps, settings.cross_replace)
+        cross = CrossEdit(alpha)
+        if settings.controller == "replace":
+            cross.replace = torch.stack([replace_mapper(tok, source_prompt, t) for t in targets])
+        elif settings.controller == "refine":
+            cross.refine = [refine_mapper(tok, source_prompt, t) for t in targets]
+        if settings.reweight:
+            cross.reweight = torch.stack([reweight_vector(tok, t, settings.reweight) for t in targets])
+    hw = tuple(inv.trajectory.shape[-2:])
+    blend_tokens = None
+    if settings.blend is not None:
+        src_word, tgt_word = settings.blend
+        blend_tokens = (find_word(tok, source_prompt, src_word), [find_word(tok, t, tgt_word) for t in targets])
+    controller = EditController(
+        steps, cross, settings.self_window if settings.controller != "none" else (0.0, 0.0),
+        blend_downscale=blend_downscale(model.unet, hw) if blend_tokens else None,
+        keep_maps=settings.keep_attention_maps)
+
+    start = time.perf_counter()
+    calls0, rows0 = model.counter.calls, model.counter.rows
+    src_neg, tgt_neg, inv = _negatives(settings.method, inv, model, settings.guidance)
+    target_embs = [model.encode_prompt(t) for t in targets]
+    if source_rows == "separate":
+        src_neg = [PromptEmbedding(e.hidden.clone(), None if e.pooled is None else e.pooled.clone())
+                   if e is inv.source else e for e in src_neg]
+    branches = [Branch(inv.source, list(src_neg))] + [Branch(e, list(tgt_neg)) for e in target_embs]
+    hooks: list[StepHook] = []
+    if settings.method.startswith("proxnpi"):
+        guidance = ProximalGuidance(settings.guidance, settings.prox_quantile)
+        if settings.method == "proxnpi":
+            hooks.append(InversionGuidance(guidance, inv.trajectory, settings.recon_t, settings.recon_lr))
+    else:
+        guidance = CFG(settings.guidance)
+    if settings.direct:
+        hooks.append(DirectInversion(inv.trajectory))
+    blend = None
+    if blend_tokens is not None:
+        blend = LocalBlend(controller, blend_tokens[0], blend_tokens[1], threshold=settings.blend_threshold)
+        hooks.append(blend)
+    with controlled_attention(model.unet, controller, self_min_downscale=2):
+        result = sample(model, inv.noise, inv.schedule_for(model), branches, guidance, controller=controller,
+                        hooks=hooks, progress="edit" if progress else None)
+    images = model.decode(result.latents)
+    return EditResult(
+        images=images[1:], source_image=images[:1], latents=result.latents, targets=list(targets),
+        seconds=time.perf_counter() - start,
+        unet_calls=model.counter.calls - calls0, unet_rows=model.counter.rows - rows0, inversion=inv,
+        controller=controller, blend_mask=None if blend is None else blend.last_mask)
