@@ -145,3 +145,55 @@ def test_entry_point_subprocess(tmp_path):
     assert proc.returncode == 0
     info = json.loads(proc.stdout)
     assert {"name", "path"} <= info["default"].keys()
+
+
+def test_edit_writes_edits_grid_and_json(capsys, tmp_path, sd_folder, image_file):
+    out = tmp_path / "edit.png"
+    inv = tmp_path / "inv.safetensors"
+    code, stdout, stderr = run(
+        capsys, "edit", str(image_file), "--source", "a red circle on a blue background",
+        "--target", "a blue circle on a blue background", "--target", "a red square on a blue background",
+        "--controller", "replace", "--steps", "3", "--model", str(sd_folder), "--out", str(out),
+        "--save-inversion", str(inv), "--save-attention", str(tmp_path / "maps"), "--json")
+    assert code == 0, stderr
+    row = json.loads(stdout)
+    assert {"method", "controller", "targets", "seconds", "unet_calls", "unet_rows", "outputs"} <= row.keys()
+    assert row["outputs"] == [str(tmp_path / "edit_0.png"), str(tmp_path / "edit_1.png")]
+    assert row["unet_calls"] == 6 and row["unet_rows"] == 3 + 3 * 5  # inversion + (1 + 2*2) rows a step
+    for path in row["outputs"] + [row["grid"]]:
+        assert Path(path).is_file()
+    assert len(list((tmp_path / "maps").glob("*.png"))) == 3 * 7
+    # Invert once, edit again from the saved inversion: no inversion calls this time.
+    code, stdout, _ = run(capsys, "edit", str(image_file), "--inversion", str(inv), "--target",
+                          "a red circle on a red background", "--blend", "blue", "red", "--model", str(sd_folder),
+                          "--out", str(tmp_path / "again.png"), "--json")
+    assert code == 0
+    assert json.loads(stdout)["unet_calls"] == 3
+
+
+@pytest.mark.parametrize("extra,match", [
+    (["--controller", "replace", "--target", "a big red square on a blue background"], "equal word counts"),
+    (["--target", "a red square on a blue background", "--blend", "dog", "square"], "blend word 'dog'"),
+    (["--target", "a red square on a blue background", "--reweight", "cat=2"], "reweight word 'cat'"),
+    (["--target", "a red square on a blue background", "--reweight", "square"], "WORD=NUMBER"),
+    (["--target", "a red square on a blue background", "--self-replace", "0.9,0.1"], "self-replace"),
+])
+def test_edit_errors(capsys, tmp_path, sd_folder, image_file, extra, match):
+    before = {p.name for p in tmp_path.iterdir()}
+    code, _, stderr = run(capsys, "edit", str(image_file), "--source", "a red circle on a blue background",
+                          "--steps", "2", "--model", str(sd_folder), "--out", str(tmp_path / "e.png"), *extra)
+    _assert_clean_error(code, stderr, tmp_path, before, match)
+
+
+def test_edit_refuses_a_mismatched_inversion(capsys, tmp_path, sd_folder, sd_v_folder, image_file):
+    inv = tmp_path / "inv.safetensors"
+    assert run(capsys, "reconstruct", str(image_file), "--prompt", "a cat", "--steps", "2", "--model", str(sd_folder),
+               "--out", str(tmp_path / "r.png"), "--save-inversion", str(inv))[0] == 0
+    for extra, match in ([["--model", str(sd_v_folder)], "made with model"],
+                         [["--model", str(sd_folder), "--steps", "3"], "steps"],
+                         [["--model", str(sd_folder), "--size", "64"], "image"],
+                         [["--model", str(sd_folder), "--source", "a dog"], "source prompt"]):
+        before = {p.name for p in tmp_path.iterdir()}
+        code, _, stderr = run(capsys, "edit", str(image_file), "--inversion", str(inv), "--target", "a dog",
+                              "--out", str(tmp_path / "e.png"), *extra)
+        _assert_clean_error(code, stderr, tmp_path, before, match)

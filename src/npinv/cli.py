@@ -53,6 +53,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _model_args(p)
 
+    p = sub.add_parser("edit", help="edit an image with a target prompt (Prompt-to-Prompt + NPI by default)")
+    p.add_argument("image")
+    p.add_argument("--source", default=None, help="prompt describing the input (optional with --inversion)")
+    p.add_argument("--target", action="append", required=True, help="edited prompt; repeat for several edits")
+    p.add_argument("--method", default="npi", choices=["npi", "proxnpi", "proxnpi-noig", "nti", "ddim"],
+                   help="proxnpi: proximal guidance with inversion guidance; proxnpi-noig: without it")
+    p.add_argument("--controller", default="refine", choices=["replace", "refine", "reweight", "none"])
+    p.add_argument("--cross-replace", type=float, default=0.8, help="fraction of steps with cross-attention replaced")
+    p.add_argument("--cross-replace-word", action="append", default=[], metavar="WORD=FRACTION",
+                   help="per-word cross-replace fraction in the target prompt")
+    p.add_argument("--self-replace", default="0.6", help="fraction (or START,END window) of self-attention replacement")
+    p.add_argument("--blend", nargs=2, metavar=("SRC_WORD", "TGT_WORD"), help="local blend: edit only near these words")
+    p.add_argument("--blend-threshold", type=float, default=0.3)
+    p.add_argument("--reweight", action="append", default=[], metavar="WORD=SCALE",
+                   help="scale a target word's cross-attention")
+    p.add_argument("--direct", action="store_true", help="direct inversion: pin the source branch to the trajectory")
+    p.add_argument("--inversion", default=None, help="reuse a saved inversion (.safetensors) instead of inverting")
+    p.add_argument("--save-inversion", default=None, help="write the inversion for later edits")
+    p.add_argument("--save-attention", default=None, metavar="DIR", help="write per-word cross-attention heat maps")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50, or the inversion's)")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--offset", type=int, default=None, choices=[0, 1])
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--resize", default="crop", choices=["crop", "fit"])
+    p.add_argument("--out", required=True, help="edited image path; with several targets NAME_0.EXT, NAME_1.EXT, ...")
+    p.add_argument("--json", action="store_true")
+    _model_args(p)
+
     p = sub.add_parser("generate", help="text-to-image sampling")
     p.add_argument("--prompt", required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -110,6 +138,155 @@ def cmd_reconstruct(args) -> int:
         print(f"{args.method}: PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}  MSE {row['mse']:.5f}  "
               f"{row['seconds']:.2f} s  {row['unet_calls']} UNet calls ({row['unet_rows']} rows)  -> {out}")
     return 0
+
+
+def _pairs(items: list[str], flag: str) -> dict[str, float]:
+    out = {}
+    for item in items:
+        word, sep, value = item.partition("=")
+        try:
+            out[word] = float(value)
+        except ValueError:
+            raise NpinvError(f"{flag} expects WORD=NUMBER, got {item!r}") from None
+        if not sep or not word:
+            raise NpinvError(f"{flag} expects WORD=NUMBER, got {item!r}")
+    return out
+
+
+def _window(text: str) -> float | tuple[float, float]:
+    try:
+        parts = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise NpinvError(f"--self-replace expects a fraction or START,END, got {text!r}") from None
+    if len(parts) == 1:
+        return parts[0]
+    if len(parts) == 2:
+        return (parts[0], parts[1])
+    raise NpinvError(f"--self-replace expects a fraction or START,END, got {text!r}")
+
+
+def edit_output_paths(out, count: int):
+    from pathlib import Path
+
+    out = Path(out)
+    edits = [out] if count == 1 else [out.with_name(f"{out.stem}_{k}{out.suffix}") for k in range(count)]
+    return edits, out.with_name(f"{out.stem}_grid{out.suffix}")
+
+
+def cmd_edit(args) -> int:
+    import time
+    from pathlib import Path
+
+    from npinv.editing import EditSettings, edit
+    from npinv.inversion import Inversion, ddim_inversion
+    from npinv.io import check_output_path, image_grid, load_image, save_image, tensor_to_image
+    from npinv.pipeline import load_input
+
+    edits, grid_path = edit_output_paths(args.out, len(args.target))
+    for path in [*edits, grid_path]:
+        check_output_path(path, inputs=tuple(p for p in (args.image, args.inversion) if p))
+    if args.save_inversion:
+        check_output_path(args.save_inversion, inputs=(args.image,), image=False)
+    if args.save_attention and Path(args.save_attention).exists() and not Path(args.save_attention).is_dir():
+        raise NpinvError(f"--save-attention {args.save_attention} exists and is not a folder")
+    cross: float | dict[str, float] = args.cross_replace
+    if args.cross_replace_word:
+        cross = {"default_": args.cross_replace, **_pairs(args.cross_replace_word, "--cross-replace-word")}
+    settings = EditSettings(
+        method=args.method, controller=args.controller, guidance=args.guidance, cross_replace=cross,
+        self_replace=_window(args.self_replace), blend=tuple(args.blend) if args.blend else None,
+        blend_threshold=args.blend_threshold, reweight=_pairs(args.reweight, "--reweight"), direct=args.direct,
+        keep_attention_maps=bool(args.save_attention))
+    settings.validate()
+    if args.inversion is None and not args.source:
+        raise NpinvError("give --source (the prompt describing the input) or --inversion")
+    load_image(args.image)
+    inv = Inversion.load(args.inversion) if args.inversion else None
+    if inv is not None and args.source and args.source != inv.source_prompt:
+        raise NpinvError(f"the inversion was made with source prompt {inv.source_prompt!r}, not {args.source!r}")
+    args.steps = args.steps if args.steps is not None else (inv.steps if inv else 50)
+    _check_schedule(args)
+    model = _load(args)
+    image = load_input(args.image, model, args.size, args.resize)
+    calls0, rows0 = model.counter.calls, model.counter.rows
+    start = time.perf_counter()
+    if inv is not None:
+        latent_hw = tuple(s // model.vae_scale_factor for s in image.shape[-2:])
+        inv.check_compatible(model, steps=args.steps, size=tuple(image.shape[-2:]))
+        if tuple(inv.trajectory.shape[-2:]) != latent_hw:
+            raise NpinvError("the inversion does not match the image size")
+    else:
+        inv = ddim_inversion(model, image, args.source, steps=args.steps, offset=args.offset, progress=not args.quiet)
+    result = edit(model, inv, args.target, settings, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    tiles = [tensor_to_image(image), tensor_to_image(result.source_image)]
+    for k, path in enumerate(edits):
+        tile = tensor_to_image(result.images[k : k + 1])
+        save_image(tile, path)
+        tiles.append(tile)
+    save_image(image_grid([tiles], scale=max(1, 256 // image.shape[-1])), grid_path)
+    if args.save_inversion:
+        result.inversion.save(args.save_inversion)
+    maps = save_attention_maps(model, result, inv.source_prompt, args.save_attention) if args.save_attention else []
+    row = {"method": args.method, "controller": args.controller, "source": inv.source_prompt, "targets": args.target,
+           "steps": inv.steps, "guidance": args.guidance, "direct": args.direct, "seconds": seconds,
+           "edit_seconds": result.seconds, "unet_calls": model.counter.calls - calls0,
+           "unet_rows": model.counter.rows - rows0, "outputs": [str(p) for p in edits], "grid": str(grid_path),
+           "attention_maps": maps}
+    if args.json:
+        print(json.dumps(row))
+    else:
+        for target, path in zip(args.target, edits, strict=True):
+            print(f"{target!r} -> {path}")
+        print(f"grid (input | reconstruction | edits): {grid_path}; {seconds:.2f} s, {row['unet_calls']} UNet calls "
+              f"({row['unet_rows']} rows)")
+    return 0
+
+
+def save_attention_maps(model, result, source_prompt: str, folder) -> list[str]:
+    """One heat map PNG per word of the source and of each target prompt."""
+    from pathlib import Path
+
+    from npinv.attention.align import word_spans
+    from npinv.io import save_image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    prompts = [("source", source_prompt)] + [(f"target{k}", t) for k, t in enumerate(result.targets)]
+    for branch, (label, prompt) in enumerate(prompts):
+        spans = word_spans(model.pipe.tokenizer, prompt)
+        for index, (word, span) in enumerate(zip(prompt.split(), spans, strict=True)):
+            span = [p for p in span if p < model.pipe.tokenizer.model_max_length]
+            if not span:
+                continue
+            heat = result.controller.word_maps(branch, span)
+            path = folder / f"{label}_{index:02d}_{_safe(word)}.png"
+            save_image(_heat_image(heat, scale=max(1, 256 // heat.shape[-1])), path)
+            written.append(str(path))
+    return written
+
+
+def _safe(word: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", word)[:40] or "word"
+
+
+def _heat_image(heat, scale: int):
+    import numpy as np
+    from PIL import Image
+
+    arr = heat.detach().float().cpu().numpy()
+    arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-12)
+    try:
+        from matplotlib import colormaps
+
+        rgb = (colormaps["viridis"](arr)[..., :3] * 255).astype(np.uint8)
+    except ImportError:  # plots extra absent: grey levels
+        rgb = np.repeat((arr[..., None] * 255).astype(np.uint8), 3, axis=-1)
+    img = Image.fromarray(rgb, "RGB")
+    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
 
 
 def cmd_generate(args) -> int:
@@ -180,8 +357,8 @@ def _check_schedule(args) -> None:
         raise NpinvError(f"--size must lie in 8..4096, got {args.size}")
 
 
-COMMANDS = {"reconstruct": cmd_reconstruct, "generate": cmd_generate, "demo": cmd_demo, "train-scenes": cmd_train_scenes,
-            "models": cmd_models}
+COMMANDS = {"reconstruct": cmd_reconstruct, "edit": cmd_edit, "generate": cmd_generate, "demo": cmd_demo,
+            "train-scenes": cmd_train_scenes, "models": cmd_models}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -246,8 +246,13 @@ def load_model(
     else:
         name = str(spec)
         path = Path(spec).expanduser()
+    from transformers.utils import logging as tlogging
+
     verbosity = dlogging.get_verbosity()
-    dlogging.set_verbosity_error()  # diffusers' load chatter would drown our one-line messages
+    # diffusers' and transformers' load chatter and bars would drown our one-line messages.
+    dlogging.set_verbosity_error()
+    dlogging.disable_progress_bar()
+    tlogging.disable_progress_bar()
     try:
         pipe = _load_pipeline(str(spec), path, allow_pickle, config)
         vae_dtype = torch.float32 if pipe.vae.config.get("force_upcast", True) else torch_dtype
@@ -258,6 +263,8 @@ def load_model(
                 part.to(dev, wanted)
     finally:
         dlogging.set_verbosity(verbosity)
+        dlogging.enable_progress_bar()
+        tlogging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
     return Model(pipe, name, dev, torch_dtype)
 
