@@ -101,6 +101,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output diffusers folder")
     p.add_argument("--run-dir", default=None, help="checkpoints and log (default: OUT.run); reruns resume")
 
+    bench = sub.add_parser("bench", help="benchmarks: reconstruct, edit-shapes")
+    bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
+    p = bsub.add_parser("reconstruct", help="PSNR/SSIM/seconds/UNet calls per method and step count")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--images", default=None, help="folder of images with NAME.txt prompts or prompts.json")
+    src.add_argument("--shapes", type=int, default=None, help="use N held-out scenes (default 8)")
+    p.add_argument("--methods", default="ddim1,ddim,nti,npi")
+    p.add_argument("--steps", default="10,20,50,100")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--offset", type=int, default=None, choices=[0, 1])
+    p.add_argument("--out", required=True, help="output folder (results.jsonl, summary.json, table.md, plots)")
+    _model_args(p)
+    p = bsub.add_parser("edit-shapes", help="ground-truth editing benchmark on held-out scenes")
+    p.add_argument("--scenes", type=int, default=10)
+    p.add_argument("--methods", default="npi,proxnpi,nti,ddim")
+    p.add_argument("--direct", default="no,yes", help="direct inversion settings to run: no, yes or no,yes")
+    p.add_argument("--controllers", default="replace")
+    p.add_argument("--guidance", default="7.5", help="one or more guidance scales, comma separated")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--no-blend", action="store_true", help="edit without local blend")
+    p.add_argument("--cross-replace", type=float, default=0.8)
+    p.add_argument("--self-replace", type=float, default=0.6)
+    p.add_argument("--out", required=True)
+    _model_args(p)
+
     p = sub.add_parser("models", help="list the models npinv knows")
     p.add_argument("--json", action="store_true")
     return parser
@@ -335,6 +360,57 @@ def cmd_train_scenes(args) -> int:
     return 0
 
 
+def _csv(text: str, cast, flag: str) -> list:
+    try:
+        values = [cast(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise NpinvError(f"{flag}: cannot read {text!r}") from None
+    if not values:
+        raise NpinvError(f"{flag} is empty")
+    return values
+
+
+def cmd_bench(args) -> int:
+    from pathlib import Path
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NpinvError(f"--out {out} exists and is not a folder")
+    if args.bench == "reconstruct":
+        from npinv.bench.reconstruct import METHODS, reconstruct_table, run_reconstruct_bench
+
+        methods = _csv(args.methods, str, "--methods")
+        for m in methods:
+            if m not in METHODS:
+                raise NpinvError(f"unknown benchmark method {m!r}; choose from {', '.join(METHODS)}")
+        steps = _csv(args.steps, int, "--steps")
+        model = _load(args)
+        summary = run_reconstruct_bench(model, out, images=args.images, shapes=args.shapes, methods=methods,
+                                        steps_list=steps, guidance=args.guidance, offset=args.offset,
+                                        progress=not args.quiet)
+        print(reconstruct_table(summary))
+        return 0
+    from npinv.bench.edit_shapes import edit_table, run_edit_shapes
+    from npinv.editing import CONTROLLERS, EDIT_METHODS
+
+    methods = _csv(args.methods, str, "--methods")
+    controllers = _csv(args.controllers, str, "--controllers")
+    directs = _csv(args.direct, lambda v: {"no": False, "yes": True}[v], "--direct")
+    for m in methods:
+        if m not in EDIT_METHODS:
+            raise NpinvError(f"unknown method {m!r}; choose from {', '.join(EDIT_METHODS)}")
+    for c in controllers:
+        if c not in CONTROLLERS:
+            raise NpinvError(f"unknown controller {c!r}; choose from {', '.join(CONTROLLERS)}")
+    model = _load(args)
+    summary = run_edit_shapes(model, out, n_scenes=args.scenes, methods=methods, directs=directs,
+                              controllers=controllers, guidances=_csv(args.guidance, float, "--guidance"),
+                              steps=args.steps, blend=not args.no_blend, cross_replace=args.cross_replace,
+                              self_replace=args.self_replace, progress=not args.quiet)
+    print(edit_table(summary))
+    return 0
+
+
 def cmd_models(args) -> int:
     from npinv.model import embedded_model_path
 
@@ -358,7 +434,7 @@ def _check_schedule(args) -> None:
 
 
 COMMANDS = {"reconstruct": cmd_reconstruct, "edit": cmd_edit, "generate": cmd_generate, "demo": cmd_demo,
-            "train-scenes": cmd_train_scenes, "models": cmd_models}
+            "train-scenes": cmd_train_scenes, "bench": cmd_bench, "models": cmd_models}
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

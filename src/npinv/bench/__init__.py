@@ -1,0 +1,1 @@
+"""Benchmark runners: resumable JSONL rows, summaries, markdown tables and plots."""

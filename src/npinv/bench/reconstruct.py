@@ -1,0 +1,157 @@
+"""Reconstruction benchmark: methods x step counts over a folder of images or held-out scenes.
+
+Methods: ``ddim1`` (DDIM inversion reconstructed at guidance 1), ``ddim`` (at w, null negative),
+``nti`` (null-text inversion at w) and ``npi`` (at w). One DDIM inversion per image and step
+count is shared by all methods; each method's ``seconds`` is that inversion plus its own
+reconstruction, timed side by side in the same process, and ``unet_calls`` counts both.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+from npinv.bench.results import ResultsFile, group, markdown_table, nanmean
+from npinv.errors import NpinvError
+from npinv.inversion import ddim_inversion, reconstruct
+from npinv.io import IMAGE_SUFFIXES, atomic_path, image_to_tensor, write_text
+from npinv.metrics import image_metrics, tensor_to_unit
+from npinv.model import Model
+from npinv.pipeline import load_input
+from npinv.scenes import random_scenes
+
+METHODS = {"ddim1": ("ddim", 1.0), "ddim": ("ddim", None), "nti": ("nti", None), "npi": ("npi", None)}
+HELD_OUT_SEED = 515_151
+
+
+def image_items(model: Model, images: str | None, shapes: int | None) -> list[tuple[str, object, str]]:
+    """(name, loader, prompt) for each benchmark image."""
+    if images is None:
+        scenes = list(random_scenes(HELD_OUT_SEED, shapes or 8))
+        return [(f"scene{i:03d}", (lambda s=s: image_to_tensor(s.render(model.resolution))), s.caption)
+                for i, s in enumerate(scenes)]
+    folder = Path(images)
+    if not folder.is_dir():
+        raise NpinvError(f"--images {folder} is not a folder")
+    mapping = json.loads((folder / "prompts.json").read_text()) if (folder / "prompts.json").is_file() else {}
+    items = []
+    for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        sidecar = path.with_suffix(".txt")
+        prompt = mapping.get(path.name) or (sidecar.read_text().strip() if sidecar.is_file() else None)
+        if not prompt:
+            raise NpinvError(f"no prompt for {path.name}: add {sidecar.name} or an entry in prompts.json")
+        items.append((path.name, (lambda p=path: load_input(p, model)), prompt))
+    if not items:
+        raise NpinvError(f"no images in {folder}")
+    return items
+
+
+def run_reconstruct_bench(model: Model, out_dir: str | Path, *, images: str | None = None, shapes: int | None = None,
+                          methods=("ddim1", "ddim", "nti", "npi"), steps_list=(10, 20, 50, 100), guidance: float = 7.5,
+                          offset: int | None = None, progress: bool = False) -> dict:
+    for m in methods:
+        if m not in METHODS:
+            raise NpinvError(f"unknown benchmark method {m!r}; choose from {', '.join(METHODS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    results = ResultsFile(out / "results.jsonl")
+    items = image_items(model, images, shapes)
+    for name, load, prompt in items:
+        for steps in steps_list:
+            todo = [m for m in methods if _key(name, m, steps, guidance) not in results]
+            if not todo:
+                continue
+            image = load()
+            calls0 = model.counter.calls
+            start = time.perf_counter()
+            inv = ddim_inversion(model, image, prompt, steps=steps, offset=offset)
+            invert_s, invert_calls = time.perf_counter() - start, model.counter.calls - calls0
+            for m in todo:
+                method, w = METHODS[m]
+                w = guidance if w is None else w
+                start, calls = time.perf_counter(), model.counter.calls
+                rec = reconstruct(model, inv, method, w)
+                seconds = time.perf_counter() - start
+                metrics = image_metrics(tensor_to_unit(image), tensor_to_unit(rec.image))
+                results.add({"key": _key(name, m, steps, guidance), "image": name, "prompt": prompt, "method": m,
+                             "steps": steps, "guidance": w, "offset": int(inv.schedule["offset"]), **metrics,
+                             "lpips": None, "seconds": invert_s + seconds, "invert_seconds": invert_s,
+                             "unet_calls": invert_calls + model.counter.calls - calls, "model": model.name})
+            if progress:
+                print(f"{name} {steps} steps done", flush=True)
+    summary = summarize(results.rows, methods, steps_list)
+    write_text(out / "summary.json", json.dumps(summary, indent=2, default=float))
+    write_text(out / "table.md", reconstruct_table(summary))
+    plot(summary, out)
+    return summary
+
+
+def _key(name: str, method: str, steps: int, guidance: float) -> str:
+    return f"{name}|{method}|{steps}|{guidance:g}"
+
+
+def summarize(rows: list[dict], methods, steps_list) -> dict:
+    out = []
+    grouped = group(rows, ("method", "steps"))
+    for steps in steps_list:
+        for m in methods:
+            items = grouped.get((m, steps), [])
+            if not items:
+                continue
+            out.append({"method": m, "steps": steps, "guidance": items[0]["guidance"], "n": len(items),
+                        "psnr_mean": nanmean(r["psnr"] for r in items), "ssim_mean": nanmean(r["ssim"] for r in items),
+                        "mse_mean": nanmean(r["mse"] for r in items),
+                        "seconds_mean": nanmean(r["seconds"] for r in items),
+                        "seconds_median": statistics.median(r["seconds"] for r in items),
+                        "unet_calls_mean": nanmean(r["unet_calls"] for r in items)})
+    ratio = {}
+    by = {(r["method"], r["steps"]): r for r in out}
+    for steps in steps_list:
+        if ("nti", steps) in by and ("npi", steps) in by:
+            ratio[str(steps)] = by[("nti", steps)]["seconds_median"] / by[("npi", steps)]["seconds_median"]
+    return {"rows": out, "nti_over_npi_time": ratio}
+
+
+def reconstruct_table(summary: dict) -> str:
+    header = ["method", "steps", "w", "n", "PSNR", "SSIM", "MSE", "seconds (median)", "UNet calls"]
+    rows = [[r["method"], r["steps"], r["guidance"], r["n"], r["psnr_mean"], r["ssim_mean"], r["mse_mean"],
+             r["seconds_median"], r["unet_calls_mean"]] for r in summary["rows"]]
+    text = markdown_table(header, rows)
+    if summary["nti_over_npi_time"]:
+        text += "\nNTI / NPI time (medians, same run): " + ", ".join(
+            f"{s} steps: {v:.1f}x" for s, v in summary["nti_over_npi_time"].items()) + "\n"
+    return text
+
+
+def plot(summary: dict, out: Path) -> list[Path]:
+    """PSNR vs steps and PSNR vs seconds per method (skipped when matplotlib is absent)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    written = []
+    methods = list(dict.fromkeys(r["method"] for r in summary["rows"]))
+    for x_key, name, label in (("steps", "psnr_vs_steps.png", "DDIM steps"),
+                               ("seconds_median", "psnr_vs_seconds.png", "seconds per image (median)")):
+        fig, ax = plt.subplots(figsize=(5, 3.5), dpi=120)
+        for m in methods:
+            rows = [r for r in summary["rows"] if r["method"] == m]
+            ax.plot([r[x_key] for r in rows], [r["psnr_mean"] for r in rows], marker="o", label=m)
+        ax.set_xlabel(label)
+        ax.set_ylabel("PSNR (dB)")
+        if x_key != "steps":
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = out / name
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png")
+        plt.close(fig)
+        written.append(path)
+    return written

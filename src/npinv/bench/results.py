@@ -1,0 +1,79 @@
+"""Resumable results: one JSON object per line, keyed; a rerun skips keys already written.
+
+Each row is appended and flushed to disk before the next one starts, so a killed run loses at
+most the row in progress; a torn last line (killed mid-write) is ignored on reading.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+
+class ResultsFile:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.rows: list[dict[str, Any]] = []
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            good = []
+            for line in lines:
+                try:
+                    self.rows.append(json.loads(line))
+                    good.append(line)
+                except json.JSONDecodeError:
+                    continue  # torn write of a killed run
+            if len(good) != len(lines):  # rewrite without the torn line, atomically
+                tmp = self.path.with_suffix(".tmp")
+                tmp.write_text("".join(g + "\n" for g in good))
+                os.replace(tmp, self.path)
+        self.done = {row["key"] for row in self.rows}
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.done
+
+    def add(self, row: dict[str, Any]) -> None:
+        if "key" not in row:
+            raise ValueError("a result row needs a key")
+        line = json.dumps(row, default=_jsonable)
+        with self.path.open("a") as fh:
+            fh.write(line + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        self.rows.append(json.loads(line))
+        self.done.add(row["key"])
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def nanmean(values: Iterable[float | None]) -> float:
+    """Mean that skips NaN and None (and +inf PSNR of identical images); NaN if nothing is left."""
+    kept = [float(v) for v in values if v is not None and not math.isnan(float(v)) and not math.isinf(float(v))]
+    return statistics.mean(kept) if kept else math.nan
+
+
+def group(rows: list[dict], keys: tuple[str, ...]) -> dict[tuple, list[dict]]:
+    out: dict[tuple, list[dict]] = {}
+    for row in rows:
+        out.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return out
+
+
+def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
+    def fmt(v: Any) -> str:
+        if isinstance(v, float):
+            return "n/a" if math.isnan(v) else f"{v:.2f}" if abs(v) >= 0.1 or v == 0 else f"{v:.4f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
