@@ -1,0 +1,105 @@
+"""Benchmark runners: resumable results, summaries and the edit-shapes regions."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from npinv.bench.edit_shapes import EditCase, edit_cases, keep_region, region_psnr, run_edit_shapes
+from npinv.bench.reconstruct import run_reconstruct_bench
+from npinv.bench.results import ResultsFile, nanmean
+from npinv.scenes import Edit, Scene
+
+
+def test_results_file_resumes_and_drops_a_torn_line(tmp_path):
+    path = tmp_path / "r.jsonl"
+    res = ResultsFile(path)
+    res.add({"key": "a", "v": 1})
+    res.add({"key": "b", "v": 2})
+    with path.open("a") as fh:
+        fh.write('{"key": "c", "v"')  # killed mid-write
+    again = ResultsFile(path)
+    assert "a" in again and "b" in again and "c" not in again
+    assert path.read_text().count("\n") == 2
+
+
+def test_nanmean_skips_nan_and_none():
+    assert nanmean([1.0, math.nan, None, 3.0]) == 2.0
+    assert math.isnan(nanmean([math.nan]))
+
+
+def test_reconstruct_bench_is_resumable(tmp_path, sd_model, monkeypatch):
+    import npinv.bench.reconstruct as rb
+
+    clean = run_reconstruct_bench(sd_model, tmp_path / "clean", shapes=2, steps_list=(2, 3))
+    rows = [json.loads(x) for x in (tmp_path / "clean" / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 4
+    by = {(r["image"], r["method"], r["steps"]): r for r in rows}
+    # NPI reconstructs exactly as the guidance-1 DDIM round trip, at the same cost.
+    assert by[("scene000", "npi", 3)]["psnr"] == by[("scene000", "ddim1", 3)]["psnr"]
+    assert by[("scene000", "npi", 3)]["unet_calls"] == 6
+    assert set(clean["nti_over_npi_time"]) == {"2", "3"}
+    assert {"method", "steps", "guidance", "n", "psnr_mean", "ssim_mean", "seconds_mean",
+            "unet_calls_mean"} <= clean["rows"][0].keys()
+    for name in ("summary.json", "table.md", "psnr_vs_steps.png", "psnr_vs_seconds.png"):
+        assert (tmp_path / "clean" / name).is_file()
+
+    # A run killed after 5 rows, then rerun: the same rows as the clean run, none twice.
+    real = rb.reconstruct
+    count = {"n": 0}
+
+    def dying(*args, **kwargs):
+        count["n"] += 1
+        if count["n"] > 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(rb, "reconstruct", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_reconstruct_bench(sd_model, tmp_path / "killed", shapes=2, steps_list=(2, 3))
+    assert len((tmp_path / "killed" / "results.jsonl").read_text().splitlines()) == 5
+    monkeypatch.setattr(rb, "reconstruct", real)
+    run_reconstruct_bench(sd_model, tmp_path / "killed", shapes=2, steps_list=(2, 3))
+    resumed = [json.loads(x) for x in (tmp_path / "killed" / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["key"] for r in resumed) == sorted(r["key"] for r in rows)
+    strip = lambda r: {k: v for k, v in r.items() if "seconds" not in k}  # noqa: E731
+    assert sorted(map(json.dumps, map(strip, resumed))) == sorted(map(json.dumps, map(strip, rows)))
+    run_reconstruct_bench(sd_model, tmp_path / "killed", shapes=2, steps_list=(2, 3))  # nothing left to do
+    assert len((tmp_path / "killed" / "results.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_keep_regions():
+    scene = Scene("circle", "red", "blue", 0.4)
+    colour = keep_region(EditCase(0, scene, Edit("color", "green")), 64)
+    assert colour[0, 0] and not colour[32, 32]  # the corner stays, the object changes
+    background = keep_region(EditCase(0, scene, Edit("background", "white")), 64)
+    assert background[32, 32] and not background[0, 0]
+    a = np.zeros((4, 4, 3))
+    b = a.copy()
+    b[0, 0] = 0.1
+    region = np.zeros((4, 4), bool)
+    region[0, 0] = True
+    assert region_psnr(a, b, region) == pytest.approx(20.0)
+    assert math.isnan(region_psnr(a, b, np.zeros((4, 4), bool)))
+
+
+def test_edit_cases_cover_every_kind():
+    cases = edit_cases(4)
+    assert len(cases) == 12 and {c.edit.kind for c in cases} == {"color", "shape", "background"}
+    for c in cases:
+        assert c.target != c.scene and c.target.caption.count(" ") == c.scene.caption.count(" ")
+
+
+def test_edit_shapes_runs_and_resumes(tmp_path, sd_model):
+    summary = run_edit_shapes(sd_model, tmp_path, n_scenes=1, methods=("npi", "ddim"), directs=(False,), steps=3)
+    rows = (tmp_path / "edit_results.jsonl").read_text().splitlines()
+    assert len(rows) == 2 * 3
+    first = summary["rows"][0]
+    assert {"all", "color", "shape", "background", "seconds_median", "unet_rows_mean"} <= first.keys()
+    npi = next(r for r in summary["rows"] if r["method"] == "npi")
+    assert npi["unet_rows_mean"] == 3 * 3  # 3 rows a step
+    run_edit_shapes(sd_model, tmp_path, n_scenes=1, methods=("npi", "ddim"), directs=(False,), steps=3)
+    assert (tmp_path / "edit_results.jsonl").read_text().splitlines() == rows
