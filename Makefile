@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo model-card bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,14 +20,22 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests
+	$(PY) -m ruff check src tests benchmarks
 
 demo: $(STAMP)
 	$(VENV)/bin/npinv demo --out out
+
+# Measure the embedded model on held-out scenes and rewrite its MODEL_CARD.md (about 15 min on 2 cores).
+model-card: $(STAMP)
+	$(PY) -m npinv.modelcard
+
+# Rerun the benchmarks and regenerate BENCHMARKS.md from what this run measured.
+bench: $(STAMP)
+	$(PY) benchmarks/run.py --out bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -9,7 +9,7 @@ Rows are deduplicated by identity: a branch whose negative at step ``i`` *is* it
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -98,7 +98,6 @@ def sample(
     controller: Controller | None = None,
     hooks: Sequence[StepHook] = (),
     progress: str | None = None,
-    on_step: Callable[[StepState], None] | None = None,
 ) -> SampleResult:
     """Denoise ``z_start`` (one latent per branch, or one shared by all) from the top of the grid."""
     branches = list(branches)
@@ -118,13 +117,15 @@ def sample(
         state.rows = _rows(branches, i, guidance.needs_negative, state.known)
         out = dict(state.known)
         if state.rows:
+            embeds = [branches[r.branch].cond if r.kind == "cond" else branches[r.branch].negatives[i] for r in state.rows]
             if controller is not None:
                 controller.begin_step(state)
-            embeds = [branches[r.branch].cond if r.kind == "cond" else branches[r.branch].negatives[i] for r in state.rows]
-            with torch.no_grad():
-                batch = model.unet_output(z[[r.branch for r in state.rows]], t, PromptEmbedding.cat(embeds))
-            if controller is not None:
-                controller.end_step(state)
+            try:
+                with torch.no_grad():
+                    batch = model.unet_output(z[[r.branch for r in state.rows]], t, PromptEmbedding.cat(embeds))
+            finally:
+                if controller is not None:
+                    controller.end_step(state)
             for k, r in enumerate(state.rows):
                 out[(r.branch, r.kind)] = batch[k : k + 1]
         eps_cond = torch.cat([out[(b, "cond")] for b in range(len(branches))])
@@ -133,8 +134,6 @@ def sample(
         state.z_next = schedule.denoise_step(z, guidance(eps_neg, eps_cond), i)
         for hook in hooks:
             hook.after_step(state)
-        if on_step is not None:
-            on_step(state)
         z = state.z_next
     return SampleResult(z, model.counter.calls - calls0, model.counter.rows - rows0)
 
