@@ -183,3 +183,21 @@ def test_bad_edit_settings(sd_model, inversion):
         edit(sd_model, inversion, ["a big red square on a blue background"], EditSettings(controller="replace"))
     with pytest.raises(NpinvError, match="unknown method"):
         edit(sd_model, inversion, ["x"], EditSettings(method="magic"))
+
+
+@pytest.mark.parametrize("fixture", ["sd_v_folder", "sdxl_folder"])
+def test_editing_works_on_sd2_v_and_sdxl(request, fixture):
+    from npinv import load_model
+    from npinv.io import image_to_tensor
+    from npinv.scenes import Scene
+
+    model = load_model(str(request.getfixturevalue(fixture)), device="cpu")
+    image = image_to_tensor(Scene("circle", "red", "blue", 0.5).render(32))
+    inv = ddim_inversion(model, image, "a red circle on a blue background", steps=STEPS)
+    for controller in ("replace", "refine"):
+        settings = EditSettings(method="npi", controller=controller, blend=("red", "blue"), reweight={"blue": 2.0})
+        three = edit(model, inv, ["a blue circle on a blue background"], settings)
+        four = edit(model, inv, ["a blue circle on a blue background"], settings, source_rows="separate")
+        assert three.unet_rows == 3 * STEPS and four.unet_rows == 4 * STEPS
+        torch.testing.assert_close(three.latents, four.latents, atol=1e-4, rtol=0)
+        assert three.blend_mask is not None

@@ -111,6 +111,7 @@ It knows nothing else: prompts outside its vocabulary get a warning.
 Weights are stored in fp16 (the loader computes in fp32 unless told otherwise).
 Training: `npinv train-scenes --config configs/shapes64.json --out DIR` (config, seed and the
 loss log `train_log.jsonl` are beside the weights), about {train_minutes} minutes on 2 CPU cores.
+{notes}
 
 ## Figures (measured by `make model-card` on held-out scenes, {date})
 
@@ -142,6 +143,17 @@ Reconstructions at {max_steps} steps: input | DDIM w=1 | DDIM w=7.5 | NTI | NPI.
 """
 
 
+def _training_seconds(log: list[dict]) -> float:
+    """Wall time over every (resumed) segment of the log; each segment restarts its clock."""
+    total, last = 0.0, 0.0
+    for row in log:
+        if row.get("stage") == "start":
+            total += last
+            last = 0.0
+        last = max(last, float(row.get("elapsed_s", 0.0)))
+    return total + last
+
+
 def write_card(model_dir: Path, figures: dict) -> Path:
     cfg = json.loads((model_dir / "train_config.json").read_text())
     log = [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
@@ -162,7 +174,7 @@ def write_card(model_dir: Path, figures: dict) -> Path:
         hidden=cfg["text"]["hidden_size"], layers=cfg["text"]["layers"], max_len=cfg["text"]["max_length"],
         vae_params=f"{figures['params']['vae'] / 1e6:.2f}M", latent=latent, latent2=latent // 2,
         scale=figures["scaling_factor"], unet_params=f"{figures['params']['unet'] / 1e6:.2f}M",
-        train_minutes=round(log[-1]["elapsed_s"] / 60) if log else "?", date=figures["date"],
+        train_minutes=round(_training_seconds(log) / 60), date=figures["date"], notes=cfg.get("notes", ""),
         vae_psnr=figures["vae_psnr"], n_vae=figures["n_vae"], g=s["guidance"], sample_steps=s["steps"],
         acc_color=s["color"], acc_shape=s["shape"], acc_bg=s["background"], acc_all=s["all"], n_captions=s["n"],
         n_recon=figures["n_recon"], recon_rows="\n".join(lines), n_grid=figures["n_grid"],
