@@ -197,3 +197,15 @@ def test_edit_refuses_a_mismatched_inversion(capsys, tmp_path, sd_folder, sd_v_f
         code, _, stderr = run(capsys, "edit", str(image_file), "--inversion", str(inv), "--target", "a dog",
                               "--out", str(tmp_path / "e.png"), *extra)
         _assert_clean_error(code, stderr, tmp_path, before, match)
+
+
+def test_unwritable_output_folder(capsys, tmp_path, sd_folder, image_file, monkeypatch):
+    # Root ignores permission bits, so simulate the folder's answer to the access check.
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if mode == os.W_OK else real(p, mode))
+    before = {p.name for p in tmp_path.iterdir()}
+    code, _, stderr = run(capsys, "reconstruct", str(image_file), "--prompt", "x", "--model", str(sd_folder),
+                          "--out", str(tmp_path / "o.png"))
+    _assert_clean_error(code, stderr, tmp_path, before, "not writable")

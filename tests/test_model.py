@@ -76,3 +76,24 @@ def test_prompt_over_the_limit_warns(sd_model):
     with pytest.warns(NpinvWarning, match="over the tokenizer's limit"):
         emb = sd_model.encode_prompt(" ".join(["cat"] * 90))
     assert emb.hidden.shape[1] == 77
+
+
+def test_hub_id_from_the_local_cache(tmp_path, monkeypatch, sd_folder):
+    """A hub id resolves from the Hugging Face cache with no network, as users expect."""
+    import shutil
+
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hub"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--npinv-test--tiny-sd"
+    shutil.copytree(sd_folder, repo / "snapshots" / commit, ignore=shutil.ignore_patterns("_tok*"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    model = load_model("npinv-test/tiny-sd", device="cpu")
+    assert model.name == "npinv-test/tiny-sd"
+    _same_outputs(load_model(str(sd_folder), device="cpu"), model)

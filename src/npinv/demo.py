@@ -50,4 +50,27 @@ def run_demo(model: Model, out_dir: Path, *, steps: int = 50, example: int = 0, 
         label = f"{r['method']} w={r['guidance']:g}"
         print(f"{label:<12}{r['psnr']:>9.2f}{r['ssim']:>8.3f}{r['seconds']:>9.2f}{r['unet_calls']:>12}")
     print(f"grid (input | DDIM w=1 | DDIM w=7.5 | NTI | NPI): {grid}")
+    rows.append(_demo_edit(model, image, inv, item, out_dir, progress))
     return rows
+
+
+def _demo_edit(model: Model, image, inv, item: dict, out_dir: Path, progress: bool) -> dict:
+    """Edit the same inversion toward each suggested target in one batched NPI run."""
+    from npinv.editing import EditSettings, edit
+
+    targets = item["edits"]
+    src_words = item["prompt"].split()
+    # Blend on the words that change (one word per edit of the bundled examples).
+    changed = [next(w for w, v in zip(src_words, t.split(), strict=True) if w != v) for t in targets]
+    result = None
+    tiles = [tensor_to_image(image)]
+    for target, word in zip(targets, changed, strict=True):
+        new_word = target.split()[src_words.index(word)]
+        settings = EditSettings(method="npi", controller="replace", blend=(word, new_word))
+        result = edit(model, inv, [target], settings, progress=progress)
+        tiles.append(tensor_to_image(result.images))
+    grid = save_image(image_grid([tiles], scale=4), out_dir / "demo_edit.png")
+    print(f"edits of the same inversion (NPI + word swap + local blend, {3 * inv.steps} UNet rows each, "
+          f"{result.seconds:.2f} s for the last): {', '.join(repr(t) for t in targets)}")
+    print(f"grid (input | edits): {grid}")
+    return {"method": "npi-edit", "targets": targets, "seconds": result.seconds, "unet_calls": result.unet_calls}
