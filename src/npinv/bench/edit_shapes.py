@@ -168,7 +168,7 @@ def summarize(rows: list[dict]) -> dict:
 
 def edit_table(summary: dict) -> str:
     header = ["method", "direct", "controller", "w", "steps", "n", "PSNR vs truth", "SSIM vs truth",
-              "bg PSNR", "success", "colour ok", "shape ok", "bg ok", "edit s (median)", "UNet rows"]
+              "bg PSNR", "success", "colour swaps ok", "shape swaps ok", "bg swaps ok", "edit s (median)", "UNet rows"]
     rows = [[r["method"], "yes" if r["direct"] else "no", r["controller"], r["guidance"], r["steps"], r["n"],
              r["all"]["psnr_gt"], r["all"]["ssim_gt"], r["all"]["psnr_bg"], f"{r['all']['success']:.0%}",
              f"{r['color']['success']:.0%}", f"{r['shape']['success']:.0%}", f"{r['background']['success']:.0%}",
