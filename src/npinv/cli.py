@@ -126,6 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     _model_args(p)
 
+    p = bsub.add_parser("piebench", help="PIE-Bench: invert and edit every image, score the unedited region")
+    p.add_argument("--data", required=True, help="PIE-Bench folder (annotation_images/, mapping_file.json)")
+    p.add_argument("--methods", default="npi", help="comma separated: npi,proxnpi,proxnpi-noig,nti,ddim")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--offset", type=int, default=0, choices=[0, 1], help="timestep offset (published: 0)")
+    p.add_argument("--types", default=None, help="editing type ids to run, comma separated (default all)")
+    p.add_argument("--limit", type=int, default=None, help="at most this many images")
+    p.add_argument("--parity", action="store_true", help="score as the published script does (see docs/piebench.md)")
+    p.add_argument("--out", required=True)
+    _model_args(p)
+
     p = sub.add_parser("models", help="list the models npinv knows")
     p.add_argument("--json", action="store_true")
     return parser
@@ -392,6 +404,21 @@ def cmd_bench(args) -> int:
         return 0
     from npinv.bench.edit_shapes import edit_table, run_edit_shapes
     from npinv.editing import CONTROLLERS, EDIT_METHODS
+
+    if args.bench == "piebench":
+        from npinv.bench.piebench import load_piebench, piebench_table, run_piebench
+
+        methods = _csv(args.methods, str, "--methods")
+        for m in methods:
+            if m not in EDIT_METHODS:
+                raise NpinvError(f"unknown method {m!r}; choose from {', '.join(EDIT_METHODS)}")
+        load_piebench(args.data)  # a malformed data set fails before the model loads
+        model = _load(args)
+        summary = run_piebench(model, args.data, out, methods=methods, steps=args.steps, guidance=args.guidance,
+                               offset=args.offset, types=_csv(args.types, str, "--types") if args.types else None,
+                               limit=args.limit, parity=args.parity, progress=not args.quiet)
+        print(piebench_table(summary))
+        return 0
 
     methods = _csv(args.methods, str, "--methods")
     controllers = _csv(args.controllers, str, "--controllers")

@@ -24,16 +24,16 @@ def psnr(a, b, data_range: float = 1.0) -> float:
     return math.inf if err == 0 else 10.0 * math.log10(data_range**2 / err)
 
 
-def ssim(a, b, data_range: float = 1.0, window: int = 11, sigma: float = 1.5) -> float:
-    """Mean SSIM (Wang et al. 2004): Gaussian window 11 / sigma 1.5, K1 0.01, K2 0.03, per channel,
-    valid region only (as scikit-image with ``gaussian_weights=True``)."""
+def ssim_map(a, b, data_range: float = 1.0, window: int = 11, sigma: float = 1.5) -> tuple[np.ndarray, int]:
+    """(C, H - k + 1, W - k + 1) SSIM map of two (H, W, C) arrays (Wang et al. 2004: Gaussian window
+    11 / sigma 1.5, K1 0.01, K2 0.03, valid windows, scikit-image's sample covariance) and its side k."""
     x = torch.from_numpy(_as_array(a)).permute(2, 0, 1).unsqueeze(1)  # (C, 1, H, W)
     y = torch.from_numpy(_as_array(b)).permute(2, 0, 1).unsqueeze(1)
     window = min(window, x.shape[-1], x.shape[-2])
     window -= 1 - window % 2  # odd
     coords = torch.arange(window, dtype=torch.float64) - (window - 1) / 2
     g = torch.exp(-(coords**2) / (2 * sigma**2))
-    g = (g / g.sum())
+    g = g / g.sum()
     kernel = (g[:, None] * g[None, :])[None, None]
 
     def blur(v: torch.Tensor) -> torch.Tensor:
@@ -41,14 +41,18 @@ def ssim(a, b, data_range: float = 1.0, window: int = 11, sigma: float = 1.5) ->
 
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     mx, my = blur(x), blur(y)
-    # Unbiased covariance, as scikit-image does.
     n = window * window
-    cov_norm = n / (n - 1)
+    cov_norm = n / (n - 1)  # unbiased covariance, as scikit-image does
     vx = cov_norm * (blur(x * x) - mx * mx)
     vy = cov_norm * (blur(y * y) - my * my)
     vxy = cov_norm * (blur(x * y) - mx * my)
     s = ((2 * mx * my + c1) * (2 * vxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
-    return float(s.mean())
+    return s[:, 0].numpy(), window
+
+
+def ssim(a, b, data_range: float = 1.0, window: int = 11, sigma: float = 1.5) -> float:
+    """Mean SSIM over the valid windows and channels (as scikit-image with ``gaussian_weights=True``)."""
+    return float(ssim_map(a, b, data_range, window, sigma)[0].mean())
 
 
 def tensor_to_unit(x: torch.Tensor) -> np.ndarray:
