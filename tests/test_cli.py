@@ -209,3 +209,16 @@ def test_unwritable_output_folder(capsys, tmp_path, sd_folder, image_file, monke
     code, _, stderr = run(capsys, "reconstruct", str(image_file), "--prompt", "x", "--model", str(sd_folder),
                           "--out", str(tmp_path / "o.png"))
     _assert_clean_error(code, stderr, tmp_path, before, "not writable")
+
+
+def test_generate_writes_an_image(capsys, tmp_path, sd_folder):
+    out = tmp_path / "gen.png"
+    code, stdout, stderr = run(capsys, "generate", "--prompt", "a red circle", "--seed", "3", "--steps", "3",
+                               "--model", str(sd_folder), "--out", str(out), "--json")
+    assert code == 0, stderr
+    row = json.loads(stdout)
+    assert row["unet_calls"] == 3 and row["seed"] == 3
+    first = out.read_bytes()
+    assert run(capsys, "generate", "--prompt", "a red circle", "--seed", "3", "--steps", "3", "--model", str(sd_folder),
+               "--out", str(out))[0] == 0
+    assert out.read_bytes() == first  # same seed, same picture
