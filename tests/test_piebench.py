@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import npinv.bench.piebench as pb
+from npinv.bench.netmetrics import NetworkMetrics
 from npinv.bench.piebench import (
     decode_mask,
     load_piebench,
@@ -265,10 +266,17 @@ def test_run_piebench_end_to_end_and_resumable(tmp_path, sd_model, monkeypatch, 
         return real_inversion(*args, **kwargs)
 
     monkeypatch.setattr(pb, "ddim_inversion", counting_inversion)
+    # The default networks are looked up in the (offline) cache; here they are missing whatever the cache holds.
+    monkeypatch.delenv("NPINV_LPIPS_WEIGHTS", raising=False)
+    real_load = NetworkMetrics.load
+    missing = lambda **_: real_load(structure=tmp_path / "no-dino", clip=tmp_path / "no-clip")  # noqa: E731
+    monkeypatch.setattr(pb.NetworkMetrics, "load", staticmethod(missing))
     clean_dir = tmp_path / "clean"
     summary = run_piebench(sd_model, data, clean_dir, **kw)
     assert inversions["n"] == 3  # one inversion per image, shared by both methods
-    assert capsys.readouterr().err.count("not computed yet") == 1
+    err = capsys.readouterr().err
+    assert err.count("network metrics not computed") == 1 and err.count("\n") == 1
+    assert "no-dino" in err and "NPINV_LPIPS_WEIGHTS" in err and "no-clip" in err
     for method in kw["methods"]:
         for rel, *_ in ENTRIES.values():
             out = clean_dir / method / "annotation_images" / rel.rsplit(".", 1)[0]
@@ -325,6 +333,43 @@ def test_run_piebench_end_to_end_and_resumable(tmp_path, sd_model, monkeypatch, 
     resumed = _rows(killed_dir)
     strip = lambda r: {k: v for k, v in r.items() if "seconds" not in k}  # noqa: E731
     assert sorted(map(json.dumps, map(strip, resumed))) == sorted(map(json.dumps, map(strip, rows)))
+
+
+def test_run_piebench_with_network_metrics(tmp_path, sd_model, capsys):
+    from test_netmetrics import build_clip, build_dino, build_lpips
+
+    nets = NetworkMetrics.load(structure=build_dino(tmp_path / "dino"), lpips=build_lpips(tmp_path / "lpips.safetensors"),
+                               clip=build_clip(tmp_path / "clip"), device="cpu")
+    make_bench(tmp_path / "pie")
+    rows = {}
+    for parity in (False, True):
+        out = tmp_path / f"out{parity}"
+        run_piebench(sd_model, tmp_path / "pie", out, steps=2, limit=2, parity=parity, metrics=nets)
+        rows[parity] = {r["key"]: r for r in _rows(out)}
+    assert "not computed" not in capsys.readouterr().err
+    for parity, by in rows.items():
+        assert len(by) == 2
+        for r in by.values():
+            assert r["unavailable"] == [] and r["parity"] is parity
+            assert r["structure"] > 0 and 0 <= r["clip_whole"] <= 100 and 0 <= r["clip_edited"] <= 100
+        assert by["000000000000|npi"]["lpips"] > 0
+        assert math.isnan(by["111000000002|npi"]["lpips"])  # everything is to be edited: nothing to compare
+    # The rows score the saved files, as compute() does.
+    from PIL import Image
+
+    item = load_piebench(tmp_path / "pie")[0]
+    saved = np.asarray(Image.open(tmp_path / "outFalse/npi/annotation_images/0_random_140/000000000000.png")) / 255.0
+    source = np.asarray(Image.open(item.image_path)) / 255.0
+    again = nets.compute(source, saved, mask_for(item, 32, 32), item.target_prompt)
+    row = rows[False]["000000000000|npi"]
+    for name in ("structure", "lpips", "clip_whole", "clip_edited"):
+        assert again[name] == pytest.approx(row[name], rel=1e-5), name
+    # Parity changes the structure input range and LPIPS averaging, not the CLIP score.
+    par = rows[True]["000000000000|npi"]
+    assert par["structure"] != pytest.approx(row["structure"]) and par["lpips"] != pytest.approx(row["lpips"])
+    assert par["clip_whole"] == pytest.approx(row["clip_whole"])
+    summary = json.loads((tmp_path / "outFalse/summary.json").read_text())
+    assert summary["methods"][0]["lpips"] == pytest.approx(row["lpips"])  # the NaN row is skipped
 
 
 def test_piebench_command(tmp_path, sd_folder, capsys):

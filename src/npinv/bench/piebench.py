@@ -32,8 +32,12 @@ Conventions where the published description leaves room (all in this module):
 - Blend and reweight words are matched as whole space-separated words of the prompts with the
   brackets stripped (as the reference code does); a word that is not found (e.g. "dog," with its
   comma) is skipped and the row records what was used (``blend``, ``reweight_words``).
-- Network metrics (structure distance with DINO ViT-B/8, LPIPS SqueezeNet, CLIP ViT-L/14) are not
-  computed yet: their fields are null and ``unavailable`` names them.
+- Network metrics (structure distance with DINO ViT-B/8, LPIPS SqueezeNet, CLIP ViT-L/14) come from
+  :mod:`npinv.bench.netmetrics` (``metrics=``; by default the published networks from the Hugging Face
+  cache and LPIPS weights from ``$NPINV_LPIPS_WEIGHTS``, never downloaded). Those that cannot be loaded
+  are null in the rows, ``unavailable`` names them, and one stderr line per run says why. With
+  ``parity`` the structure distance gets 0-255 input and LPIPS averages over the whole masked image
+  (both as published); by default [0, 1] input and LPIPS averaged over the unedited region.
 - One output folder holds one set of settings (``settings.json``); other methods, types or a
   larger ``limit`` may be added to it later, other settings need another folder.
 """
@@ -56,6 +60,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from npinv.bench.netmetrics import NetworkMetrics
 from npinv.bench.results import ResultsFile, group, markdown_table, nanmean
 from npinv.editing import EDIT_METHODS, EditSettings, edit
 from npinv.errors import NpinvError
@@ -74,8 +79,6 @@ TYPE_NAMES = {
     "0": "random", "1": "change object", "2": "add object", "3": "delete object", "4": "change content",
     "5": "change pose", "6": "change color", "7": "change material", "8": "change background", "9": "change style",
 }
-NETWORK_METRICS = ("structure", "lpips", "clip_whole", "clip_edited")
-UNAVAILABLE = ["structure", "lpips", "clip"]
 METRICS = ("structure", "psnr", "lpips", "mse", "ssim", "clip_whole", "clip_edited")
 _BRACKETED = re.compile(r"\[([^\[\]]*)\]")
 
@@ -256,8 +259,12 @@ def edit_words(item: PieItem, reweight: float) -> tuple[tuple[str, str] | None, 
 def run_piebench(model: Model, data_dir: str | Path, out_dir: str | Path, *, methods=("npi",), steps: int = 50,
                  guidance: float = 7.5, offset: int | None = 0, controller: str = "refine", cross_replace: float = 0.4,
                  self_replace: float = 0.6, reweight: float = 2.0, types: Iterable[int | str] | None = None,
-                 limit: int | None = None, parity: bool = False, progress: bool = False) -> dict:
-    """Invert and edit every selected PIE-Bench image with each method; returns the summary."""
+                 limit: int | None = None, parity: bool = False, progress: bool = False,
+                 metrics: NetworkMetrics | None = None) -> dict:
+    """Invert and edit every selected PIE-Bench image with each method; returns the summary.
+
+    ``metrics``: the networks for structure, LPIPS and CLIP (default: :meth:`NetworkMetrics.load` on the
+    model's device, from the local cache only)."""
     methods = tuple(methods)
     for m in methods:
         if m not in EDIT_METHODS:
@@ -272,8 +279,11 @@ def run_piebench(model: Model, data_dir: str | Path, out_dir: str | Path, *, met
                 "seed": SEED, "model": model.name, "model_fingerprint": model.fingerprint}
     _check_settings(out / "settings.json", settings)
     results = ResultsFile(out / "results.jsonl")
-    print("npinv: note: PIE-Bench structure distance (DINO ViT-B/8), LPIPS (SqueezeNet) and CLIP score (ViT-L/14) "
-          "need their network weights and are not computed yet; they are null in the results", file=sys.stderr)
+    if metrics is None:
+        metrics = NetworkMetrics.load(device=model.device)
+    note = metrics.note()
+    if note:
+        print(f"npinv: note: {note}", file=sys.stderr)
     for item in items:
         todo = [m for m in methods if _key(item, m) not in results]
         if not todo:
@@ -298,13 +308,15 @@ def run_piebench(model: Model, data_dir: str | Path, out_dir: str | Path, *, met
             result = edit(model, inv, [item.target_prompt], es, progress=progress)
             picture = tensor_to_image(result.images[:1])
             save_image(picture, output_path(out, method, item))
-            metrics = unedited_metrics(source, np.asarray(picture, dtype=np.float64) / 255.0, mask, parity=parity)
+            edited = np.asarray(picture, dtype=np.float64) / 255.0
+            scores = unedited_metrics(source, edited, mask, parity=parity)
+            network = metrics.compute(source, edited, mask, item.target_prompt, parity=parity)
             row = {
                 "key": _key(item, method), "id": item.id, "method": method, "editing_type_id": item.editing_type_id,
                 "image_path": item.relative_path, "source_prompt": item.source_prompt,
                 "target_prompt": item.target_prompt, "blend": list(blend) if blend else None,
-                "reweight_words": sorted(weights), **metrics, **dict.fromkeys(NETWORK_METRICS),
-                "unavailable": list(UNAVAILABLE), "parity": parity, "unedited_fraction": float((~mask).mean()),
+                "reweight_words": sorted(weights), **scores, **network,
+                "unavailable": metrics.unavailable, "parity": parity, "unedited_fraction": float((~mask).mean()),
                 "seconds": result.seconds, "invert_seconds": invert_s, "unet_calls": result.unet_calls,
                 "unet_rows": result.unet_rows, "invert_unet_calls": invert_calls, **_row_settings(settings),
             }
