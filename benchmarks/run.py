@@ -23,12 +23,27 @@ from npinv.io import write_text
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def sd15_section(sd15: dict | None, steps: int) -> str:
+    head = "## SD-1.5-shaped model (random weights, 256 px, CPU)\n\n"
+    if sd15 is None:
+        return head + "Not measured in this run (`--sd15-steps 0`).\n"
+    s = sd15["seconds_median"]
+    return head + (
+        f"{sd15['device']}, {sd15['dtype']}, {sd15['steps']} steps. Speed does not depend on the weights.\n\n"
+        "| part | seconds | UNet calls |\n|---|---|---|\n"
+        + "".join(f"| {k} | {s[k]:.1f} | {sd15['unet_calls'][k]} |\n" for k in ("invert", "npi", "nti", "npi_edit"))
+        + f"\nReconstruction including inversion: NPI {sd15['npi_total_s']:.1f} s, NTI {sd15['nti_total_s']:.1f} s "
+        f"(NTI / NPI = {sd15['nti_over_npi_time']:.1f}x). GPU figures: run `benchmarks/gpu.sh` on a GPU machine.\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench")
     parser.add_argument("--shapes", type=int, default=8)
     parser.add_argument("--steps", default="10,20,50,100")
-    parser.add_argument("--edit-scenes", type=int, default=10)
+    parser.add_argument("--edit-scenes", type=int, default=6)
+    parser.add_argument("--sd15-steps", type=int, default=5,
+                        help="also time an SD-1.5-shaped random model at 256 px on this CPU (0: skip)")
     args = parser.parse_args()
     out = Path(args.out)
     start = time.perf_counter()
@@ -40,6 +55,15 @@ def main() -> None:
                             directs=(False,), guidances=(1.5, 2.5, 4.0, 7.5))
     bare = run_edit_shapes(model, out / "edit_bare", n_scenes=args.edit_scenes, methods=("npi",), directs=(False,),
                            controllers=("none",), guidances=(2.0, 7.5), blend=False)
+    sd15 = None
+    if args.sd15_steps:
+        import subprocess
+        import sys
+
+        target = out / "sd15_cpu.json"
+        subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sd15_timing.py"), "--device", "cpu", "--size", "256",
+                        "--steps", str(args.sd15_steps), "--out", str(target)], check=True)
+        sd15 = json.loads(target.read_text())
     minutes = (time.perf_counter() - start) / 60
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU"
     text = f"""# Benchmarks
@@ -67,7 +91,7 @@ edited scene's colour, shape and background. UNet rows are per step x steps, edi
 ### Without attention control (NPI, target as condition, source as negative, no blend)
 
 {edit_table(bare)}
-"""
+{sd15_section(sd15, args.sd15_steps)}"""
     write_text(ROOT / "BENCHMARKS.md", text)
     write_text(out / "benchmarks.json", json.dumps({"reconstruct": rec, "edit": edits, "edit_guidance": sweep,
                                                     "edit_bare": bare, "minutes": minutes}, indent=2, default=float))
