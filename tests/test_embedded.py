@@ -71,7 +71,8 @@ def test_colour_swap_edit_keeps_the_background(shapes, example):
     scene = Scene(**item["scene"])
     case = EditCase(0, scene, Edit("color", "green"))
     inv = ddim_inversion(shapes, image, scene.caption, steps=30)
-    settings = EditSettings(method="npi", controller="replace", blend=("red", "green"))
+    # The model card's recommended editing guidance for this model.
+    settings = EditSettings(method="npi", controller="replace", blend=("red", "green"), guidance=2.5)
     result = edit(shapes, inv, [case.target.caption], settings)
     edited = tensor_to_image(result.images)
     assert read_scene(edited).matches(case.target)
@@ -93,6 +94,8 @@ def test_demo_command(tmp_path, capsys):
     assert torch.get_num_threads() >= 1
 
 
-NPI_MIN_DB = 24.0
-GAP_MIN_DB = 3.0
-BG_MIN_DB = 22.0
+# Margins below what the model card measured (NPI 33.2 dB, DDIM at 7.5 18.3 dB at 20 steps; edit
+# background 28.9 dB at w = 2.5): a broken inversion or edit falls far below these.
+NPI_MIN_DB = 28.0
+GAP_MIN_DB = 8.0
+BG_MIN_DB = 25.0
