@@ -66,11 +66,12 @@ def _demo_edit(model: Model, image, inv, item: dict, out_dir: Path, progress: bo
     tiles = [tensor_to_image(image)]
     for target, word in zip(targets, changed, strict=True):
         new_word = target.split()[src_words.index(word)]
-        settings = EditSettings(method="npi", controller="replace", blend=(word, new_word))
+        # Guidance 2.5: the embedded model's recommended editing guidance (its model card's sweep).
+        settings = EditSettings(method="npi", controller="replace", blend=(word, new_word), guidance=2.5)
         result = edit(model, inv, [target], settings, progress=progress)
         tiles.append(tensor_to_image(result.images))
     grid = save_image(image_grid([tiles], scale=4), out_dir / "demo_edit.png")
-    print(f"edits of the same inversion (NPI + word swap + local blend, {3 * inv.steps} UNet rows each, "
+    print(f"edits of the same inversion (NPI + word swap + local blend, w=2.5, {3 * inv.steps} UNet rows each, "
           f"{result.seconds:.2f} s for the last): {', '.join(repr(t) for t in targets)}")
     print(f"grid (input | edits): {grid}")
     return {"method": "npi-edit", "targets": targets, "seconds": result.seconds, "unet_calls": result.unet_calls}
