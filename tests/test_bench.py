@@ -71,6 +71,34 @@ def test_reconstruct_bench_is_resumable(tmp_path, sd_model, monkeypatch):
     assert len((tmp_path / "killed" / "results.jsonl").read_text().splitlines()) == len(rows)
 
 
+def test_reconstruct_bench_scores_lpips_when_weights_are_given(tmp_path, sd_model, monkeypatch, capsys):
+    from npinv.bench.netmetrics import LPIPS_ENV, NetworkMetrics
+    from npinv.metrics import tensor_to_unit
+    from test_netmetrics import build_lpips
+
+    monkeypatch.delenv(LPIPS_ENV, raising=False)
+    summary = run_reconstruct_bench(sd_model, tmp_path / "none", shapes=1, steps_list=(2,), methods=("npi",))
+    assert "LPIPS not computed" in capsys.readouterr().out
+    assert math.isnan(summary["rows"][0]["lpips_mean"])
+
+    weights = build_lpips(tmp_path / "lpips.safetensors")
+    summary = run_reconstruct_bench(sd_model, tmp_path / "with", shapes=1, steps_list=(2,), methods=("ddim1", "ddim"),
+                                    lpips=weights)
+    rows = {r["method"]: r for r in map(json.loads, (tmp_path / "with" / "results.jsonl").read_text().splitlines())}
+    assert rows["ddim"]["lpips"] > 0 and summary["rows"][1]["lpips_mean"] == rows["ddim"]["lpips"]
+    # The stored figure is LPIPS of the prepared input against the reconstruction, whole image.
+    from npinv.bench.reconstruct import image_items
+    from npinv.inversion import ddim_inversion, reconstruct
+
+    _, load, prompt = image_items(sd_model, None, 1)[0]
+    image = load()
+    rec = reconstruct(sd_model, ddim_inversion(sd_model, image, prompt, steps=2), "ddim", 7.5)
+    nets = NetworkMetrics.load(structure=False, lpips=weights, clip=False, device="cpu")
+    a, b = tensor_to_unit(image), tensor_to_unit(rec.image)
+    assert rows["ddim"]["lpips"] == pytest.approx(nets.lpips_distance(a, b, np.zeros(a.shape[:2], bool)), rel=1e-5)
+    assert "LPIPS" in (tmp_path / "with" / "table.md").read_text()
+
+
 def test_keep_regions():
     scene = Scene("circle", "red", "blue", 0.4)
     colour = keep_region(EditCase(0, scene, Edit("color", "green")), 64)

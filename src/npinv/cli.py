@@ -111,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", default="10,20,50,100")
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--offset", type=int, default=None, choices=[0, 1])
+    p.add_argument("--lpips", default=None, metavar="WEIGHTS",
+                   help="LPIPS (SqueezeNet) weights file(s), os.pathsep separated (default $NPINV_LPIPS_WEIGHTS)")
     p.add_argument("--out", required=True, help="output folder (results.jsonl, summary.json, table.md, plots)")
     _model_args(p)
     p = bsub.add_parser("edit-shapes", help="ground-truth editing benchmark on held-out scenes")
@@ -397,7 +399,8 @@ def cmd_bench(args) -> int:
         model = _load(args)
         summary = run_reconstruct_bench(model, out, images=args.images, shapes=args.shapes, methods=methods,
                                         steps_list=steps, guidance=args.guidance, offset=args.offset,
-                                        progress=not args.quiet)
+                                        lpips=args.lpips.split(os.pathsep) if args.lpips else None,
+                                        allow_pickle=args.allow_pickle, progress=not args.quiet)
         print(reconstruct_table(summary))
         return 0
     from npinv.bench.edit_shapes import edit_table, run_edit_shapes

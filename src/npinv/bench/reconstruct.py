@@ -4,15 +4,21 @@ Methods: ``ddim1`` (DDIM inversion reconstructed at guidance 1), ``ddim`` (at w,
 ``nti`` (null-text inversion at w) and ``npi`` (at w). One DDIM inversion per image and step
 count is shared by all methods; each method's ``seconds`` is that inversion plus its own
 reconstruction, timed side by side in the same process, and ``unet_calls`` counts both.
+LPIPS (SqueezeNet, whole image) is scored when its weights are given (``lpips=`` or
+``$NPINV_LPIPS_WEIGHTS``); otherwise it is null and one line says why.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
 from pathlib import Path
 
+import numpy as np
+
+from npinv.bench.netmetrics import NetworkMetrics
 from npinv.bench.results import ResultsFile, group, markdown_table, nanmean
 from npinv.errors import NpinvError
 from npinv.inversion import ddim_inversion, reconstruct
@@ -50,7 +56,8 @@ def image_items(model: Model, images: str | None, shapes: int | None) -> list[tu
 
 def run_reconstruct_bench(model: Model, out_dir: str | Path, *, images: str | None = None, shapes: int | None = None,
                           methods=("ddim1", "ddim", "nti", "npi"), steps_list=(10, 20, 50, 100), guidance: float = 7.5,
-                          offset: int | None = None, progress: bool = False) -> dict:
+                          offset: int | None = None, lpips=None, allow_pickle: bool = False,
+                          progress: bool = False) -> dict:
     for m in methods:
         if m not in METHODS:
             raise NpinvError(f"unknown benchmark method {m!r}; choose from {', '.join(METHODS)}")
@@ -58,6 +65,9 @@ def run_reconstruct_bench(model: Model, out_dir: str | Path, *, images: str | No
     out.mkdir(parents=True, exist_ok=True)
     results = ResultsFile(out / "results.jsonl")
     items = image_items(model, images, shapes)
+    nets = NetworkMetrics.load(structure=False, lpips=lpips, clip=False, device=model.device, allow_pickle=allow_pickle)
+    if nets.lpips is None and lpips is not False:
+        print(f"LPIPS not computed (null in the results): {nets.missing['lpips']}", flush=True)
     for name, load, prompt in items:
         for steps in steps_list:
             todo = [m for m in methods if _key(name, m, steps, guidance) not in results]
@@ -75,9 +85,13 @@ def run_reconstruct_bench(model: Model, out_dir: str | Path, *, images: str | No
                 rec = reconstruct(model, inv, method, w)
                 seconds = time.perf_counter() - start
                 metrics = image_metrics(tensor_to_unit(image), tensor_to_unit(rec.image))
+                lpips_value = None
+                if nets.lpips is not None:
+                    a, b = tensor_to_unit(image), tensor_to_unit(rec.image)
+                    lpips_value = nets.lpips_distance(a, b, np.zeros(a.shape[:2], dtype=bool))
                 results.add({"key": _key(name, m, steps, guidance), "image": name, "prompt": prompt, "method": m,
                              "steps": steps, "guidance": w, "offset": int(inv.schedule["offset"]), **metrics,
-                             "lpips": None, "seconds": invert_s + seconds, "invert_seconds": invert_s,
+                             "lpips": lpips_value, "seconds": invert_s + seconds, "invert_seconds": invert_s,
                              "unet_calls": invert_calls + model.counter.calls - calls, "model": model.name})
             if progress:
                 print(f"{name} {steps} steps done", flush=True)
@@ -103,6 +117,7 @@ def summarize(rows: list[dict], methods, steps_list) -> dict:
             out.append({"method": m, "steps": steps, "guidance": items[0]["guidance"], "n": len(items),
                         "psnr_mean": nanmean(r["psnr"] for r in items), "ssim_mean": nanmean(r["ssim"] for r in items),
                         "mse_mean": nanmean(r["mse"] for r in items),
+                        "lpips_mean": nanmean(r.get("lpips") for r in items),
                         "seconds_mean": nanmean(r["seconds"] for r in items),
                         "seconds_median": statistics.median(r["seconds"] for r in items),
                         "unet_calls_mean": nanmean(r["unet_calls"] for r in items)})
@@ -115,9 +130,9 @@ def summarize(rows: list[dict], methods, steps_list) -> dict:
 
 
 def reconstruct_table(summary: dict) -> str:
-    header = ["method", "steps", "w", "n", "PSNR", "SSIM", "MSE", "seconds (median)", "UNet calls"]
+    header = ["method", "steps", "w", "n", "PSNR", "SSIM", "MSE", "LPIPS", "seconds (median)", "UNet calls"]
     rows = [[r["method"], r["steps"], r["guidance"], r["n"], r["psnr_mean"], r["ssim_mean"], r["mse_mean"],
-             r["seconds_median"], r["unet_calls_mean"]] for r in summary["rows"]]
+             r.get("lpips_mean", math.nan), r["seconds_median"], r["unet_calls_mean"]] for r in summary["rows"]]
     text = markdown_table(header, rows)
     if summary["nti_over_npi_time"]:
         text += "\nNTI / NPI time (medians, same run): " + ", ".join(
