@@ -201,3 +201,51 @@ def test_editing_works_on_sd2_v_and_sdxl(request, fixture):
         assert three.unet_rows == 3 * STEPS and four.unet_rows == 4 * STEPS
         torch.testing.assert_close(three.latents, four.latents, atol=1e-4, rtol=0)
         assert three.blend_mask is not None
+
+
+@pytest.mark.parametrize("settings", [
+    EditSettings(method="npi", controller="replace", blend=("red", "green")),
+    EditSettings(method="proxnpi", controller="refine", direct=True),
+    EditSettings(method="nti", controller="none", guidance=3.0),
+], ids=["npi-replace-blend", "proxnpi-refine-direct", "nti"])
+def test_batched_images_edit_as_each_alone(sd_model, settings):
+    """Two images (different prompts, different target counts) in one UNet batch per step give
+    each image the edit it gets alone: groups never see each other's attention or quantiles."""
+    from npinv.editing import EditJob, edit_batch
+    from npinv.inversion import ddim_inversion_batch
+    from npinv.io import image_to_tensor
+    from npinv.scenes import Scene
+
+    images = torch.cat([image_to_tensor(Scene("circle", "red", "blue", 0.5).render(32)),
+                        image_to_tensor(Scene("square", "red", "yellow", 0.4).render(32))])
+    prompts = ["a red circle on a blue background", "a red square on a yellow background"]
+    batch_inv = ddim_inversion_batch(sd_model, images, prompts, steps=STEPS)
+    alone_inv = [ddim_inversion(sd_model, images[k : k + 1], p, steps=STEPS) for k, p in enumerate(prompts)]
+    for a, b in zip(batch_inv, alone_inv, strict=True):
+        torch.testing.assert_close(a.trajectory, b.trajectory, atol=1e-5, rtol=0)
+    targets = [["a green circle on a blue background", "a green square on a blue background"],
+               ["a green square on a yellow background"]]
+    calls0 = sd_model.counter.calls
+    together = edit_batch(sd_model, [EditJob(inv, t) for inv, t in zip(alone_inv, targets, strict=True)], settings)
+    batch_calls = sd_model.counter.calls - calls0
+    for k, (inv, t) in enumerate(zip(alone_inv, targets, strict=True)):
+        alone = edit(sd_model, inv, t, settings)
+        assert together[k].images.shape == alone.images.shape == (len(t), 3, 32, 32)
+        torch.testing.assert_close(together[k].images, alone.images, atol=1e-4, rtol=0)
+        torch.testing.assert_close(together[k].source_image, alone.source_image, atol=1e-4, rtol=0)
+        if settings.blend:
+            assert torch.equal(together[k].blend_mask, alone.blend_mask)
+    if settings.method == "npi":
+        assert batch_calls == STEPS  # one UNet call a step for both images
+
+
+def test_batched_edit_refuses_mixed_schedules(sd_model, inversion):
+    from npinv.editing import EditJob, edit_batch
+    from npinv.io import image_to_tensor
+    from npinv.scenes import Scene
+
+    other = ddim_inversion(sd_model, image_to_tensor(Scene("circle", "red", "blue", 0.5).render(32)),
+                           "a red circle on a blue background", steps=STEPS + 1)
+    with pytest.raises(NpinvError, match="same model, steps"):
+        edit_batch(sd_model, [EditJob(inversion, ["a green circle on a blue background"]),
+                              EditJob(other, ["a green circle on a blue background"])], EditSettings())

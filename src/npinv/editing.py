@@ -1,9 +1,10 @@
 """Text-guided editing of an inverted image with Prompt-to-Prompt attention control.
 
 Branch 0 is the source (its prompt, starting from ``z*[n]``); branches 1.. are the targets.
-Each inversion method only chooses the negatives: NPI gives every branch the source embedding
-(so the source branch costs one row and the whole step 1 + 2T rows instead of 2 + 2T), NTI the
-optimised per-step embeddings, DDIM the null embedding. ProxNPI is NPI with proximal guidance,
+Several images edit in one UNet batch (:func:`edit_batch`) as branch groups, each edited from its
+own source; :func:`edit` is the one-image case. Each inversion method only chooses the negatives:
+NPI gives every branch the source embedding (so the source branch costs one row and the whole step
+1 + 2T rows instead of 2 + 2T), NTI the optimised per-step embeddings, DDIM the null embedding. ProxNPI is NPI with proximal guidance,
 with (``proxnpi``) or without (``proxnpi-noig``) inversion guidance. Direct inversion is a hook
 that pins the source branch to the inversion trajectory; it combines with every method.
 """
@@ -22,7 +23,7 @@ from npinv.attention.align import (
     replace_mapper,
     reweight_vector,
 )
-from npinv.attention.control import CrossEdit, EditController, LocalBlend
+from npinv.attention.control import BlendWords, BranchGroup, CrossEdit, EditController, LocalBlend
 from npinv.attention.processor import controlled_attention, layer_infos
 from npinv.errors import NpinvError
 from npinv.guidance import CFG, ProximalGuidance
@@ -84,36 +85,48 @@ class EditResult:
     inversion: Inversion
     controller: EditController | None
     blend_mask: torch.Tensor | None
+    first_branch: int = 0  # this image's source branch in the controller (several images in one batch)
+
+
+@dataclasses.dataclass
+class EditJob:
+    """One image to edit in a batch: its inversion and its target prompts."""
+
+    inversion: Inversion
+    targets: list[str]
 
 
 class DirectInversion(StepHook):
-    """Direct inversion (Ju et al. 2023): after each step the source branch is put back on the
-    inversion trajectory (``z_src += z*[k] - z_src``), so it reproduces it exactly."""
+    """Direct inversion (Ju et al. 2023): after each step every source branch is put back on its
+    image's inversion trajectory (``z_src += z*[k] - z_src``), so it reproduces it exactly."""
 
-    def __init__(self, trajectory: torch.Tensor) -> None:
-        self.trajectory = trajectory
+    def __init__(self, sources: list[tuple[int, torch.Tensor]]) -> None:
+        self.sources = sources  # (source branch, its trajectory)
 
     def after_step(self, state: StepState) -> None:
         k = state.schedule.steps - 1 - state.i
-        state.z_next[0] = self.trajectory[k].to(state.z_next)
+        for branch, trajectory in self.sources:
+            state.z_next[branch] = trajectory[k].to(state.z_next)
 
 
 class InversionGuidance(StepHook):
     """ProxNPI's inversion guidance: below ``recon_t`` pull each target's unedited region (outside
-    the proximal mask) toward the inversion trajectory by ``recon_lr`` (1 copies it)."""
+    the proximal mask) toward its image's inversion trajectory by ``recon_lr`` (1 copies it)."""
 
-    def __init__(self, guidance: ProximalGuidance, trajectory: torch.Tensor, recon_t: int, recon_lr: float) -> None:
-        self.guidance, self.trajectory = guidance, trajectory
+    def __init__(self, guidance: ProximalGuidance, groups: list[tuple[list[int], torch.Tensor]], recon_t: int,
+                 recon_lr: float) -> None:
+        self.guidance, self.groups = guidance, groups  # (target branches, their trajectory)
         self.recon_t, self.recon_lr = recon_t, recon_lr
 
     def after_step(self, state: StepState) -> None:
         if state.t >= self.recon_t or self.guidance.last_mask is None:
             return
         k = state.schedule.steps - 1 - state.i
-        ref = self.trajectory[k].to(state.z_next)
         z = state.z_next
         m = self.guidance.last_mask.to(z)
-        z[1:] = z[1:] - self.recon_lr * (z[1:] - ref) * (1 - m[1:])
+        for targets, trajectory in self.groups:
+            ref = trajectory[k].to(z)
+            z[targets] = z[targets] - self.recon_lr * (z[targets] - ref) * (1 - m[targets])
 
 
 def _negatives(method: str, inv: Inversion, model: Model, guidance: float) -> tuple[list, list, Inversion]:
@@ -140,59 +153,105 @@ def edit(model: Model, inv: Inversion, targets: list[str], settings: EditSetting
     ``source_rows="separate"`` gives NPI's source branch a copy of its embedding as the negative,
     reproducing the reference code's 4-rows-a-step layout (for tests and comparisons).
     """
+    return edit_batch(model, [EditJob(inv, list(targets))], settings, source_rows=source_rows, progress=progress)[0]
+
+
+def _cross_edit(tok, source_prompt: str, targets: list[str], steps: int, settings: EditSettings) -> CrossEdit | None:
+    if settings.controller == "none":
+        return None
+    cross = CrossEdit(cross_replace_alpha(tok, targets, steps, settings.cross_replace))
+    if settings.controller == "replace":
+        cross.replace = torch.stack([replace_mapper(tok, source_prompt, t) for t in targets])
+    elif settings.controller == "refine":
+        cross.refine = [refine_mapper(tok, source_prompt, t) for t in targets]
+    if settings.reweight:
+        cross.reweight = torch.stack([reweight_vector(tok, t, settings.reweight) for t in targets])
+    return cross
+
+
+def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, source_rows: str = "shared",
+               progress: bool = False) -> list[EditResult]:
+    """Edit several inverted images (same model, schedule and latent size) with the same settings,
+    every image's source and targets in one UNet batch per step. Each image's result is the one
+    :func:`edit` gives for it alone (up to float rounding of a larger batch). ``seconds`` and the
+    UNet counts of each result are the whole batch's.
+    """
     settings.validate()
-    if not targets:
-        raise NpinvError("give at least one target prompt")
+    if not jobs:
+        raise NpinvError("nothing to edit")
+    for job in jobs:
+        if not job.targets:
+            raise NpinvError("give at least one target prompt")
+    first = jobs[0].inversion
+    for job in jobs[1:]:
+        inv = job.inversion
+        if (inv.schedule != first.schedule or inv.trajectory.shape != first.trajectory.shape
+                or inv.model != first.model):
+            raise NpinvError("images edited in one batch need the same model, steps, offset and size")
     tok = model.pipe.tokenizer
-    steps = inv.steps
-    source_prompt = inv.source_prompt
-    cross = None
-    if settings.controller != "none":
-        alpha = cross_replace_alpha(tok, targets, steps, settings.cross_replace)
-        cross = CrossEdit(alpha)
-        if settings.controller == "replace":
-            cross.replace = torch.stack([replace_mapper(tok, source_prompt, t) for t in targets])
-        elif settings.controller == "refine":
-            cross.refine = [refine_mapper(tok, source_prompt, t) for t in targets]
-        if settings.reweight:
-            cross.reweight = torch.stack([reweight_vector(tok, t, settings.reweight) for t in targets])
-    hw = tuple(inv.trajectory.shape[-2:])
-    blend_tokens = None
-    if settings.blend is not None:
-        src_word, tgt_word = settings.blend
-        blend_tokens = (find_word(tok, source_prompt, src_word), [find_word(tok, t, tgt_word) for t in targets])
+    steps = first.steps
+    hw = tuple(first.trajectory.shape[-2:])
+
+    # Branch layout: image j's source, then its targets; groups record where each image sits.
+    groups: list[BranchGroup] = []
+    blend_words: list[BlendWords] = []
+    offset = 0
+    for job in jobs:
+        source_prompt, n = job.inversion.source_prompt, len(job.targets)
+        group = BranchGroup(offset, list(range(offset + 1, offset + 1 + n)),
+                            _cross_edit(tok, source_prompt, job.targets, steps, settings))
+        groups.append(group)
+        if settings.blend is not None:
+            src_word, tgt_word = settings.blend
+            blend_words.append(BlendWords(offset, find_word(tok, source_prompt, src_word),
+                                          [(b, find_word(tok, t, tgt_word)) for b, t in zip(group.targets, job.targets,
+                                                                                             strict=True)]))
+        offset += 1 + n
     controller = EditController(
-        steps, cross, settings.self_window if settings.controller != "none" else (0.0, 0.0),
-        blend_downscale=blend_downscale(model.unet, hw) if blend_tokens else None,
+        steps, groups, settings.self_window if settings.controller != "none" else (0.0, 0.0),
+        blend_downscale=blend_downscale(model.unet, hw) if blend_words else None,
         keep_maps=settings.keep_attention_maps)
 
     start = time.perf_counter()
     calls0, rows0 = model.counter.calls, model.counter.rows
-    src_neg, tgt_neg, inv = _negatives(settings.method, inv, model, settings.guidance)
-    target_embs = [model.encode_prompt(t) for t in targets]
-    if source_rows == "separate":
-        src_neg = [PromptEmbedding(e.hidden.clone(), None if e.pooled is None else e.pooled.clone())
-                   if e is inv.source else e for e in src_neg]
-    branches = [Branch(inv.source, list(src_neg))] + [Branch(e, list(tgt_neg)) for e in target_embs]
+    branches: list[Branch] = []
+    inversions: list[Inversion] = []
+    for job in jobs:
+        src_neg, tgt_neg, inv = _negatives(settings.method, job.inversion, model, settings.guidance)
+        inversions.append(inv)
+        if source_rows == "separate":
+            src_neg = [PromptEmbedding(e.hidden.clone(), None if e.pooled is None else e.pooled.clone())
+                       if e is inv.source else e for e in src_neg]
+        branches.append(Branch(inv.source, list(src_neg)))
+        branches += [Branch(model.encode_prompt(t), list(tgt_neg)) for t in job.targets]
     hooks: list[StepHook] = []
     if settings.method.startswith("proxnpi"):
-        guidance = ProximalGuidance(settings.guidance, settings.prox_quantile)
+        guidance = ProximalGuidance(settings.guidance, settings.prox_quantile,
+                                    groups=[(g.source, g.targets[-1] + 1) for g in groups])
         if settings.method == "proxnpi":
-            hooks.append(InversionGuidance(guidance, inv.trajectory, settings.recon_t, settings.recon_lr))
+            pulls = [(g.targets, inv.trajectory) for g, inv in zip(groups, inversions, strict=True)]
+            hooks.append(InversionGuidance(guidance, pulls, settings.recon_t, settings.recon_lr))
     else:
         guidance = CFG(settings.guidance)
     if settings.direct:
-        hooks.append(DirectInversion(inv.trajectory))
+        hooks.append(DirectInversion([(g.source, inv.trajectory) for g, inv in zip(groups, inversions, strict=True)]))
     blend = None
-    if blend_tokens is not None:
-        blend = LocalBlend(controller, blend_tokens[0], blend_tokens[1], threshold=settings.blend_threshold)
+    if blend_words:
+        blend = LocalBlend(controller, blend_words, threshold=settings.blend_threshold)
         hooks.append(blend)
+    z_start = torch.cat([inv.noise.expand(1 + len(job.targets), *inv.noise.shape[1:])
+                         for inv, job in zip(inversions, jobs, strict=True)])
     with controlled_attention(model.unet, controller, self_min_downscale=2):
-        result = sample(model, inv.noise, inv.schedule_for(model), branches, guidance, controller=controller,
+        result = sample(model, z_start, first.schedule_for(model), branches, guidance, controller=controller,
                         hooks=hooks, progress="edit" if progress else None)
     images = model.decode(result.latents)
-    return EditResult(
-        images=images[1:], source_image=images[:1], latents=result.latents, targets=list(targets),
-        seconds=time.perf_counter() - start,
-        unet_calls=model.counter.calls - calls0, unet_rows=model.counter.rows - rows0, inversion=inv,
-        controller=controller, blend_mask=None if blend is None else blend.last_mask)
+    seconds = time.perf_counter() - start
+    calls, rows = model.counter.calls - calls0, model.counter.rows - rows0
+    return [
+        EditResult(
+            images=images[g.targets[0] : g.targets[-1] + 1], source_image=images[g.source : g.source + 1],
+            latents=result.latents[g.source : g.targets[-1] + 1], targets=list(job.targets), seconds=seconds,
+            unet_calls=calls, unet_rows=rows, inversion=inv, controller=controller,
+            blend_mask=None if blend is None else blend.last_masks[j], first_branch=g.source)
+        for j, (g, job, inv) in enumerate(zip(groups, jobs, inversions, strict=True))
+    ]

@@ -35,22 +35,26 @@ class ProximalGuidance:
     included, fp32, as the reference does), then ``e_neg + w * (d - clamp(d, -tau, tau))``.
 
     ``last_mask`` keeps the dilated per-channel mask ``|d_prox| > tau`` of the latest call, for
-    the inversion-guidance hook.
+    the inversion-guidance hook. ``groups`` (row ranges, one per image edited in the same batch)
+    takes one quantile per image, so batching images does not change any image's result.
     """
 
     scale: float
     quantile: float = 0.75
     dilate: int = 1
+    groups: list[tuple[int, int]] | None = None
     last_mask: torch.Tensor | None = dataclasses.field(default=None, repr=False)
     needs_negative: bool = True
 
     def __call__(self, eps_neg: torch.Tensor, eps_cond: torch.Tensor) -> torch.Tensor:
         d = (eps_cond - eps_neg).float()
-        flat = d.abs().flatten()
-        # torch.quantile refuses very large inputs; kthvalue is exact and has no size limit.
-        k = max(1, min(flat.numel(), int(round(self.quantile * (flat.numel() - 1))) + 1))
-        tau = flat.kthvalue(k).values
-        d_prox = d - d.clamp(-tau, tau)
+        tau = torch.empty((d.shape[0],) + (1,) * (d.ndim - 1), dtype=d.dtype, device=d.device)
+        for start, stop in self.groups or [(0, d.shape[0])]:
+            flat = d[start:stop].abs().flatten()
+            # torch.quantile refuses very large inputs; kthvalue is exact and has no size limit.
+            k = max(1, min(flat.numel(), int(round(self.quantile * (flat.numel() - 1))) + 1))
+            tau[start:stop] = flat.kthvalue(k).values
+        d_prox = d - torch.maximum(torch.minimum(d, tau), -tau)
         mask = (d_prox.abs() > tau).float()
         if self.dilate:
             size = 2 * self.dilate + 1

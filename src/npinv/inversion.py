@@ -131,15 +131,31 @@ def ddim_inversion(
     progress: bool = False,
 ) -> Inversion:
     """Encode ``image`` (1, 3, H, W) in [-1, 1] and invert it with DDIM under ``prompt``."""
+    return ddim_inversion_batch(model, image, [prompt], steps=steps, offset=offset, progress=progress)[0]
+
+
+def ddim_inversion_batch(
+    model: Model, images: torch.Tensor, prompts: list[str], *, steps: int = 50, offset: int | None = None,
+    progress: bool = False,
+) -> list[Inversion]:
+    """Invert several same-size images (B, 3, H, W), one prompt each, in one UNet batch per step."""
+    if images.shape[0] != len(prompts):
+        raise ValueError(f"{images.shape[0]} images for {len(prompts)} prompts")
     schedule = model.schedule(steps, offset)
-    source = model.encode_prompt(prompt)
-    z0 = model.encode_image(image)
-    trajectory = invert(model, z0, schedule, source, progress="invert" if progress else None)
-    return Inversion(
-        trajectory=trajectory, source_prompt=prompt, source=source, null=model.null_embedding(),
-        schedule=schedule.to_dict(), model={"name": model.name, "fingerprint": model.fingerprint},
-        image_size=(image.shape[-2], image.shape[-1]), dtype=str(model.dtype).removeprefix("torch."),
-    )
+    sources = [model.encode_prompt(p) for p in prompts]
+    z0 = model.encode_image(images)
+    trajectory = invert(model, z0, schedule, PromptEmbedding.cat(sources), progress="invert" if progress else None)
+    if len(prompts) == 1:
+        trajectory = trajectory.unsqueeze(1)
+    null = model.null_embedding()
+    return [
+        Inversion(
+            trajectory=trajectory[:, b].contiguous(), source_prompt=prompt, source=source, null=null,
+            schedule=schedule.to_dict(), model={"name": model.name, "fingerprint": model.fingerprint},
+            image_size=(images.shape[-2], images.shape[-1]), dtype=str(model.dtype).removeprefix("torch."),
+        )
+        for b, (prompt, source) in enumerate(zip(prompts, sources, strict=True))
+    ]
 
 
 # -- negatives per method --------------------------------------------------------------------------

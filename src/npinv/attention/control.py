@@ -1,7 +1,9 @@
 """Prompt-to-Prompt controllers (Hertz et al. 2022) over the sampling loop's row layout.
 
-The source branch is branch 0; every other branch is a target. Only the rows that carry a
-branch's *condition* are edited (negative rows keep their own attention). Cross-attention maps
+Branches come in groups, one per edited image: a source branch and its targets (one image:
+branch 0 and 1..T). Several images edit in one UNet batch as several groups, each edited only
+from its own source. Only the rows that carry a branch's *condition* are edited (negative rows
+keep their own attention). Cross-attention maps
 are kept only as running sums at one small resolution (for local blend) and, on request, per
 word at the latent resolution (for heat maps): never the large self-attention maps.
 """
@@ -49,13 +51,22 @@ class CrossEdit:
         return edited * a + target * (1 - a)
 
 
+@dataclasses.dataclass
+class BranchGroup:
+    """One edited image: its source branch, its target branches and how their cross-attention is built."""
+
+    source: int
+    targets: list[int]
+    cross: CrossEdit | None = None
+
+
 class EditController:
     """Edits the target rows' attention during sampling and records what local blend and heat maps need."""
 
-    def __init__(self, steps: int, cross: CrossEdit | None = None, self_window: tuple[float, float] = (0.0, 0.0),
+    def __init__(self, steps: int, groups: list[BranchGroup], self_window: tuple[float, float] = (0.0, 0.0),
                  *, blend_downscale: int | None = None, keep_maps: bool = False) -> None:
         self.steps = steps
-        self.cross = cross
+        self.groups = groups
         self.self_steps = (int(self_window[0] * steps), int(self_window[1] * steps))
         self.blend_downscale = blend_downscale
         self.keep_maps = keep_maps
@@ -79,18 +90,19 @@ class EditController:
         cond_rows = {r.branch: k for k, r in enumerate(state.rows) if r.kind == "cond"}
         if layer.is_cross:
             self._record(probs, layer, cond_rows, state)
-        if 0 not in cond_rows or len(cond_rows) < 2:
-            return probs
-        src = cond_rows[0]
-        tgt = [cond_rows[b] for b in sorted(cond_rows) if b != 0]
-        if layer.is_cross and self.cross is not None:
-            probs = probs.clone()
-            probs[tgt] = self.cross.apply(probs[src], probs[tgt], state.i)
-        elif not layer.is_cross and self.self_steps[0] <= state.i < self.self_steps[1]:
-            base = probs[src].clone()
-            probs = probs.clone()
-            probs[tgt] = base.unsqueeze(0).expand(len(tgt), -1, -1, -1)
-        return probs
+        edited = None
+        for group in self.groups:
+            tgt = [cond_rows[b] for b in group.targets if b in cond_rows]
+            if group.source not in cond_rows or not tgt:
+                continue
+            src = cond_rows[group.source]
+            if layer.is_cross and group.cross is not None:
+                edited = probs.clone() if edited is None else edited
+                edited[tgt] = group.cross.apply(probs[src], probs[tgt], state.i)
+            elif not layer.is_cross and self.self_steps[0] <= state.i < self.self_steps[1]:
+                edited = probs.clone() if edited is None else edited
+                edited[tgt] = probs[src].unsqueeze(0).expand(len(tgt), -1, -1, -1)
+        return probs if edited is None else edited
 
     def _record(self, probs: torch.Tensor, layer: LayerInfo, cond_rows: dict[int, int], state: StepState) -> None:
         with torch.no_grad():
@@ -113,6 +125,15 @@ class EditController:
         return total / max(1, self.map_count)
 
 
+@dataclasses.dataclass
+class BlendWords:
+    """Local blend of one group: the source word's tokens and each target's word tokens."""
+
+    source_branch: int
+    source_tokens: list[int]
+    targets: list[tuple[int, list[int]]]  # (target branch, its word's tokens)
+
+
 class LocalBlend(StepHook):
     """Keep everything outside the blend words' attention from the source branch:
     ``z_tgt = z_src + m * (z_tgt - z_src)`` after the first ``start`` fraction of steps.
@@ -122,14 +143,13 @@ class LocalBlend(StepHook):
     thresholded (0.3), as in the reference code.
     """
 
-    def __init__(self, controller: EditController, source_tokens: list[int], target_tokens: list[list[int]],
-                 *, threshold: float = 0.3, start: float = 0.2) -> None:
+    def __init__(self, controller: EditController, groups: list[BlendWords], *, threshold: float = 0.3,
+                 start: float = 0.2) -> None:
         self.controller = controller
-        self.source_tokens = source_tokens
-        self.target_tokens = target_tokens
+        self.groups = groups
         self.threshold = threshold
         self.start = start
-        self.last_mask: torch.Tensor | None = None
+        self.last_masks: list[torch.Tensor | None] = [None] * len(groups)
 
     def mask(self, branch: int, tokens: list[int], latent_hw: tuple[int, int]) -> torch.Tensor:
         flat = self.controller.blend_sum[branch][:, tokens].sum(-1)  # (side*side,)
@@ -145,11 +165,13 @@ class LocalBlend(StepHook):
         if state.i < int(self.start * state.schedule.steps) or not self.controller.blend_sum:
             return
         hw = tuple(state.z.shape[-2:])
-        src = self.mask(0, self.source_tokens, hw)
         z = state.z_next
-        masks = []
-        for t, tokens in enumerate(self.target_tokens, start=1):
-            m = (src | self.mask(t, tokens, hw)).to(z.dtype)
-            z[t] = z[0] + m * (z[t] - z[0])
-            masks.append(m)
-        self.last_mask = torch.stack(masks)
+        for g, words in enumerate(self.groups):
+            s = words.source_branch
+            src = self.mask(s, words.source_tokens, hw)
+            masks = []
+            for t, tokens in words.targets:
+                m = (src | self.mask(t, tokens, hw)).to(z.dtype)
+                z[t] = z[s] + m * (z[t] - z[s])
+                masks.append(m)
+            self.last_masks[g] = torch.stack(masks)
