@@ -4,8 +4,9 @@ Branch 0 is the source (its prompt, starting from ``z*[n]``); branches 1.. are t
 Several images edit in one UNet batch (:func:`edit_batch`) as branch groups, each edited from its
 own source; :func:`edit` is the one-image case. Each inversion method only chooses the negatives:
 NPI gives every branch the source embedding (so the source branch costs one row and the whole step
-1 + 2T rows instead of 2 + 2T), NTI the optimised per-step embeddings, DDIM the null embedding. ProxNPI is NPI with proximal guidance,
-with (``proxnpi``) or without (``proxnpi-noig``) inversion guidance. Direct inversion is a hook
+1 + 2T rows instead of 2 + 2T), NTI the optimised per-step embeddings, DDIM the null embedding.
+ProxNPI is NPI with proximal guidance, with (``proxnpi``) or without (``proxnpi-noig``) inversion
+guidance. Direct inversion is a hook
 that pins the source branch to the inversion trajectory; it combines with every method.
 """
 

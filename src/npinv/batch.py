@@ -1,0 +1,394 @@
+"""Edit many images from a manifest, resumably, in one process or several.
+
+A manifest is JSON Lines, one object per image::
+
+    {"image": "cat.png", "source": "a cat", "targets": ["a dog", "a fox"], "guidance": 2.5}
+
+(``target`` for a single one; optional ``name`` and per-row settings, see :data:`SETTING_KEYS`),
+or CSV with the columns ``image,source,target`` and optional settings columns. Image paths are
+relative to the manifest. The whole manifest is checked before any model work: a bad row is
+reported with its line number and nothing runs.
+
+Every (row, target) is one edit with a stable key; ``OUT/results.jsonl`` gets one row per
+finished edit, written after its image, so a rerun skips what is done and a killed run loses no
+finished edit. Rows that share an image, source prompt and schedule share one inversion; edits
+with the same settings are batched, ``batch_size`` images per UNet call. Under accelerate or
+torchrun each process takes every N-th source image (see :mod:`npinv.parallel`).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from npinv.editing import EDIT_METHODS, EditJob, EditSettings, _cross_edit, edit_batch
+from npinv.errors import NpinvError
+from npinv.inversion import ddim_inversion_batch
+from npinv.io import image_to_tensor, load_image, prepare_image, save_image, tensor_to_image
+from npinv.model import Model
+from npinv.parallel import Shard, ShardedResults
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _word_numbers(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and k and _number(x) for k, x in v.items())
+
+
+# Per-row settings: name -> (check, what it must be).
+SETTING_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "method": (lambda v: v in EDIT_METHODS, "one of " + ", ".join(EDIT_METHODS)),
+    "controller": (lambda v: v in ("replace", "refine", "reweight", "none"), "replace, refine, reweight or none"),
+    "guidance": (_number, "a number"),
+    "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000, "an integer 1..1000"),
+    "offset": (lambda v: v in (None, 0, 1), "0, 1 or null"),
+    "cross_replace": (lambda v: _number(v) or _word_numbers(v), "a fraction or {word: fraction}"),
+    "self_replace": (lambda v: _number(v) or (isinstance(v, list) and len(v) == 2 and all(map(_number, v))),
+                     "a fraction or [start, end]"),
+    "blend": (lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(isinstance(w, str) and w for w in v)),
+              "[source word, target word] or null"),
+    "blend_threshold": (_number, "a number"),
+    "reweight": (_word_numbers, "{word: scale}"),
+    "direct": (lambda v: isinstance(v, bool), "true or false"),
+    "size": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 4096), "8..4096 or null"),
+    "resize": (lambda v: v in ("crop", "fit"), "crop or fit"),
+}
+ROW_KEYS = {"image", "source", "target", "targets", "name"}
+DEFAULTS: dict[str, Any] = {"method": "npi", "controller": "refine", "guidance": 7.5, "steps": 50, "offset": None,
+                            "cross_replace": 0.8, "self_replace": 0.6, "blend": None, "blend_threshold": 0.3,
+                            "reweight": {}, "direct": False, "size": None, "resize": "crop"}
+INVERSION_KEYS = ("steps", "offset", "size", "resize")
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestRow:
+    line: int
+    image: Path
+    source: str
+    targets: tuple[str, ...]
+    settings: dict[str, Any]
+    name: str
+    image_sha256: str
+
+
+
+def edit_settings(s: dict[str, Any]) -> EditSettings:
+    """The editing settings of a row's settings (the rest shape the inversion)."""
+    cross = s["cross_replace"]
+    window = s["self_replace"]
+    return EditSettings(
+        method=s["method"], controller=s["controller"], guidance=float(s["guidance"]),
+        cross_replace={"default_": DEFAULTS["cross_replace"], **cross} if isinstance(cross, dict) else float(cross),
+        self_replace=(float(window[0]), float(window[1])) if isinstance(window, (list, tuple)) else float(window),
+        blend=(s["blend"][0], s["blend"][1]) if s["blend"] else None, blend_threshold=float(s["blend_threshold"]),
+        reweight=dict(s["reweight"]), direct=s["direct"])
+
+
+@dataclasses.dataclass(frozen=True)
+class EditItem:
+    """One edit: a row's ``k``-th target."""
+
+    row: ManifestRow
+    k: int
+    key: str
+    output: Path
+
+    @property
+    def target(self) -> str:
+        return self.row.targets[self.k]
+
+
+@dataclasses.dataclass
+class BatchReport:
+    total: int
+    done_before: int
+    done_now: int
+    results: Path
+    seconds: float
+    unet_calls: int
+    shard: str
+
+
+# -- the manifest -------------------------------------------------------------------------------
+def read_manifest(path: str | Path, defaults: dict[str, Any] | None = None) -> list[ManifestRow]:
+    """Parse and check a whole manifest; the first bad row raises with its line number."""
+    path = Path(path)
+    if not path.is_file():
+        raise NpinvError(f"no such manifest: {path}")
+    defaults = {**DEFAULTS, **(defaults or {})}
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NpinvError(f"{path}: cannot read the manifest ({exc})") from None
+    raw = _csv_rows(text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
+    rows, errors = [], []
+    for line, obj in raw:
+        try:
+            rows.append(_check_row(obj, line, path.parent, defaults))
+        except NpinvError as exc:
+            errors.append(f"{path.name}:{line}: {exc}")
+    if errors:
+        more = f" (and {len(errors) - 1} more bad row{'s' if len(errors) > 2 else ''})" if len(errors) > 1 else ""
+        raise NpinvError(errors[0] + more)
+    if not rows:
+        raise NpinvError(f"{path}: the manifest has no rows")
+    return rows
+
+
+def _jsonl_rows(path: Path, text: str) -> list[tuple[int, Any]]:
+    out = []
+    for line, content in enumerate(text.splitlines(), start=1):
+        if not content.strip():
+            continue
+        try:
+            out.append((line, json.loads(content)))
+        except json.JSONDecodeError as exc:
+            raise NpinvError(f"{path.name}:{line}: not valid JSON ({exc.msg})") from None
+    return out
+
+
+def _csv_rows(text: str) -> list[tuple[int, Any]]:
+    reader = csv.DictReader(text.splitlines())
+    out = []
+    for row in reader:
+        line = reader.line_num
+        obj: dict[str, Any] = {}
+        for key, value in row.items():
+            if key is None:
+                obj["__extra__"] = value
+            elif value not in (None, ""):
+                obj[key] = _csv_value(key, value)
+        out.append((line, obj))
+    return out
+
+
+def _csv_value(key: str, value: str) -> Any:
+    """CSV cells are text: numbers, booleans and word lists take their manifest types."""
+    if key in ("guidance", "blend_threshold", "cross_replace", "self_replace"):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    if key in ("steps", "size", "offset"):
+        try:
+            return int(value)
+        except ValueError:
+            return value
+    if key == "direct":
+        return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(value.lower(), value)
+    if key == "blend":
+        return value.split()
+    return value
+
+
+def _check_row(obj: Any, line: int, base: Path, defaults: dict[str, Any]) -> ManifestRow:
+    if not isinstance(obj, dict):
+        raise NpinvError("a row must be a JSON object")
+    if "__extra__" in obj:
+        raise NpinvError("more cells than columns")
+    unknown = sorted(set(obj) - ROW_KEYS - set(SETTING_KEYS))
+    if unknown:
+        raise NpinvError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(ROW_KEYS | set(SETTING_KEYS)))})")
+    for key in ("image", "source"):
+        if not isinstance(obj.get(key), str) or not obj[key].strip():
+            raise NpinvError(f"{key!r} must be a non-empty string")
+    if ("target" in obj) == ("targets" in obj):
+        raise NpinvError("give 'targets' (a list) or 'target' (one prompt)")
+    targets = obj["targets"] if "targets" in obj else [obj["target"]]
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t.strip() for t in targets):
+        raise NpinvError("'targets' must be a non-empty list of non-empty strings")
+    settings = dict(defaults)
+    for key, (check, what) in SETTING_KEYS.items():
+        if key in obj:
+            if not check(obj[key]):
+                raise NpinvError(f"{key!r} must be {what}, got {obj[key]!r}")
+            settings[key] = obj[key]
+    image = Path(obj["image"]).expanduser()
+    image = image if image.is_absolute() else base / image
+    load_image(image)  # a bad image fails here, before any model work
+    edit_settings(settings).validate()
+    name = obj.get("name") or image.stem
+    if not isinstance(name, str):
+        raise NpinvError("'name' must be a string")
+    return ManifestRow(line, image, obj["source"], tuple(targets), settings, _safe_name(name),
+                       hashlib.sha256(image.read_bytes()).hexdigest())
+
+
+def _safe_name(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip(".")[:60] or "image"
+
+
+def check_words(model: Model, rows: list[ManifestRow]) -> None:
+    """Prompt-level checks that need the tokenizer (blend and reweight words, replace word counts):
+    the first failing row raises with its line number, still before any UNet call."""
+    tok = model.pipe.tokenizer
+    for row in rows:
+        settings = edit_settings(row.settings)
+        try:
+            _cross_edit(tok, row.source, list(row.targets), row.settings["steps"], settings)
+            if settings.blend is not None:
+                from npinv.attention.align import find_word
+
+                find_word(tok, row.source, settings.blend[0])
+                for t in row.targets:
+                    find_word(tok, t, settings.blend[1])
+        except NpinvError as exc:
+            raise NpinvError(f"line {row.line}: {exc}") from None
+
+
+# -- planning -------------------------------------------------------------------------------------
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def inversion_key(row: ManifestRow) -> str:
+    return _digest(row.image_sha256, row.source, *(row.settings[k] for k in INVERSION_KEYS))
+
+
+def settings_key(row: ManifestRow) -> str:
+    return _digest({k: v for k, v in row.settings.items() if k not in INVERSION_KEYS})
+
+
+def plan(rows: list[ManifestRow], out: Path, model: Model) -> list[EditItem]:
+    items = []
+    for row in rows:
+        for k, target in enumerate(row.targets):
+            key = f"L{row.line}T{k}:" + _digest(inversion_key(row), settings_key(row), target, model.fingerprint)
+            items.append(EditItem(row, k, key, out / "edits" / f"{row.line:05d}-{k}-{row.name}.png"))
+    return items
+
+
+def _check_same_manifest(items: list[EditItem], results: ShardedResults) -> None:
+    current = {it.key.split(":")[0]: it.key for it in items}
+    for key in results.done:
+        slot = key.split(":")[0]
+        if slot in current and current[slot] != key:
+            line = slot[1:].split("T")[0]
+            raise NpinvError(f"{results.final.parent} holds results of a different manifest or model (line {line} "
+                             "changed); use another --out or remove it")
+
+
+# -- the run ----------------------------------------------------------------------------------------
+def run_batch(model: Model, rows: list[ManifestRow], out: str | Path, *, batch_size: int = 1, shard: Shard | None = None,
+              progress: Callable[[str], None] | None = None) -> BatchReport:
+    if batch_size < 1:
+        raise NpinvError("--batch-size must be at least 1")
+    shard = shard or Shard()
+    check_words(model, rows)
+    out = Path(out)
+    (out / "edits").mkdir(parents=True, exist_ok=True)
+    items = plan(rows, out, model)
+    results = ShardedResults(out, shard)
+    _check_same_manifest(items, results)
+    order = {it.key: n for n, it in enumerate(items)}
+    done_before = sum(1 for it in items if it.key in results)
+
+    # Deal source images (one inversion each) to processes. This process inverts its pending
+    # images batch_size at a time (equal steps, offset and size), then edits each such chunk with
+    # one edit call per setting: images sharing a setting share the UNet batch.
+    sources = list(dict.fromkeys(inversion_key(it.row) for it in items))
+    mine = {key for n, key in enumerate(sources) if shard.owns(n)}
+    # An edit call with a missing target reruns its finished targets too (same batch, so the same
+    # pixels as an uninterrupted run), keeping their files and rows.
+    calls: dict[tuple[str, str], list[EditItem]] = {}
+    for it in items:
+        if inversion_key(it.row) in mine:
+            calls.setdefault((inversion_key(it.row), settings_key(it.row)), []).append(it)
+    pending: dict[str, list[EditItem]] = {}
+    for (inv_key, _), its in calls.items():
+        if any(not _finished(it, results) for it in its):
+            pending.setdefault(inv_key, []).extend(its)
+
+    start, calls0 = time.perf_counter(), model.counter.calls
+    done_now = 0
+    for chunk in _chunks(pending, model, batch_size):
+        done_now += _run_chunk(model, chunk, results, progress)
+    results.merge(order=lambda r: order.get(r["key"], len(order)))
+    return BatchReport(total=len(items), done_before=done_before, done_now=done_now, results=results.final,
+                       seconds=time.perf_counter() - start, unet_calls=model.counter.calls - calls0, shard=shard.label)
+
+
+def _finished(item: EditItem, results: ShardedResults) -> bool:
+    return item.key in results and item.output.is_file()
+
+
+def _prepared(row: ManifestRow, model: Model) -> torch.Tensor:
+    img = prepare_image(load_image(row.image), row.settings["size"] or model.resolution, mode=row.settings["resize"],
+                        multiple=max(8, model.vae_scale_factor))
+    return image_to_tensor(img)
+
+
+@dataclasses.dataclass
+class _Source:
+    key: str
+    items: list[EditItem]
+    image: torch.Tensor
+
+
+def _chunks(pending: dict[str, list[EditItem]], model: Model, batch_size: int):
+    """Source images ``batch_size`` at a time among those of equal steps, offset and prepared size."""
+    buckets: dict[tuple, list[_Source]] = {}
+    for inv_key, its in pending.items():
+        row = its[0].row
+        image = _prepared(row, model)
+        shape_key = (row.settings["steps"], row.settings["offset"], tuple(image.shape))
+        bucket = buckets.setdefault(shape_key, [])
+        bucket.append(_Source(inv_key, its, image))
+        if len(bucket) == batch_size:
+            yield buckets.pop(shape_key)
+    yield from (b for b in buckets.values() if b)
+
+
+def _run_chunk(model: Model, chunk: list[_Source], results: ShardedResults, progress) -> int:
+    t0 = time.perf_counter()
+    row = chunk[0].items[0].row
+    inversions = ddim_inversion_batch(model, torch.cat([src.image for src in chunk]),
+                                      [src.items[0].row.source for src in chunk], steps=row.settings["steps"],
+                                      offset=row.settings["offset"])
+    invert_s = time.perf_counter() - t0
+    # One edit call per setting, over every image of the chunk that has edits with it.
+    calls: dict[str, list[tuple[int, list[EditItem]]]] = {}
+    for n, src in enumerate(chunk):
+        per_setting: dict[str, list[EditItem]] = {}
+        for it in src.items:
+            per_setting.setdefault(settings_key(it.row), []).append(it)
+        for set_key, its in per_setting.items():
+            calls.setdefault(set_key, []).append((n, its))
+    n_edits = sum(len(src.items) for src in chunk)
+    count = 0
+    for jobs in calls.values():
+        settings = edit_settings(jobs[0][1][0].row.settings)
+        t1 = time.perf_counter()
+        edited = edit_batch(model, [EditJob(inversions[n], [it.target for it in its]) for n, its in jobs], settings)
+        edit_s = time.perf_counter() - t1
+        for (n, its), result in zip(jobs, edited, strict=True):
+            inversions[n] = result.inversion  # NTI's optimised negatives serve the next setting too
+            for j, it in enumerate(its):
+                if _finished(it, results):
+                    continue
+                save_image(tensor_to_image(result.images[j : j + 1]), it.output)
+                s = it.row.settings
+                results.add({
+                    "key": it.key, "line": it.row.line, "target_index": it.k, "image": str(it.row.image),
+                    "source": it.row.source, "target": it.target, "output": str(it.output),
+                    "seconds": invert_s / n_edits + edit_s / sum(len(x) for _, x in jobs),
+                    "invert_seconds": invert_s / len(chunk), "edit_seconds": edit_s / sum(len(x) for _, x in jobs),
+                    "batch_images": len(jobs), "method": s["method"], "controller": s["controller"],
+                    "guidance": s["guidance"], "steps": s["steps"], "direct": s["direct"], "rank": results.shard.rank})
+                count += 1
+        if progress:
+            progress(f"{sum(len(x) for _, x in jobs)} edit(s) of {len(jobs)} image(s) in {edit_s:.1f} s "
+                     f"(inversion of {len(chunk)} image(s): {invert_s:.1f} s)")
+    return count

@@ -1,0 +1,222 @@
+"""npinv edit-batch: manifest checks, resume after a kill, sharing inversions, batching, and
+several processes under accelerate giving what one process gives."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from npinv.cli import main
+from npinv.scenes import Scene
+
+STEPS = "3"
+SCENES = [("circle", "red", "blue"), ("square", "red", "yellow"), ("circle", "green", "blue"),
+          ("square", "green", "yellow")]
+
+
+def caption(shape, colour, bg):
+    return f"a {colour} {shape} on a {bg} background"
+
+
+@pytest.fixture
+def manifest(tmp_path) -> Path:
+    """Four images, five rows: one image edited under two settings, one row with two targets."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = []
+    for n, (shape, colour, bg) in enumerate(SCENES):
+        Scene(shape, colour, bg, 0.5).render(32).save(folder / f"img{n}.png")
+        other = "yellow" if colour == "red" else "red"
+        rows.append({"image": f"img{n}.png", "source": caption(shape, colour, bg),
+                     "targets": [caption(shape, other, bg)] + ([caption("square", colour, bg)] if n == 0 else [])})
+    rows.append({"image": "img0.png", "source": caption(*SCENES[0]), "target": caption("circle", "yellow", "blue"),
+                 "controller": "replace", "blend": ["red", "yellow"], "guidance": 3.0})
+    path = folder / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["--quiet", *(str(a) for a in argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def results(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+
+
+def stable(rows: list[dict]) -> list[dict]:
+    """A results row without what depends on the run (timings, rank, batch size)."""
+    drop = {"seconds", "invert_seconds", "edit_seconds", "rank", "batch_images"}
+    return [{k: v for k, v in r.items() if k not in drop} for r in rows]
+
+
+def pixels(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"), dtype=np.int16)
+
+
+def test_edit_batch_writes_every_edit_and_reruns_do_nothing(tmp_path, manifest, sd_folder, capsys):
+    out = tmp_path / "out"
+    code, stdout, err = run(capsys, "edit-batch", manifest, "--out", out, "--model", sd_folder, "--steps", STEPS,
+                            "--guidance", "2.5", "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert report["edits"] == report["done_now"] == 6 and report["done_before"] == 0
+    rows = results(out)
+    assert [(r["line"], r["target_index"]) for r in rows] == [(1, 0), (1, 1), (2, 0), (3, 0), (4, 0), (5, 0)]
+    assert {"image", "target", "output", "seconds"} <= rows[0].keys()
+    for r in rows:
+        assert Image.open(r["output"]).size == (32, 32)
+    assert rows[-1]["controller"] == "replace" and rows[-1]["guidance"] == 3.0 and rows[0]["guidance"] == 2.5
+    # Rows 1 and 5 share an inversion: four inversions and, with NPI, five edit calls (one per image
+    # and setting) of 3 steps each: (4 + 5) * 3 UNet calls.
+    assert report["unet_calls"] == (4 + 5) * int(STEPS)
+    code, stdout, _ = run(capsys, "edit-batch", manifest, "--out", out, "--model", sd_folder, "--steps", STEPS,
+                          "--guidance", "2.5", "--json")
+    again = json.loads(stdout)
+    assert code == 0 and again["done_now"] == 0 and again["done_before"] == 6 and again["unet_calls"] == 0
+    assert results(out) == rows
+
+
+def test_batch_size_shares_unet_calls_and_keeps_results(tmp_path, manifest, sd_folder, capsys):
+    one, two = tmp_path / "one", tmp_path / "two"
+    for out, size in ((one, "1"), (two, "4")):
+        code, stdout, err = run(capsys, "edit-batch", manifest, "--out", out, "--model", sd_folder, "--steps", STEPS,
+                                "--guidance", "2.5", "--batch-size", size, "--json")
+        assert code == 0, err
+        if out == two:
+            # One batched inversion of all four images and two edit calls (the two settings).
+            assert json.loads(stdout)["unet_calls"] == (1 + 2) * int(STEPS)
+    assert stable(results(one)) == stable([{**r, "output": r["output"].replace(str(two), str(one))}
+                                           for r in results(two)])
+    assert max(r["batch_images"] for r in results(two)) == 4
+    for r in results(one):
+        a, b = pixels(r["output"]), pixels(r["output"].replace(str(one), str(two)))
+        assert np.abs(a - b).max() <= 1  # float rounding of a larger batch at most
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"image": "img0.png", "source": "a", "target": "b"', "manifest.jsonl:2: not valid JSON"),
+    ('{"image": "img0.png", "target": "b"}', "manifest.jsonl:2: 'source' must be a non-empty string"),
+    ('{"image": "img0.png", "source": "a"}', "manifest.jsonl:2: give 'targets' (a list) or 'target'"),
+    ('{"image": "img0.png", "source": "a", "targets": []}', "manifest.jsonl:2: 'targets' must be a non-empty list"),
+    ('{"image": "img0.png", "source": "a", "target": "b", "colour": 1}', "manifest.jsonl:2: unknown key 'colour'"),
+    ('{"image": "img0.png", "source": "a", "target": "b", "steps": 0}', "manifest.jsonl:2: 'steps' must be an integer"),
+    ('{"image": "img0.png", "source": "a", "target": "b", "method": "x"}', "manifest.jsonl:2: 'method' must be one of"),
+    ('{"image": "img0.png", "source": "a", "target": "b", "self_replace": [0.8, 0.2]}', "manifest.jsonl:2: self-replace"),
+    ('{"image": "nope.png", "source": "a", "target": "b"}', "manifest.jsonl:2: no such file"),
+    ('{"image": "bad.png", "source": "a", "target": "b"}', "not an image file Pillow can read"),
+    ('["img0.png", "a", "b"]', "manifest.jsonl:2: a row must be a JSON object"),
+])
+def test_bad_manifest_rows_stop_everything(tmp_path, sd_folder, capsys, line, message):
+    Scene("circle", "red", "blue", 0.5).render(32).save(tmp_path / "img0.png")
+    (tmp_path / "bad.png").write_text("not a png")
+    manifest = tmp_path / "manifest.jsonl"
+    good = '{"image": "img0.png", "source": "a red circle on a blue background", "target": "a red square on a blue background"}'
+    manifest.write_text(good + "\n" + line + "\n" + good + "\n")
+    before = manifest.read_bytes()
+    code, stdout, err = run(capsys, "edit-batch", manifest, "--out", tmp_path / "out", "--model", sd_folder)
+    assert code == 2 and stdout == ""
+    assert len(err.strip().splitlines()) == 1 and "manifest.jsonl:2: " in err and message in err, err
+    assert not (tmp_path / "out").exists() and manifest.read_bytes() == before
+
+
+def test_word_errors_name_the_line_before_any_model_work(tmp_path, manifest, sd_folder, capsys):
+    rows = manifest.read_text().splitlines()
+    bad = json.loads(rows[1]) | {"blend": ["purple", "yellow"]}
+    manifest.write_text("\n".join([rows[0], json.dumps(bad)] + rows[2:]) + "\n")
+    code, _, err = run(capsys, "edit-batch", manifest, "--out", tmp_path / "out", "--model", sd_folder)
+    assert code == 2 and "line 2:" in err and "purple" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_csv_manifest_rows_share_an_inversion(tmp_path, sd_folder, capsys):
+    Scene("circle", "red", "blue", 0.5).render(32).save(tmp_path / "img0.png")
+    src = caption("circle", "red", "blue")
+    (tmp_path / "m.csv").write_text("image,source,target,guidance\n"
+                                    f"img0.png,{src},{caption('circle', 'green', 'blue')},2\n"
+                                    f"img0.png,{src},{caption('square', 'red', 'blue')},2\n")
+    code, stdout, err = run(capsys, "edit-batch", tmp_path / "m.csv", "--out", tmp_path / "out", "--model", sd_folder,
+                            "--steps", STEPS, "--json")
+    assert code == 0, err
+    # One inversion and one edit call carrying both targets.
+    assert json.loads(stdout)["unet_calls"] == 2 * int(STEPS)
+    assert [r["guidance"] for r in results(tmp_path / "out")] == [2.0, 2.0]
+    (tmp_path / "bad.csv").write_text("image,source,target\nimg0.png,a,b,extra\n")
+    code, _, err = run(capsys, "edit-batch", tmp_path / "bad.csv", "--out", tmp_path / "o2", "--model", sd_folder)
+    assert code == 2 and "bad.csv:2: more cells than columns" in err
+
+
+def test_a_changed_manifest_is_not_mixed_into_old_results(tmp_path, manifest, sd_folder, capsys):
+    out = tmp_path / "out"
+    assert run(capsys, "edit-batch", manifest, "--out", out, "--model", sd_folder, "--steps", STEPS)[0] == 0
+    rows = manifest.read_text().splitlines()
+    changed = json.loads(rows[2]) | {"guidance": 4.0}
+    manifest.write_text("\n".join(rows[:2] + [json.dumps(changed)] + rows[3:]) + "\n")
+    code, _, err = run(capsys, "edit-batch", manifest, "--out", out, "--model", sd_folder, "--steps", STEPS)
+    assert code == 2 and "line 3 changed" in err
+
+
+def _cli(*argv):
+    return [sys.executable, "-m", "npinv", *map(str, argv)]
+
+
+def test_killed_run_resumes_to_the_clean_result(tmp_path, manifest, sd_folder):
+    """A subprocess killed (SIGKILL) after its first finished edit, then rerun, ends with the same
+    results and images as one clean run, each edit once."""
+    args = ["--quiet", "edit-batch", manifest, "--model", sd_folder, "--steps", "12"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli(*args, "--out", tmp_path / "clean"), check=True, env=env, capture_output=True)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli(*args, "--out", killed), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if (killed / "results.jsonl").is_file() and (killed / "results.jsonl").read_text().count("\n") >= 1:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    partial = results(killed)
+    assert 1 <= len(partial) < 6
+    assert not [p for p in (killed / "edits").iterdir() if p.name.startswith(".")]  # no temporary files left
+    subprocess.run(_cli(*args, "--out", killed), check=True, env=env, capture_output=True)
+    clean_rows, resumed = results(tmp_path / "clean"), results(killed)
+    assert len({r["key"] for r in resumed}) == len(resumed) == 6
+    strip = lambda rows, root: [{**r, "output": r["output"].replace(str(root), "")} for r in stable(rows)]  # noqa: E731
+    assert strip(resumed, killed) == strip(clean_rows, tmp_path / "clean")
+    for r in clean_rows:
+        assert np.array_equal(pixels(r["output"]), pixels(r["output"].replace(str(tmp_path / "clean"), str(killed))))
+
+
+@pytest.mark.skipif(shutil.which("accelerate", path=os.path.dirname(sys.executable)) is None,
+                    reason="accelerate is not installed")
+def test_two_processes_under_accelerate_equal_one(tmp_path, manifest, sd_folder):
+    """accelerate launch with 2 CPU processes (gloo): each takes every other source image, writes its
+    own part, and the merged results and images equal a one-process run's."""
+    args = ["--quiet", "edit-batch", manifest, "--model", sd_folder, "--steps", STEPS, "--guidance", "2.5"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(_cli(*args, "--out", tmp_path / "one"), check=True, env=env, capture_output=True)
+    accelerate = Path(sys.executable).parent / "accelerate"
+    proc = subprocess.run([str(accelerate), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "npinv", *map(str, args),
+                           "--out", str(tmp_path / "two")], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    one, two = results(tmp_path / "one"), results(tmp_path / "two")
+    assert sorted(r["rank"] for r in two) != [0] * len(two)  # both processes did work
+    assert not list((tmp_path / "two").glob("results.part*"))
+    strip = lambda rows, root: [{**r, "output": r["output"].replace(str(root), "")} for r in stable(rows)]  # noqa: E731
+    assert strip(two, tmp_path / "two") == strip(one, tmp_path / "one")
+    for r in one:
+        assert np.array_equal(pixels(r["output"]), pixels(r["output"].replace(str(tmp_path / "one"), str(tmp_path / "two"))))
