@@ -81,6 +81,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _model_args(p)
 
+    p = sub.add_parser("edit-batch", help="edit every row of a JSONL/CSV manifest, resumably (accelerate: many processes)")
+    p.add_argument("manifest", help='JSONL rows {"image", "source", "targets", ...settings} or CSV image,source,target')
+    p.add_argument("--out", required=True, help="output folder: edits/, results.jsonl (reruns resume)")
+    p.add_argument("--batch-size", type=int, default=1, help="images per UNet call where settings and sizes agree")
+    p.add_argument("--method", default="npi", choices=["npi", "proxnpi", "proxnpi-noig", "nti", "ddim"])
+    p.add_argument("--controller", default="refine", choices=["replace", "refine", "reweight", "none"])
+    p.add_argument("--cross-replace", type=float, default=0.8)
+    p.add_argument("--self-replace", default="0.6", help="fraction or START,END")
+    p.add_argument("--blend", nargs=2, metavar=("SRC_WORD", "TGT_WORD"), help="local blend words for every row")
+    p.add_argument("--blend-threshold", type=float, default=0.3)
+    p.add_argument("--direct", action="store_true")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--offset", type=int, default=None, choices=[0, 1])
+    p.add_argument("--size", type=int, default=None)
+    p.add_argument("--resize", default="crop", choices=["crop", "fit"])
+    p.add_argument("--json", action="store_true")
+    _model_args(p)
+
+    p = sub.add_parser(
+        "edit-video", help="edit every frame of a video with the same settings (NPI + Prompt-to-Prompt)",
+        description="Decode the video, DDIM-invert each frame under --source, edit it toward --target with the "
+                    "same settings, and re-encode at the source's exact frame rate and frame count. Inversion and "
+                    "editing are deterministic (no noise is drawn), so there is no seed: reruns give the same frames.")
+    p.add_argument("video", help="input video (anything FFmpeg reads: .mp4, .mov, .mkv, .webm, .avi, .gif, ...)")
+    p.add_argument("--source", required=True, help="prompt describing every frame of the input")
+    p.add_argument("--target", required=True, help="edited prompt")
+    p.add_argument("--method", default="npi", choices=["npi", "proxnpi", "proxnpi-noig", "nti", "ddim"],
+                   help="proxnpi: proximal guidance with inversion guidance; proxnpi-noig: without it")
+    p.add_argument("--controller", default="refine", choices=["replace", "refine", "reweight", "none"])
+    p.add_argument("--cross-replace", type=float, default=0.8, help="fraction of steps with cross-attention replaced")
+    p.add_argument("--cross-replace-word", action="append", default=[], metavar="WORD=FRACTION",
+                   help="per-word cross-replace fraction in the target prompt")
+    p.add_argument("--self-replace", default="0.6", help="fraction (or START,END window) of self-attention replacement")
+    p.add_argument("--blend", nargs=2, metavar=("SRC_WORD", "TGT_WORD"), help="local blend: edit only near these words")
+    p.add_argument("--blend-threshold", type=float, default=0.3)
+    p.add_argument("--reweight", action="append", default=[], metavar="WORD=SCALE",
+                   help="scale a target word's cross-attention")
+    p.add_argument("--direct", action="store_true", help="direct inversion: pin the source branch to the trajectory")
+    _schedule_args(p)
+    p.add_argument("--size", type=int, default=None, help="frame side in pixels for the model (default: the model's)")
+    p.add_argument("--resize", default="crop", choices=["crop", "fit"],
+                   help="crop: centre square crop; fit: keep aspect, sides multiples of 8")
+    p.add_argument("--batch-size", type=int, default=1, help="frames edited per UNet call (default 1)")
+    p.add_argument("--max-frames", type=int, default=None, help="edit only the first N frames")
+    p.add_argument("--keep-size", action="store_true",
+                   help="upscale the edited frames to the source's size (its centre square with --resize crop)")
+    p.add_argument("--out", required=True, help="edited video path (.mp4, .m4v, .mov, .mkv, .webm)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    # SUPPRESS: an unset sub-command flag must not undo `npinv --quiet edit-video ...`.
+    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bar")
+    _model_args(p)
+
     p = sub.add_parser("generate", help="text-to-image sampling")
     p.add_argument("--prompt", required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -138,6 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="at most this many images")
     p.add_argument("--parity", action="store_true", help="score as the published script does (see docs/piebench.md)")
     p.add_argument("--out", required=True)
+    _model_args(p)
+
+    p = sub.add_parser("serve", help="web app: upload, invert once, edit many in the browser (Gradio)",
+                       description="Serve an interactive inversion and editing page. Binds to 127.0.0.1 unless "
+                                   "--host says otherwise; each browser session keeps its own inversion cache.")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model (default 16)")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
+    p.add_argument("--max-megapixels", type=float, default=40.0, help="largest image in megapixels (default 40)")
+    p.add_argument("--max-steps", type=int, default=200, help="most DDIM steps a user may ask for (default 200)")
+    p.add_argument("--cache-entries", type=int, default=4, help="inversions kept per session (default 4)")
+    p.add_argument("--cache-mb", type=float, default=256.0, help="MB of inversions kept per session (default 256)")
+    p.add_argument("--max-sessions", type=int, default=64, help="sessions whose caches are kept (default 64)")
     _model_args(p)
 
     p = sub.add_parser("models", help="list the models npinv knows")
@@ -284,46 +351,17 @@ def save_attention_maps(model, result, source_prompt: str, folder) -> list[str]:
     """One heat map PNG per word of the source and of each target prompt."""
     from pathlib import Path
 
-    from npinv.attention.align import word_spans
+    from npinv.attention.maps import heat_image, word_maps
     from npinv.io import save_image
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     written = []
-    prompts = [("source", source_prompt)] + [(f"target{k}", t) for k, t in enumerate(result.targets)]
-    for branch, (label, prompt) in enumerate(prompts):
-        spans = word_spans(model.pipe.tokenizer, prompt)
-        for index, (word, span) in enumerate(zip(prompt.split(), spans, strict=True)):
-            span = [p for p in span if p < model.pipe.tokenizer.model_max_length]
-            if not span:
-                continue
-            heat = result.controller.word_maps(branch, span)
-            path = folder / f"{label}_{index:02d}_{_safe(word)}.png"
-            save_image(_heat_image(heat, scale=max(1, 256 // heat.shape[-1])), path)
-            written.append(str(path))
+    for m in word_maps(model, result, source_prompt):
+        path = folder / f"{m.file_stem}.png"
+        save_image(heat_image(m.heat, scale=max(1, 256 // m.heat.shape[-1])), path)
+        written.append(str(path))
     return written
-
-
-def _safe(word: str) -> str:
-    import re
-
-    return re.sub(r"[^A-Za-z0-9_-]+", "_", word)[:40] or "word"
-
-
-def _heat_image(heat, scale: int):
-    import numpy as np
-    from PIL import Image
-
-    arr = heat.detach().float().cpu().numpy()
-    arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-12)
-    try:
-        from matplotlib import colormaps
-
-        rgb = (colormaps["viridis"](arr)[..., :3] * 255).astype(np.uint8)
-    except ImportError:  # plots extra absent: grey levels
-        rgb = np.repeat((arr[..., None] * 255).astype(np.uint8), 3, axis=-1)
-    img = Image.fromarray(rgb, "RGB")
-    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
 
 
 def cmd_generate(args) -> int:
@@ -439,6 +477,18 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from npinv.webapp.app import ServeOptions, serve
+    from npinv.webapp.engine import Engine, Limits
+
+    # Both check their values here, before the (slow) model load.
+    limits = Limits(max_pixels=int(args.max_megapixels * 1e6), max_upload_mb=args.max_upload_mb,
+                    max_steps=args.max_steps, cache_entries=args.cache_entries, cache_mb=args.cache_mb)
+    options = ServeOptions(host=args.host, port=args.port, queue_size=args.queue_size, max_sessions=args.max_sessions)
+    serve(Engine(_load(args), limits), options)
+    return 0
+
+
 def cmd_models(args) -> int:
     from npinv.model import embedded_model_path
 
@@ -461,8 +511,86 @@ def _check_schedule(args) -> None:
         raise NpinvError(f"--size must lie in 8..4096, got {args.size}")
 
 
+def cmd_edit_batch(args) -> int:
+    import json
+    from pathlib import Path
+
+    from npinv.batch import read_manifest, run_batch
+    from npinv.parallel import current_shard
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NpinvError(f"--out {out} exists and is not a folder")
+    if args.batch_size < 1:
+        raise NpinvError("--batch-size must be at least 1")
+    window = _window(args.self_replace)
+    defaults = {"method": args.method, "controller": args.controller, "guidance": args.guidance, "steps": args.steps,
+                "offset": args.offset, "cross_replace": args.cross_replace,
+                "self_replace": list(window) if isinstance(window, tuple) else window,
+                "blend": list(args.blend) if args.blend else None, "blend_threshold": args.blend_threshold,
+                "direct": args.direct, "size": args.size, "resize": args.resize}
+    rows = read_manifest(args.manifest, defaults)  # every row checked before the model loads
+    shard = current_shard()
+    if shard.device and args.device is None:
+        args.device = shard.device
+    model = _load(args)
+    say = None if args.quiet or args.json else (lambda line: print(f"[{shard.label}] {line}", flush=True))
+    report = run_batch(model, rows, out, batch_size=args.batch_size, shard=shard, progress=say)
+    summary = {"edits": report.total, "done_before": report.done_before, "done_now": report.done_now,
+               "results": str(report.results), "seconds": report.seconds, "unet_calls": report.unet_calls,
+               "shard": report.shard}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"[{shard.label}] {report.done_now} edit(s) now, {report.done_before} done before, of {report.total}; "
+              f"{report.seconds:.1f} s, {report.unet_calls} UNet calls; results: {report.results}")
+    return 0
+
+
+def cmd_edit_video(args) -> int:
+    from npinv.editing import EditSettings
+    from npinv.video import check_video_output, edit_video, probe_video, require_av
+
+    require_av()
+    out = check_video_output(args.out, inputs=(args.video,))
+    cross: float | dict[str, float] = args.cross_replace
+    if args.cross_replace_word:
+        cross = {"default_": args.cross_replace, **_pairs(args.cross_replace_word, "--cross-replace-word")}
+    settings = EditSettings(
+        method=args.method, controller=args.controller, guidance=args.guidance, cross_replace=cross,
+        self_replace=_window(args.self_replace), blend=tuple(args.blend) if args.blend else None,
+        blend_threshold=args.blend_threshold, reweight=_pairs(args.reweight, "--reweight"), direct=args.direct)
+    settings.validate()
+    if args.batch_size < 1:
+        raise NpinvError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise NpinvError(f"--max-frames must be at least 1, got {args.max_frames}")
+    _check_schedule(args)
+    info = probe_video(args.video)  # a bad or empty video fails before the (slow) model load
+    model = _load(args)
+    result = edit_video(model, args.video, out, args.source, args.target, settings, steps=args.steps,
+                        offset=args.offset, size=args.size, resize=args.resize, batch_size=args.batch_size,
+                        max_frames=args.max_frames, keep_size=args.keep_size, progress=not args.quiet)
+    row = {"video": args.video, "source": args.source, "target": args.target, "method": args.method,
+           "controller": args.controller, "steps": args.steps, "guidance": args.guidance, "direct": args.direct,
+           "batch_size": args.batch_size, "model": model.name, "source_frames": info.frames} | result.summary()
+    if args.json:
+        print(json.dumps(row))
+    else:
+        tc = result.temporal_consistency
+        change = "n/a (fewer than two frames or a still video)" if tc is None else (
+            f"{tc:.3f} (edit {result.edit_change:.4f} / source {result.source_change:.4f} mean frame-to-frame change)")
+        print(f"{result.frames} frames at {row['fps']} fps, {result.width}x{result.height} ({result.codec}) -> {out}")
+        print(f"{row['seconds_per_frame_median']:.2f} s/frame (median), {result.seconds:.1f} s, "
+              f"{result.unet_calls} UNet calls ({result.unet_rows} rows); temporal consistency {change}")
+    return 0
+
+
 COMMANDS = {"reconstruct": cmd_reconstruct, "edit": cmd_edit, "generate": cmd_generate, "demo": cmd_demo,
             "train-scenes": cmd_train_scenes, "bench": cmd_bench, "models": cmd_models}
+COMMANDS["edit-video"] = cmd_edit_video
+COMMANDS["edit-batch"] = cmd_edit_batch
+COMMANDS["serve"] = cmd_serve
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -6,8 +6,8 @@ own source; :func:`edit` is the one-image case. Each inversion method only choos
 NPI gives every branch the source embedding (so the source branch costs one row and the whole step
 1 + 2T rows instead of 2 + 2T), NTI the optimised per-step embeddings, DDIM the null embedding.
 ProxNPI is NPI with proximal guidance, with (``proxnpi``) or without (``proxnpi-noig``) inversion
-guidance. Direct inversion is a hook
-that pins the source branch to the inversion trajectory; it combines with every method.
+guidance. Direct inversion is a hook that pins the source branch to the inversion trajectory; it
+combines with every method.
 """
 
 from __future__ import annotations

@@ -1,0 +1,62 @@
+"""Per-word cross-attention heat maps of an edit, shared by ``npinv edit --save-attention`` and the web app."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import numpy as np
+import torch
+from PIL import Image
+
+from npinv.attention.align import word_spans
+
+
+@dataclasses.dataclass
+class WordMap:
+    """The mean cross-attention of one word of one branch's prompt over the edit's steps."""
+
+    branch: int  # 0: the source, k: the k-th target (1-based, as in the sampling batch)
+    label: str  # "source", "target0", "target1", ...
+    index: int  # the word's position in its prompt
+    word: str
+    heat: torch.Tensor  # (h, w) at the controller's map resolution
+
+    @property
+    def file_stem(self) -> str:
+        return f"{self.label}_{self.index:02d}_{safe_word(self.word)}"
+
+
+def word_maps(model, result, source_prompt: str) -> list[WordMap]:
+    """One map per word of the source and of each target prompt of an edit run with
+    ``keep_attention_maps=True``; words wholly past the tokenizer's limit have no map."""
+    if result.controller is None:
+        return []
+    tokenizer = model.pipe.tokenizer
+    maps = []
+    prompts = [("source", source_prompt)] + [(f"target{k}", t) for k, t in enumerate(result.targets)]
+    for branch, (label, prompt) in enumerate(prompts):
+        for index, (word, span) in enumerate(zip(prompt.split(), word_spans(tokenizer, prompt), strict=True)):
+            span = [p for p in span if p < tokenizer.model_max_length]
+            if span:
+                maps.append(WordMap(branch, label, index, word, result.controller.word_maps(result.first_branch + branch, span)))
+    return maps
+
+
+def safe_word(word: str) -> str:
+    """A word as a file-name part: letters, digits, ``_`` and ``-`` only, at most 40 characters."""
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", word)[:40] or "word"
+
+
+def heat_image(heat: torch.Tensor, scale: int = 1) -> Image.Image:
+    """A heat map normalised to its own range, coloured with viridis (grey without matplotlib), upscaled."""
+    arr = heat.detach().float().cpu().numpy()
+    arr = (arr - arr.min()) / max(float(arr.max() - arr.min()), 1e-12)
+    try:
+        from matplotlib import colormaps
+
+        rgb = (colormaps["viridis"](arr)[..., :3] * 255).astype(np.uint8)
+    except ImportError:  # plots extra absent: grey levels
+        rgb = np.repeat((arr[..., None] * 255).astype(np.uint8), 3, axis=-1)
+    img = Image.fromarray(rgb, "RGB")
+    return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
