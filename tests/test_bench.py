@@ -131,3 +131,24 @@ def test_edit_shapes_runs_and_resumes(tmp_path, sd_model):
     assert npi["unet_rows_mean"] == 3 * 3  # 3 rows a step
     run_edit_shapes(sd_model, tmp_path, n_scenes=1, methods=("npi", "ddim"), directs=(False,), steps=3)
     assert (tmp_path / "edit_results.jsonl").read_text().splitlines() == rows
+
+
+def test_reconstruct_bench_shards_merge_to_the_one_process_result(tmp_path, sd_model):
+    """Two shards (as two accelerate processes would run them) each take every other image, write
+    their own part, and the merge equals a one-process run; a shard's rerun does nothing."""
+    from npinv.parallel import Shard
+
+    one = run_reconstruct_bench(sd_model, tmp_path / "one", shapes=3, steps_list=(2,), methods=("ddim1", "npi"))
+    run_reconstruct_bench(sd_model, tmp_path / "two", shapes=3, steps_list=(2,), methods=("ddim1", "npi"),
+                          shard=Shard(1, 2))
+    part = [json.loads(x) for x in (tmp_path / "two" / "results.jsonl").read_text().splitlines()]
+    assert sorted({r["image"] for r in part}) == ["scene001"]  # rank 1 of 2: the second image only
+    two = run_reconstruct_bench(sd_model, tmp_path / "two", shapes=3, steps_list=(2,), methods=("ddim1", "npi"),
+                                shard=Shard(0, 2))
+    assert not list((tmp_path / "two").glob("results.part*"))
+    rows = {p: sorted((json.loads(x) for x in (tmp_path / p / "results.jsonl").read_text().splitlines()),
+                      key=lambda r: r["key"]) for p in ("one", "two")}
+    strip = lambda r: {k: v for k, v in r.items() if "seconds" not in k}  # noqa: E731
+    assert [strip(r) for r in rows["one"]] == [strip(r) for r in rows["two"]]
+    assert [(r["method"], r["n"], r["psnr_mean"]) for r in one["rows"]] == \
+        [(r["method"], r["n"], r["psnr_mean"]) for r in two["rows"]]

@@ -423,9 +423,14 @@ def _csv(text: str, cast, flag: str) -> list:
 def cmd_bench(args) -> int:
     from pathlib import Path
 
+    from npinv.parallel import current_shard
+
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NpinvError(f"--out {out} exists and is not a folder")
+    shard = current_shard()  # accelerate launch / torchrun: this process's share of the rows
+    if shard.device and args.device is None:
+        args.device = shard.device
     if args.bench == "reconstruct":
         from npinv.bench.reconstruct import METHODS, reconstruct_table, run_reconstruct_bench
 
@@ -438,7 +443,7 @@ def cmd_bench(args) -> int:
         summary = run_reconstruct_bench(model, out, images=args.images, shapes=args.shapes, methods=methods,
                                         steps_list=steps, guidance=args.guidance, offset=args.offset,
                                         lpips=args.lpips.split(os.pathsep) if args.lpips else None,
-                                        allow_pickle=args.allow_pickle, progress=not args.quiet)
+                                        allow_pickle=args.allow_pickle, progress=not args.quiet, shard=shard)
         print(reconstruct_table(summary))
         return 0
     from npinv.bench.edit_shapes import edit_table, run_edit_shapes
@@ -455,7 +460,7 @@ def cmd_bench(args) -> int:
         model = _load(args)
         summary = run_piebench(model, args.data, out, methods=methods, steps=args.steps, guidance=args.guidance,
                                offset=args.offset, types=_csv(args.types, str, "--types") if args.types else None,
-                               limit=args.limit, parity=args.parity, progress=not args.quiet)
+                               limit=args.limit, parity=args.parity, progress=not args.quiet, shard=shard)
         print(piebench_table(summary))
         return 0
 
@@ -472,7 +477,7 @@ def cmd_bench(args) -> int:
     summary = run_edit_shapes(model, out, n_scenes=args.scenes, methods=methods, directs=directs,
                               controllers=controllers, guidances=_csv(args.guidance, float, "--guidance"),
                               steps=args.steps, blend=not args.no_blend, cross_replace=args.cross_replace,
-                              self_replace=args.self_replace, progress=not args.quiet)
+                              self_replace=args.self_replace, progress=not args.quiet, shard=shard)
     print(edit_table(summary))
     return 0
 

@@ -22,12 +22,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from npinv.bench.results import ResultsFile, group, markdown_table, nanmean
+from npinv.bench.results import group, markdown_table, nanmean
 from npinv.editing import EditSettings, edit
 from npinv.inversion import ddim_inversion, reconstruct
 from npinv.io import image_grid, image_to_tensor, save_image, tensor_to_image, write_text
 from npinv.metrics import ssim, tensor_to_unit
 from npinv.model import Model
+from npinv.parallel import Shard, ShardedResults
 from npinv.scenes import Edit, Scene, random_edit, random_scenes, read_scene
 
 HELD_OUT_SEED = 424_242
@@ -80,16 +81,18 @@ def region_psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
 def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, methods=("npi", "proxnpi", "nti", "ddim"),
                     directs=(False, True), controllers=("replace",), guidances=(7.5,), steps: int = 50,
                     blend: bool = True, cross_replace: float = 0.8, self_replace: float = 0.6,
-                    progress: bool = False, grid_cases: int = 6) -> dict:
+                    progress: bool = False, grid_cases: int = 6, shard: Shard | None = None) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = ResultsFile(out / "edit_results.jsonl")
+    results = ShardedResults(out, shard, name="edit_results")  # under accelerate: every N-th scene
     res = model.resolution
     cases = edit_cases(n_scenes)
     settings_list = list(itertools.product(methods, directs, controllers, guidances))
     grid_rows: dict[tuple, list] = {}
     by_scene = group([dataclasses.asdict(c) | {"case": c} for c in cases], ("index",))
-    for (index,), items in by_scene.items():
+    for n, ((index,), items) in enumerate(by_scene.items()):
+        if not results.shard.owns(n):
+            continue
         scene_cases = [it["case"] for it in items]
         scene = scene_cases[0].scene
         image = image_to_tensor(scene.render(res))
@@ -132,7 +135,7 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
                 grid_rows.setdefault((method, direct, controller, w), []).append(
                     [tensor_to_image(image), tensor_to_image(result.images[:1]),
                      case.target.render(res)])
-    summary = summarize(results.rows)
+    summary = summarize(results.merge())
     write_text(out / "edit_summary.json", __import__("json").dumps(summary, indent=2, default=float))
     write_text(out / "edit_table.md", edit_table(summary))
     for (method, direct, controller, w), rows in grid_rows.items():

@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from npinv.bench.netmetrics import NetworkMetrics
-from npinv.bench.results import ResultsFile, group, markdown_table, nanmean
+from npinv.bench.results import group, markdown_table, nanmean
 from npinv.editing import EDIT_METHODS, EditSettings, edit
 from npinv.errors import NpinvError
 from npinv.inversion import ddim_inversion
@@ -71,6 +71,7 @@ from npinv.metrics import psnr as _psnr
 from npinv.metrics import ssim as _ssim
 from npinv.metrics import ssim_map
 from npinv.model import Model
+from npinv.parallel import Shard, ShardedResults
 from npinv.pipeline import load_input
 
 MASK_SIZE = 512
@@ -260,7 +261,7 @@ def run_piebench(model: Model, data_dir: str | Path, out_dir: str | Path, *, met
                  guidance: float = 7.5, offset: int | None = 0, controller: str = "refine", cross_replace: float = 0.4,
                  self_replace: float = 0.6, reweight: float = 2.0, types: Iterable[int | str] | None = None,
                  limit: int | None = None, parity: bool = False, progress: bool = False,
-                 metrics: NetworkMetrics | None = None) -> dict:
+                 metrics: NetworkMetrics | None = None, shard: Shard | None = None) -> dict:
     """Invert and edit every selected PIE-Bench image with each method; returns the summary.
 
     ``metrics``: the networks for structure, LPIPS and CLIP (default: :meth:`NetworkMetrics.load` on the
@@ -278,13 +279,15 @@ def run_piebench(model: Model, data_dir: str | Path, out_dir: str | Path, *, met
                 "cross_replace": cross_replace, "self_replace": self_replace, "reweight": reweight, "parity": parity,
                 "seed": SEED, "model": model.name, "model_fingerprint": model.fingerprint}
     _check_settings(out / "settings.json", settings)
-    results = ResultsFile(out / "results.jsonl")
+    results = ShardedResults(out, shard)  # under accelerate: every N-th image, merged at the end
     if metrics is None:
         metrics = NetworkMetrics.load(device=model.device)
     note = metrics.note()
     if note:
         print(f"npinv: note: {note}", file=sys.stderr)
-    for item in items:
+    for n, item in enumerate(items):
+        if not results.shard.owns(n):
+            continue
         todo = [m for m in methods if _key(item, m) not in results]
         if not todo:
             continue
@@ -321,10 +324,11 @@ def run_piebench(model: Model, data_dir: str | Path, out_dir: str | Path, *, met
                 "unet_rows": result.unet_rows, "invert_unet_calls": invert_calls, **_row_settings(settings),
             }
             results.add(row)
-    summary = summarize_piebench(results.rows)
+    rows = results.merge()
+    summary = summarize_piebench(rows)
     write_text(out / "summary.json", json.dumps(summary, indent=2, default=float))
     write_text(out / "table.md", piebench_table(summary))
-    write_csv(results.rows, out / "results.csv")
+    write_csv(rows, out / "results.csv")
     return summary
 
 

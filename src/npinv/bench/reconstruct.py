@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from npinv.bench.netmetrics import NetworkMetrics
-from npinv.bench.results import ResultsFile, group, markdown_table, nanmean
+from npinv.bench.results import group, markdown_table, nanmean
 from npinv.errors import NpinvError
 from npinv.inversion import ddim_inversion, reconstruct
 from npinv.io import IMAGE_SUFFIXES, atomic_path, image_to_tensor, write_text
 from npinv.metrics import image_metrics, tensor_to_unit
 from npinv.model import Model
+from npinv.parallel import Shard, ShardedResults
 from npinv.pipeline import load_input
 from npinv.scenes import random_scenes
 
@@ -57,18 +58,20 @@ def image_items(model: Model, images: str | None, shapes: int | None) -> list[tu
 def run_reconstruct_bench(model: Model, out_dir: str | Path, *, images: str | None = None, shapes: int | None = None,
                           methods=("ddim1", "ddim", "nti", "npi"), steps_list=(10, 20, 50, 100), guidance: float = 7.5,
                           offset: int | None = None, lpips=None, allow_pickle: bool = False,
-                          progress: bool = False) -> dict:
+                          progress: bool = False, shard: Shard | None = None) -> dict:
     for m in methods:
         if m not in METHODS:
             raise NpinvError(f"unknown benchmark method {m!r}; choose from {', '.join(METHODS)}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = ResultsFile(out / "results.jsonl")
+    results = ShardedResults(out, shard)  # under accelerate: every N-th image, merged at the end
     items = image_items(model, images, shapes)
     nets = NetworkMetrics.load(structure=False, lpips=lpips, clip=False, device=model.device, allow_pickle=allow_pickle)
     if nets.lpips is None and lpips is not False:
         print(f"LPIPS not computed (null in the results): {nets.missing['lpips']}", flush=True)
-    for name, load, prompt in items:
+    for n, (name, load, prompt) in enumerate(items):
+        if not results.shard.owns(n):
+            continue
         for steps in steps_list:
             todo = [m for m in methods if _key(name, m, steps, guidance) not in results]
             if not todo:
@@ -95,7 +98,7 @@ def run_reconstruct_bench(model: Model, out_dir: str | Path, *, images: str | No
                              "unet_calls": invert_calls + model.counter.calls - calls, "model": model.name})
             if progress:
                 print(f"{name} {steps} steps done", flush=True)
-    summary = summarize(results.rows, methods, steps_list)
+    summary = summarize(results.merge(), methods, steps_list)
     write_text(out / "summary.json", json.dumps(summary, indent=2, default=float))
     write_text(out / "table.md", reconstruct_table(summary))
     plot(summary, out)
