@@ -18,6 +18,7 @@ import torch
 from npinv import load_model
 from npinv.bench.edit_shapes import edit_table, run_edit_shapes
 from npinv.bench.reconstruct import reconstruct_table, run_reconstruct_bench
+from npinv.bench.throughput import run_throughput, throughput_table
 from npinv.io import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--shapes", type=int, default=8)
     parser.add_argument("--steps", default="10,20,50,100")
     parser.add_argument("--edit-scenes", type=int, default=6)
+    parser.add_argument("--batch-images", type=int, default=8, help="images for the edit-batch throughput figure")
     parser.add_argument("--sd15-steps", type=int, default=5,
                         help="also time an SD-1.5-shaped random model at 256 px on this CPU (0: skip)")
     args = parser.parse_args()
@@ -55,6 +57,7 @@ def main() -> None:
                             directs=(False,), guidances=(1.5, 2.5, 4.0, 7.5))
     bare = run_edit_shapes(model, out / "edit_bare", n_scenes=args.edit_scenes, methods=("npi",), directs=(False,),
                            controllers=("none",), guidances=(2.0, 7.5), blend=False)
+    throughput = run_throughput(model, out / "throughput", n_images=args.batch_images)
     sd15 = None
     if args.sd15_steps:
         import subprocess
@@ -91,10 +94,17 @@ edited scene's colour, shape and background. UNet rows are per step x steps, edi
 ### Without attention control (NPI, target as condition, source as negative, no blend)
 
 {edit_table(bare)}
+## Batch throughput (`npinv edit-batch --batch-size`, {args.batch_images} held-out scenes, colour swap)
+
+NPI + word swap at w = 2.5, 50 steps; each batch size edits the whole manifest from scratch
+(inversion, editing, PNGs and results rows written). Several images share one UNet call a step.
+
+{throughput_table(throughput)}
 {sd15_section(sd15, args.sd15_steps)}"""
     write_text(ROOT / "BENCHMARKS.md", text)
     write_text(out / "benchmarks.json", json.dumps({"reconstruct": rec, "edit": edits, "edit_guidance": sweep,
-                                                    "edit_bare": bare, "minutes": minutes}, indent=2, default=float))
+                                                    "edit_bare": bare, "throughput": throughput,
+                                                    "minutes": minutes}, indent=2, default=float))
     print(text)
 
 

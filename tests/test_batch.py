@@ -220,3 +220,15 @@ def test_two_processes_under_accelerate_equal_one(tmp_path, manifest, sd_folder)
     assert strip(two, tmp_path / "two") == strip(one, tmp_path / "one")
     for r in one:
         assert np.array_equal(pixels(r["output"]), pixels(r["output"].replace(str(tmp_path / "one"), str(tmp_path / "two"))))
+
+
+def test_throughput_benchmark_counts_and_agrees(tmp_path, sd_model):
+    from npinv.bench.throughput import run_throughput, throughput_table
+
+    summary = run_throughput(sd_model, tmp_path, batch_sizes=(1, 3), n_images=3, steps=2)
+    one, three = summary["rows"]
+    assert one["images"] == three["images"] == 3
+    # Batched: one inversion call and one edit call a step for all three images instead of three.
+    assert one["unet_calls"] == 3 * three["unet_calls"] == 3 * 2 * 2
+    assert three["max_pixel_difference_vs_batch_1"] <= 1 and one["images_per_minute"] > 0
+    assert "images / minute" in throughput_table(summary)
