@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--out", default="bench")
     parser.add_argument("--shapes", type=int, default=8)
     parser.add_argument("--steps", default="10,20,50,100")
-    parser.add_argument("--edit-scenes", type=int, default=6)
+    parser.add_argument("--edit-scenes", type=int, default=4)
     parser.add_argument("--batch-images", type=int, default=8, help="images for the edit-batch throughput figure")
     parser.add_argument("--sd15-steps", type=int, default=5,
                         help="also time an SD-1.5-shaped random model at 256 px on this CPU (0: skip)")
