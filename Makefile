@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint demo model-card bench clean
+.PHONY: install test lint demo model-card bench clean e2e
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(PY) -m ruff check src tests benchmarks
+
+# Browser test of the web app (npinv serve): Debian's headless Chromium driven by Selenium; writes
+# docs/webapp.png. Installs chromium and chromium-driver with apt when missing (needs root).
+e2e: $(STAMP)
+	test -x /usr/bin/chromium -a -x /usr/bin/chromedriver || { apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium chromium-driver; }
+	$(PY) -c "import selenium" 2>/dev/null || $(PY) -m pip install -q -e ".[e2e]"
+	$(PY) -m pytest -q -s tests/e2e/browser_e2e.py
 
 demo: $(STAMP)
 	$(VENV)/bin/npinv demo --out out

@@ -1,0 +1,294 @@
+"""The Gradio page of ``npinv serve``: upload, invert (once per session and settings), edit many times.
+
+Every model call goes through one queue slot (``concurrency_id="model"``, limit 1): the model is
+not thread safe, and on a small machine parallel runs would only run out of memory. The queue
+itself is bounded, so extra users wait or are told the server is busy. Each session keeps its own
+inversion cache in ``gr.State``: nobody is served an inversion of someone else's image.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import ipaddress
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from npinv.errors import NpinvError
+from npinv.webapp.cache import InversionCache
+from npinv.webapp.engine import Engine, parse_edit_request
+
+log = logging.getLogger("npinv.webapp")
+
+METHOD_CHOICES = [("NPI", "npi"), ("ProxNPI", "proxnpi"), ("ProxNPI without inversion guidance", "proxnpi-noig"),
+                  ("NTI (slow: optimises per step)", "nti"), ("DDIM (null prompt, drifts)", "ddim")]
+CONTROLLER_CHOICES = [("replace (word swap)", "replace"), ("refine (words added)", "refine"),
+                      ("reweight", "reweight"), ("none", "none")]
+OFFSET_CHOICES = [("model default", "default"), ("0 (published code)", "0"), ("1 (SD config)", "1")]
+# Small model outputs (64x64 for the embedded model) are shown filling their frames, pixels kept sharp.
+CSS = ".npinv-pixels img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
+
+
+@dataclasses.dataclass(frozen=True)
+class ServeOptions:
+    """How the server listens and how much it holds at once."""
+
+    host: str = "127.0.0.1"
+    port: int = 7860
+    queue_size: int = 16  # requests waiting beyond the one running; more are refused as "queue full"
+    max_sessions: int = 64  # sessions whose state (inversion caches) is kept, least recently used first out
+    session_ttl_s: float = 3600.0  # a session's cache is dropped this long after its last request
+    examples: bool = True
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.port <= 65535:
+            raise NpinvError(f"--port must lie in 1..65535, got {self.port}")
+        for name in ("queue_size", "max_sessions", "session_ttl_s"):
+            if getattr(self, name) <= 0:
+                raise NpinvError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+
+
+def _readable_errors(fn: Callable) -> Callable:
+    """Turn every failure into a one-line message in the page (a gr.Error), never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except NpinvError as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        except MemoryError:
+            raise gr.Error("out of memory: try fewer steps or a smaller image", print_exception=False) from None
+        except Exception as exc:  # a bug, not bad input: full traceback in the server log only
+            if type(exc).__name__ == "OutOfMemoryError":  # torch.OutOfMemoryError (GPU)
+                raise gr.Error("the GPU ran out of memory: try fewer steps or a smaller image",
+                               print_exception=False) from None
+            log.exception("internal error in %s", fn.__name__)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            raise gr.Error(f"internal error: {type(exc).__name__}: {first}"[:300], print_exception=False) from None
+
+    return wrapper
+
+
+def _upload_path(image: Any, upload_root: Path) -> tuple[str, str]:
+    """(server path, user's file name) of an image input received without preprocessing.
+
+    Only a file record inside Gradio's upload folder counts (uploads and the examples' copies
+    live there). Gradio checks paths only in records that carry its type tag, so a record without
+    one, or a bare string, would otherwise be any server path the client chose.
+    """
+    if not image:
+        raise NpinvError("upload an image or pick one of the examples first")
+    path = image.get("path") if isinstance(image, dict) else None
+    if not path or not Path(path).resolve().is_relative_to(upload_root):
+        raise NpinvError("the image must be an uploaded file; upload it again")
+    return str(path), image.get("orig_name") or Path(path).name
+
+
+def _offset(value: Any) -> int | None:
+    if value in (None, "", "default"):
+        return None
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        raise NpinvError(f"offset must be 0, 1 or default, got {value!r}") from None
+
+
+def _psnr(value: float) -> float | None:
+    return None if math.isinf(value) else round(value, 2)
+
+
+def _show_warnings(messages: list[str]) -> None:
+    for message in messages:
+        gr.Warning(message)
+
+
+def example_rows() -> list[list]:
+    """The bundled examples as form rows: image, prompts, and a word swap blended on the changed word at
+    guidance 2.5 (the embedded model's recommended editing guidance, from its model card)."""
+    from npinv.demo import bundled_examples
+
+    rows = []
+    for e in bundled_examples():
+        target = e["edits"][0]
+        changed = [(s, t) for s, t in zip(e["prompt"].split(), target.split(), strict=False) if s != t]
+        src_word, tgt_word = changed[0] if len(changed) == 1 else ("", "")
+        rows.append([e["path"], e["prompt"], target, "replace", 2.5, src_word, tgt_word])
+    return rows
+
+
+def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
+    """The page, bound to one engine (one model). Launch it with :func:`launch`."""
+    options = options or ServeOptions()
+    model, limits = engine.model, engine.limits
+    cache_entries, cache_bytes = limits.cache_entries, int(limits.cache_mb * 2**20)
+    upload_root = Path(gr.utils.get_upload_folder()).resolve()
+
+    @_readable_errors
+    def invert(image, source_prompt, steps, offset, resize, session: InversionCache,
+               progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio's documented pattern)
+        path, name = _upload_path(image, upload_root)
+        report = engine.invert(session, path, source_prompt, name=name, steps=steps, offset=_offset(offset),
+                               resize=resize, stage=lambda s: progress(0, desc=s), progress=True)
+        _show_warnings(report.warnings)
+        status = (f"**Inverted** {name} ({report.timings.line()}). NPI reconstruction: PSNR "
+                  f"{report.psnr:.2f} dB, SSIM {report.ssim:.3f}. Now edit it as often as you like.")
+        return (report.input_image, report.reconstruction, _psnr(report.psnr), report.timings.as_dict(),
+                str(report.inversion_file), status, session)
+
+    @_readable_errors
+    def edit(image, source_prompt, steps, offset, resize, target_prompt, method, controller, guidance,
+             cross_replace, self_replace, blend_source, blend_target, reweight, direct, attention_maps,
+             session: InversionCache, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+        path, name = _upload_path(image, upload_root)
+        request = parse_edit_request(target_prompt, method=method, controller=controller, guidance=guidance,
+                                     cross_replace=cross_replace, self_replace=self_replace,
+                                     blend_source=blend_source, blend_target=blend_target, reweight=reweight,
+                                     direct=direct, attention_maps=attention_maps)
+        report = engine.edit(session, path, source_prompt, request, name=name, steps=steps, offset=_offset(offset),
+                             resize=resize, stage=lambda s: progress(0, desc=s), progress=True)
+        _show_warnings(report.warnings)
+        out = report.outcome
+        status = (f"**Edited** toward \"{request.target}\" with {method}, {controller} ({report.timings.line()}). "
+                  f"Source branch: PSNR {out.psnr:.2f} dB to the input.")
+        return (report.input_image, out.edited, out.reconstruction, _psnr(out.psnr), out.maps,
+                report.timings.as_dict(), str(report.edit_file), str(report.inversion_file), status, session)
+
+    side = model.resolution
+    pixels = ["npinv-pixels"]
+    with gr.Blocks(title="npinv: invert once, edit many", analytics_enabled=False,
+                   delete_cache=(600, int(options.session_ttl_s))) as demo:
+        # Each session gets a deep copy of this empty cache (a callable would add a public load endpoint).
+        session = gr.State(InversionCache(cache_entries, cache_bytes), time_to_live=options.session_ttl_s,
+                           delete_callback=lambda c: c.clear())
+        gr.Markdown(
+            f"## npinv: Negative-prompt Inversion editor\n"
+            f"Model **{model.name}** ({side}x{side} px, {model.device.type}). Upload an image and describe it, "
+            f"invert it once, then edit it as often as you like: edits of the same image reuse its inversion, "
+            f"which is kept for this browser session only.")
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=320):
+                gr.Markdown("### 1. Invert")
+                image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], height=220,
+                                 elem_id="npinv-image", elem_classes=pixels)
+                source_prompt = gr.Textbox(label="Source prompt (describes the image)", elem_id="npinv-source",
+                                           placeholder="a red circle on a blue background")
+                with gr.Accordion("Inversion settings", open=False):
+                    steps = gr.Slider(1, limits.max_steps, value=50, step=1, label="DDIM steps")
+                    offset = gr.Radio(OFFSET_CHOICES, value="default", label="Timestep offset")
+                    resize = gr.Radio(["crop", "fit"], value="crop", label="Resize (crop: centre square)")
+                invert_btn = gr.Button("Invert", variant="primary", elem_id="npinv-invert")
+            with gr.Column(scale=2, min_width=480):
+                status = gr.Markdown("Upload an image or pick an example below.", label="Status", elem_id="npinv-status")
+                with gr.Row():
+                    input_view = gr.Image(label="Input (as the model sees it)", interactive=False, format="png",
+                                          height=220, elem_id="npinv-input", elem_classes=pixels)
+                    reconstruction = gr.Image(label="Reconstruction", interactive=False, format="png", height=220,
+                                              elem_id="npinv-reconstruction", elem_classes=pixels)
+                with gr.Row():
+                    psnr = gr.Number(None, label="Reconstruction PSNR (dB)", interactive=False, elem_id="npinv-psnr")
+                    inversion_file = gr.DownloadButton("Download inversion (.safetensors)", size="md",
+                                                       elem_id="npinv-download-inversion")
+        examples_slot = gr.Column()  # filled below, once the edit half's inputs exist
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1, min_width=320):
+                gr.Markdown("### 2. Edit")
+                target_prompt = gr.Textbox(label="Target prompt (the edit)", elem_id="npinv-target",
+                                           placeholder="a green circle on a blue background")
+                method = gr.Dropdown(METHOD_CHOICES, value="npi", label="Method")
+                controller = gr.Dropdown(CONTROLLER_CHOICES, value="replace", label="Attention control")
+                guidance = gr.Slider(0, 15, value=7.5, step=0.5, label="Guidance")
+                with gr.Accordion("Controller settings", open=False, elem_id="npinv-controller-settings"):
+                    cross_replace = gr.Slider(0, 1, value=0.8, step=0.05, label="Cross-attention replace (fraction)")
+                    self_replace = gr.Slider(0, 1, value=0.6, step=0.05, label="Self-attention replace (fraction)")
+                    with gr.Row():
+                        blend_source = gr.Textbox("", label="Blend: source word", placeholder="red")
+                        blend_target = gr.Textbox("", label="Blend: target word", placeholder="green")
+                    reweight = gr.Textbox("", label="Reweight (WORD=SCALE, ...)", placeholder="green=2")
+                    direct = gr.Checkbox(False, label="Direct inversion (pin the source branch)")
+                    attention_maps = gr.Checkbox(False, label="Show cross-attention maps per word",
+                                                 elem_id="npinv-maps-toggle")
+                edit_btn = gr.Button("Edit", variant="primary", elem_id="npinv-edit")
+            with gr.Column(scale=2, min_width=480):
+                with gr.Row():
+                    edited = gr.Image(label="Edit", interactive=False, format="png", height=220,
+                                      elem_id="npinv-edited", elem_classes=pixels)
+                    with gr.Column():
+                        edit_file = gr.DownloadButton("Download edit (PNG)", size="md", elem_id="npinv-download-edit")
+                        timings = gr.JSON(label="Timings and cache", elem_id="npinv-timings")
+                maps = gr.Gallery(label="Cross-attention maps per word", columns=7, height="auto", format="png",
+                                  elem_id="npinv-maps", elem_classes=pixels)
+        if options.examples:
+            with examples_slot:
+                gr.Examples(example_rows(), inputs=[image, source_prompt, target_prompt, controller, guidance,
+                                                    blend_source, blend_target],
+                            label="Bundled examples (64x64 shapes): pick one, then Invert and Edit",
+                            elem_id="npinv-examples")
+
+        settings = [image, source_prompt, steps, offset, resize]
+        # preprocess=False: the upload reaches engine.read_upload untouched, which gives readable
+        # errors for files that are not images; Gradio's own preprocessing would fail with an opaque one.
+        common = dict(concurrency_id="model", concurrency_limit=1, preprocess=False)
+        invert_btn.click(invert, [*settings, session],
+                         [input_view, reconstruction, psnr, timings, inversion_file, status, session],
+                         api_name="invert", **common)
+        edit_btn.click(edit, [*settings, target_prompt, method, controller, guidance, cross_replace, self_replace,
+                              blend_source, blend_target, reweight, direct, attention_maps, session],
+                       [input_view, edited, reconstruction, psnr, maps, timings, edit_file, inversion_file, status,
+                        session], api_name="edit", **common)
+    demo.queue(max_size=options.queue_size, default_concurrency_limit=1)
+    return demo
+
+
+def launch(demo: gr.Blocks, engine: Engine, options: ServeOptions) -> str:
+    """Serve ``demo`` on ``options.host:port`` in background threads and return its URL once it
+    listens: no share link, no analytics, bounded uploads and sessions. ``demo.close()`` stops it."""
+    try:
+        demo.launch(
+            server_name=options.host, server_port=options.port, share=False, prevent_thread_lock=True,
+            max_file_size=int(engine.limits.max_upload_mb * 2**20), state_session_capacity=options.max_sessions,
+            quiet=True, ssr_mode=False, mcp_server=False, pwa=False, enable_monitoring=False, inbrowser=False,
+            show_error=True, css=CSS)
+    except OSError as exc:
+        log.debug("launch failed: %s", exc)
+        raise NpinvError(f"cannot listen on {options.host}:{options.port}: the port is in use or the address is not "
+                         "this machine's; choose another --port or --host") from None
+    return demo.local_url or f"http://{options.host}:{options.port}/"
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(engine: Engine, options: ServeOptions) -> None:
+    """Build and serve the page until interrupted (``npinv serve``)."""
+    if not is_loopback(options.host):
+        print(f"npinv: warning: serving on {options.host}: anyone who can reach this machine can use the app "
+              "(there is no login)", file=sys.stderr)
+    demo = build_app(engine, options)
+    try:
+        url = launch(demo, engine, options)
+        print(f"npinv: serving {engine.model.name} on {url} (queue {options.queue_size}, uploads up to "
+              f"{engine.limits.max_upload_mb:g} MB); Ctrl-C stops", file=sys.stderr, flush=True)
+        try:
+            while demo.is_running:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            print("npinv: stopping", file=sys.stderr)
+    finally:
+        demo.close()
+        engine.close()
