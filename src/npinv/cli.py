@@ -35,6 +35,46 @@ def _schedule_args(p: argparse.ArgumentParser, guidance: float = 7.5) -> None:
                    help="timestep offset: 0 as published code, 1 as the SD config (default: the model's config)")
 
 
+def _edit_args(p: argparse.ArgumentParser, *, steps_default: int | None = 50) -> None:
+    """The editing settings every edit command takes (edit, edit-batch, edit-video)."""
+    p.add_argument("--method", default="npi", choices=["npi", "proxnpi", "proxnpi-noig", "nti", "ddim"],
+                   help="proxnpi: proximal guidance with inversion guidance; proxnpi-noig: without it")
+    p.add_argument("--controller", default="refine", choices=["replace", "refine", "reweight", "none"])
+    p.add_argument("--cross-replace", type=float, default=0.8, help="fraction of steps with cross-attention replaced")
+    p.add_argument("--cross-replace-word", action="append", default=[], metavar="WORD=FRACTION",
+                   help="per-word cross-replace fraction in the target prompt")
+    p.add_argument("--self-replace", default="0.6", help="fraction (or START,END window) of self-attention replacement")
+    p.add_argument("--blend", nargs=2, metavar=("SRC_WORD", "TGT_WORD"), help="local blend: edit only near these words")
+    p.add_argument("--blend-threshold", type=float, default=0.3)
+    p.add_argument("--reweight", action="append", default=[], metavar="WORD=SCALE",
+                   help="scale a target word's cross-attention")
+    p.add_argument("--direct", action="store_true", help="direct inversion: pin the source branch to the trajectory")
+    p.add_argument("--steps", type=int, default=steps_default,
+                   help="DDIM steps (default 50" + (", or the inversion's)" if steps_default is None else ")"))
+    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale w (default 7.5)")
+    p.add_argument("--offset", type=int, default=None, choices=[0, 1],
+                   help="timestep offset: 0 as published code, 1 as the SD config (default: the model's config)")
+    p.add_argument("--size", type=int, default=None, help="side in pixels for the model (default: the model's)")
+    p.add_argument("--resize", default="crop", choices=["crop", "fit"],
+                   help="crop: centre square crop; fit: keep aspect, sides multiples of 8")
+
+
+def _edit_settings(args, **extra):
+    """EditSettings from the flags of :func:`_edit_args`, checked."""
+    from npinv.editing import EditSettings
+
+    cross: float | dict[str, float] = args.cross_replace
+    if args.cross_replace_word:
+        cross = {"default_": args.cross_replace, **_pairs(args.cross_replace_word, "--cross-replace-word")}
+    settings = EditSettings(
+        method=args.method, controller=args.controller, guidance=args.guidance, cross_replace=cross,
+        self_replace=_window(args.self_replace), blend=tuple(args.blend) if args.blend else None,
+        blend_threshold=args.blend_threshold, reweight=_pairs(args.reweight, "--reweight"), direct=args.direct,
+        **extra)
+    settings.validate()
+    return settings
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="npinv", description="Fast real-image inversion and editing with diffusion models.")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
@@ -57,26 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--source", default=None, help="prompt describing the input (optional with --inversion)")
     p.add_argument("--target", action="append", required=True, help="edited prompt; repeat for several edits")
-    p.add_argument("--method", default="npi", choices=["npi", "proxnpi", "proxnpi-noig", "nti", "ddim"],
-                   help="proxnpi: proximal guidance with inversion guidance; proxnpi-noig: without it")
-    p.add_argument("--controller", default="refine", choices=["replace", "refine", "reweight", "none"])
-    p.add_argument("--cross-replace", type=float, default=0.8, help="fraction of steps with cross-attention replaced")
-    p.add_argument("--cross-replace-word", action="append", default=[], metavar="WORD=FRACTION",
-                   help="per-word cross-replace fraction in the target prompt")
-    p.add_argument("--self-replace", default="0.6", help="fraction (or START,END window) of self-attention replacement")
-    p.add_argument("--blend", nargs=2, metavar=("SRC_WORD", "TGT_WORD"), help="local blend: edit only near these words")
-    p.add_argument("--blend-threshold", type=float, default=0.3)
-    p.add_argument("--reweight", action="append", default=[], metavar="WORD=SCALE",
-                   help="scale a target word's cross-attention")
-    p.add_argument("--direct", action="store_true", help="direct inversion: pin the source branch to the trajectory")
+    _edit_args(p, steps_default=None)
     p.add_argument("--inversion", default=None, help="reuse a saved inversion (.safetensors) instead of inverting")
     p.add_argument("--save-inversion", default=None, help="write the inversion for later edits")
     p.add_argument("--save-attention", default=None, metavar="DIR", help="write per-word cross-attention heat maps")
-    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50, or the inversion's)")
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--offset", type=int, default=None, choices=[0, 1])
-    p.add_argument("--size", type=int, default=None)
-    p.add_argument("--resize", default="crop", choices=["crop", "fit"])
     p.add_argument("--out", required=True, help="edited image path; with several targets NAME_0.EXT, NAME_1.EXT, ...")
     p.add_argument("--json", action="store_true")
     _model_args(p)
@@ -85,18 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help='JSONL rows {"image", "source", "targets", ...settings} or CSV image,source,target')
     p.add_argument("--out", required=True, help="output folder: edits/, results.jsonl (reruns resume)")
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet call where settings and sizes agree")
-    p.add_argument("--method", default="npi", choices=["npi", "proxnpi", "proxnpi-noig", "nti", "ddim"])
-    p.add_argument("--controller", default="refine", choices=["replace", "refine", "reweight", "none"])
-    p.add_argument("--cross-replace", type=float, default=0.8)
-    p.add_argument("--self-replace", default="0.6", help="fraction or START,END")
-    p.add_argument("--blend", nargs=2, metavar=("SRC_WORD", "TGT_WORD"), help="local blend words for every row")
-    p.add_argument("--blend-threshold", type=float, default=0.3)
-    p.add_argument("--direct", action="store_true")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--offset", type=int, default=None, choices=[0, 1])
-    p.add_argument("--size", type=int, default=None)
-    p.add_argument("--resize", default="crop", choices=["crop", "fit"])
+    _edit_args(p)
     p.add_argument("--json", action="store_true")
     _model_args(p)
 
@@ -108,22 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("video", help="input video (anything FFmpeg reads: .mp4, .mov, .mkv, .webm, .avi, .gif, ...)")
     p.add_argument("--source", required=True, help="prompt describing every frame of the input")
     p.add_argument("--target", required=True, help="edited prompt")
-    p.add_argument("--method", default="npi", choices=["npi", "proxnpi", "proxnpi-noig", "nti", "ddim"],
-                   help="proxnpi: proximal guidance with inversion guidance; proxnpi-noig: without it")
-    p.add_argument("--controller", default="refine", choices=["replace", "refine", "reweight", "none"])
-    p.add_argument("--cross-replace", type=float, default=0.8, help="fraction of steps with cross-attention replaced")
-    p.add_argument("--cross-replace-word", action="append", default=[], metavar="WORD=FRACTION",
-                   help="per-word cross-replace fraction in the target prompt")
-    p.add_argument("--self-replace", default="0.6", help="fraction (or START,END window) of self-attention replacement")
-    p.add_argument("--blend", nargs=2, metavar=("SRC_WORD", "TGT_WORD"), help="local blend: edit only near these words")
-    p.add_argument("--blend-threshold", type=float, default=0.3)
-    p.add_argument("--reweight", action="append", default=[], metavar="WORD=SCALE",
-                   help="scale a target word's cross-attention")
-    p.add_argument("--direct", action="store_true", help="direct inversion: pin the source branch to the trajectory")
-    _schedule_args(p)
-    p.add_argument("--size", type=int, default=None, help="frame side in pixels for the model (default: the model's)")
-    p.add_argument("--resize", default="crop", choices=["crop", "fit"],
-                   help="crop: centre square crop; fit: keep aspect, sides multiples of 8")
+    _edit_args(p)
     p.add_argument("--batch-size", type=int, default=1, help="frames edited per UNet call (default 1)")
     p.add_argument("--max-frames", type=int, default=None, help="edit only the first N frames")
     p.add_argument("--keep-size", action="store_true",
@@ -283,7 +281,7 @@ def cmd_edit(args) -> int:
     import time
     from pathlib import Path
 
-    from npinv.editing import EditSettings, edit
+    from npinv.editing import edit
     from npinv.inversion import Inversion, ddim_inversion
     from npinv.io import check_output_path, image_grid, load_image, save_image, tensor_to_image
     from npinv.pipeline import load_input
@@ -295,15 +293,7 @@ def cmd_edit(args) -> int:
         check_output_path(args.save_inversion, inputs=(args.image,), image=False)
     if args.save_attention and Path(args.save_attention).exists() and not Path(args.save_attention).is_dir():
         raise NpinvError(f"--save-attention {args.save_attention} exists and is not a folder")
-    cross: float | dict[str, float] = args.cross_replace
-    if args.cross_replace_word:
-        cross = {"default_": args.cross_replace, **_pairs(args.cross_replace_word, "--cross-replace-word")}
-    settings = EditSettings(
-        method=args.method, controller=args.controller, guidance=args.guidance, cross_replace=cross,
-        self_replace=_window(args.self_replace), blend=tuple(args.blend) if args.blend else None,
-        blend_threshold=args.blend_threshold, reweight=_pairs(args.reweight, "--reweight"), direct=args.direct,
-        keep_attention_maps=bool(args.save_attention))
-    settings.validate()
+    settings = _edit_settings(args, keep_attention_maps=bool(args.save_attention))
     if args.inversion is None and not args.source:
         raise NpinvError("give --source (the prompt describing the input) or --inversion")
     load_image(args.image)
@@ -528,12 +518,12 @@ def cmd_edit_batch(args) -> int:
         raise NpinvError(f"--out {out} exists and is not a folder")
     if args.batch_size < 1:
         raise NpinvError("--batch-size must be at least 1")
-    window = _window(args.self_replace)
-    defaults = {"method": args.method, "controller": args.controller, "guidance": args.guidance, "steps": args.steps,
-                "offset": args.offset, "cross_replace": args.cross_replace,
-                "self_replace": list(window) if isinstance(window, tuple) else window,
-                "blend": list(args.blend) if args.blend else None, "blend_threshold": args.blend_threshold,
-                "direct": args.direct, "size": args.size, "resize": args.resize}
+    settings = _edit_settings(args)  # the flags are each row's defaults
+    defaults = {"method": settings.method, "controller": settings.controller, "guidance": settings.guidance,
+                "steps": args.steps, "offset": args.offset, "size": args.size, "resize": args.resize,
+                "cross_replace": settings.cross_replace,
+                "self_replace": list(settings.self_window), "blend": list(settings.blend) if settings.blend else None,
+                "blend_threshold": settings.blend_threshold, "reweight": settings.reweight, "direct": settings.direct}
     rows = read_manifest(args.manifest, defaults)  # every row checked before the model loads
     shard = current_shard()
     if shard.device and args.device is None:
@@ -553,19 +543,11 @@ def cmd_edit_batch(args) -> int:
 
 
 def cmd_edit_video(args) -> int:
-    from npinv.editing import EditSettings
     from npinv.video import check_video_output, edit_video, probe_video, require_av
 
     require_av()
     out = check_video_output(args.out, inputs=(args.video,))
-    cross: float | dict[str, float] = args.cross_replace
-    if args.cross_replace_word:
-        cross = {"default_": args.cross_replace, **_pairs(args.cross_replace_word, "--cross-replace-word")}
-    settings = EditSettings(
-        method=args.method, controller=args.controller, guidance=args.guidance, cross_replace=cross,
-        self_replace=_window(args.self_replace), blend=tuple(args.blend) if args.blend else None,
-        blend_threshold=args.blend_threshold, reweight=_pairs(args.reweight, "--reweight"), direct=args.direct)
-    settings.validate()
+    settings = _edit_settings(args)
     if args.batch_size < 1:
         raise NpinvError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_frames is not None and args.max_frames < 1:
