@@ -13,7 +13,9 @@ import functools
 import ipaddress
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -274,12 +276,21 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def serve(engine: Engine, options: ServeOptions) -> None:
     """Build and serve the page until interrupted (``npinv serve``)."""
     if not is_loopback(options.host):
         print(f"npinv: warning: serving on {options.host}: anyone who can reach this machine can use the app "
               "(there is no login)", file=sys.stderr)
     demo = build_app(engine, options)
+    if threading.current_thread() is threading.main_thread():
+        # Stop on Ctrl-C and on SIGTERM even when started from a shell that ignores SIGINT
+        # (a background job), where Python would leave it ignored.
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, _interrupt)
     try:
         url = launch(demo, engine, options)
         print(f"npinv: serving {engine.model.name} on {url} (queue {options.queue_size}, uploads up to "
