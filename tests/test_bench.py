@@ -32,7 +32,7 @@ def test_nanmean_skips_nan_and_none():
 
 
 def test_reconstruct_bench_is_resumable(tmp_path, sd_model, monkeypatch):
-    import npinv.bench.reconstruct as rb
+    import npinv.pipeline as rb
 
     clean = run_reconstruct_bench(sd_model, tmp_path / "clean", shapes=2, steps_list=(2, 3))
     rows = [json.loads(x) for x in (tmp_path / "clean" / "results.jsonl").read_text().splitlines()]

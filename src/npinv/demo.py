@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import time
 from importlib import resources
 from pathlib import Path
 
-from npinv.inversion import ddim_inversion, reconstruct
 from npinv.io import image_grid, save_image, tensor_to_image, write_text
-from npinv.metrics import image_metrics, tensor_to_unit
 from npinv.model import Model
-from npinv.pipeline import load_input
+from npinv.pipeline import invert_and_reconstruct_each, load_input
 
 DEMO_METHODS = [("ddim", 1.0), ("ddim", 7.5), ("nti", 7.5), ("npi", 7.5)]
 
@@ -28,18 +25,12 @@ def bundled_examples() -> list[dict]:
 def run_demo(model: Model, out_dir: Path, *, steps: int = 50, example: int = 0, progress: bool = True) -> list[dict]:
     item = bundled_examples()[example]
     image = load_input(item["path"], model)
-    start, calls = time.perf_counter(), model.counter.calls
-    inv = ddim_inversion(model, image, item["prompt"], steps=steps, progress=progress)
-    invert_s, invert_calls = time.perf_counter() - start, model.counter.calls - calls
-    rows, tiles = [], [tensor_to_image(image)]
-    for method, w in DEMO_METHODS:
-        start, calls = time.perf_counter(), model.counter.calls
-        rec = reconstruct(model, inv, method, w, progress=progress)
-        m = image_metrics(tensor_to_unit(image), tensor_to_unit(rec.image))
-        rows.append({"method": method, "guidance": w, "psnr": m["psnr"], "ssim": m["ssim"],
-                     "seconds": invert_s + time.perf_counter() - start,
-                     "unet_calls": invert_calls + model.counter.calls - calls})
-        tiles.append(tensor_to_image(rec.image))
+    scores = list(invert_and_reconstruct_each(model, image, item["prompt"], DEMO_METHODS, steps=steps,
+                                              progress=progress))
+    inv = scores[0].reconstruction.inversion  # DDIM's: the plain inversion, for the edits
+    rows = [{"method": sc.method, "guidance": sc.guidance, "psnr": sc.psnr, "ssim": sc.ssim, "seconds": sc.seconds,
+             "unet_calls": sc.unet_calls} for sc in scores]
+    tiles = [tensor_to_image(image)] + [tensor_to_image(sc.reconstruction.image) for sc in scores]
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = save_image(image_grid([tiles], scale=4), out_dir / "demo_reconstruction.png")
     write_text(out_dir / "demo_reconstruction.json", json.dumps({"example": item["image"], "prompt": item["prompt"],

@@ -16,10 +16,10 @@ import torch
 
 from npinv.bench.edit_shapes import edit_table, run_edit_shapes
 from npinv.guidance import CFG
-from npinv.inversion import ddim_inversion, reconstruct
 from npinv.io import image_grid, image_to_tensor, save_image, tensor_to_image, write_text
 from npinv.metrics import psnr, tensor_to_unit
 from npinv.model import Model, load_model
+from npinv.pipeline import invert_and_reconstruct_each
 from npinv.sampling import Branch, sample
 from npinv.scenes import random_scenes, read_scene
 
@@ -77,17 +77,11 @@ def reconstruction_table(model: Model, n: int, steps_list: list[int]) -> tuple[l
         per: dict[tuple[str, float], list[tuple[float, float, int]]] = {k: [] for k in RECON_SETTINGS}
         for k, scene in enumerate(scenes):
             x = image_to_tensor(scene.render(model.resolution))
-            start = time.perf_counter()
-            inv = ddim_inversion(model, x, scene.caption, steps=steps)
-            invert_s = time.perf_counter() - start
+            scores = invert_and_reconstruct_each(model, x, scene.caption, list(RECON_SETTINGS), steps=steps)
             tiles = [tensor_to_image(x)]
-            for method, w in RECON_SETTINGS:
-                start, calls = time.perf_counter(), model.counter.calls
-                rec = reconstruct(model, inv, method, w)
-                seconds = time.perf_counter() - start + invert_s
-                per[(method, w)].append((psnr(tensor_to_unit(x), tensor_to_unit(rec.image)), seconds,
-                                         model.counter.calls - calls + steps))
-                tiles.append(tensor_to_image(rec.image))
+            for sc in scores:
+                per[(sc.method, sc.guidance)].append((sc.psnr, sc.seconds, sc.unet_calls))
+                tiles.append(tensor_to_image(sc.reconstruction.image))
             if steps == max(steps_list) and k < 8:
                 grid.append(tiles)
         for (method, w), vals in per.items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -61,6 +62,41 @@ def run_reconstruction(
         unet_calls=model.counter.calls - calls0, unet_rows=model.counter.rows - rows0,
         reconstruction=rec, input_image=image,
     )
+
+
+@dataclasses.dataclass
+class MethodScore:
+    """One method's reconstruction of an image inverted once for all methods; ``seconds`` and
+    ``unet_calls`` include that shared inversion, as if the method had run alone."""
+
+    method: str
+    guidance: float
+    psnr: float
+    ssim: float
+    mse: float
+    seconds: float
+    invert_seconds: float
+    unet_calls: int
+    reconstruction: Reconstruction
+
+
+def invert_and_reconstruct_each(
+    model: Model, image: torch.Tensor, prompt: str, settings: list[tuple[str, float]], *, steps: int = 50,
+    offset: int | None = None, progress: bool = False,
+) -> Iterator[MethodScore]:
+    """Invert ``image`` once, then reconstruct it with each ``(method, guidance)``, timed side by side.
+    A generator, so that a caller can keep each result before the next method runs."""
+    calls0 = model.counter.calls
+    start = time.perf_counter()
+    inv = ddim_inversion(model, image, prompt, steps=steps, offset=offset, progress=progress)
+    invert_s, invert_calls = time.perf_counter() - start, model.counter.calls - calls0
+    for method, w in settings:
+        start, calls = time.perf_counter(), model.counter.calls
+        rec = reconstruct(model, inv, method, w, progress=progress)
+        seconds = time.perf_counter() - start
+        m = image_metrics(tensor_to_unit(image), tensor_to_unit(rec.image))
+        yield MethodScore(method, w, m["psnr"], m["ssim"], m["mse"], invert_s + seconds, invert_s,
+                          invert_calls + model.counter.calls - calls, rec)
 
 
 def generate(model: Model, prompt: str, *, seed: int = 0, guidance: float = 7.5, steps: int = 50,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import time
 from pathlib import Path
 
 import numpy as np
@@ -21,12 +20,11 @@ import numpy as np
 from npinv.bench.netmetrics import NetworkMetrics
 from npinv.bench.results import group, markdown_table, nanmean
 from npinv.errors import NpinvError
-from npinv.inversion import ddim_inversion, reconstruct
 from npinv.io import IMAGE_SUFFIXES, atomic_path, image_to_tensor, write_text
-from npinv.metrics import image_metrics, tensor_to_unit
+from npinv.metrics import tensor_to_unit
 from npinv.model import Model
 from npinv.parallel import Shard, ShardedResults
-from npinv.pipeline import load_input
+from npinv.pipeline import invert_and_reconstruct_each, load_input
 from npinv.scenes import random_scenes
 
 METHODS = {"ddim1": ("ddim", 1.0), "ddim": ("ddim", None), "nti": ("nti", None), "npi": ("npi", None)}
@@ -77,25 +75,20 @@ def run_reconstruct_bench(model: Model, out_dir: str | Path, *, images: str | No
             if not todo:
                 continue
             image = load()
-            calls0 = model.counter.calls
-            start = time.perf_counter()
-            inv = ddim_inversion(model, image, prompt, steps=steps, offset=offset)
-            invert_s, invert_calls = time.perf_counter() - start, model.counter.calls - calls0
-            for m in todo:
-                method, w = METHODS[m]
-                w = guidance if w is None else w
-                start, calls = time.perf_counter(), model.counter.calls
-                rec = reconstruct(model, inv, method, w)
-                seconds = time.perf_counter() - start
-                metrics = image_metrics(tensor_to_unit(image), tensor_to_unit(rec.image))
+            settings = [(METHODS[m][0], guidance if METHODS[m][1] is None else METHODS[m][1]) for m in todo]
+            # Each method's row is kept as soon as it is scored: a killed run loses only the one in progress.
+            scores = invert_and_reconstruct_each(model, image, prompt, settings, steps=steps, offset=offset)
+            for m, sc in zip(todo, scores, strict=True):
                 lpips_value = None
                 if nets.lpips is not None:
-                    a, b = tensor_to_unit(image), tensor_to_unit(rec.image)
+                    a, b = tensor_to_unit(image), tensor_to_unit(sc.reconstruction.image)
                     lpips_value = nets.lpips_distance(a, b, np.zeros(a.shape[:2], dtype=bool))
+                offset_used = int(sc.reconstruction.inversion.schedule["offset"])
                 results.add({"key": _key(name, m, steps, guidance), "image": name, "prompt": prompt, "method": m,
-                             "steps": steps, "guidance": w, "offset": int(inv.schedule["offset"]), **metrics,
-                             "lpips": lpips_value, "seconds": invert_s + seconds, "invert_seconds": invert_s,
-                             "unet_calls": invert_calls + model.counter.calls - calls, "model": model.name})
+                             "steps": steps, "guidance": sc.guidance, "offset": offset_used,
+                             "psnr": sc.psnr, "ssim": sc.ssim, "mse": sc.mse, "lpips": lpips_value,
+                             "seconds": sc.seconds, "invert_seconds": sc.invert_seconds, "unet_calls": sc.unet_calls,
+                             "model": model.name})
             if progress:
                 print(f"{name} {steps} steps done", flush=True)
     summary = summarize(results.merge(), methods, steps_list)
