@@ -49,54 +49,34 @@ def run_reconstruction(
     offset: int | None = None, progress: bool = False, inversion: Inversion | None = None,
 ) -> ReconstructReport:
     """Invert (unless ``inversion`` is given) and reconstruct one image; time and count both parts."""
-    calls0, rows0 = model.counter.calls, model.counter.rows
-    start = time.perf_counter()
-    inv = inversion or ddim_inversion(model, image, prompt, steps=steps, offset=offset, progress=progress)
-    inverted = time.perf_counter()
-    rec = reconstruct(model, inv, method, guidance, progress=progress)
-    seconds = time.perf_counter() - start
-    m = image_metrics(tensor_to_unit(image), tensor_to_unit(rec.image))
-    return ReconstructReport(
-        method=method, steps=inv.steps, guidance=guidance, offset=int(inv.schedule["offset"]), psnr=m["psnr"],
-        ssim=m["ssim"], mse=m["mse"], seconds=seconds, invert_seconds=inverted - start,
-        unet_calls=model.counter.calls - calls0, unet_rows=model.counter.rows - rows0,
-        reconstruction=rec, input_image=image,
-    )
-
-
-@dataclasses.dataclass
-class MethodScore:
-    """One method's reconstruction of an image inverted once for all methods; ``seconds`` and
-    ``unet_calls`` include that shared inversion, as if the method had run alone."""
-
-    method: str
-    guidance: float
-    psnr: float
-    ssim: float
-    mse: float
-    seconds: float
-    invert_seconds: float
-    unet_calls: int
-    reconstruction: Reconstruction
+    return next(invert_and_reconstruct_each(model, image, prompt, [(method, guidance)], steps=steps, offset=offset,
+                                            progress=progress, inversion=inversion))
 
 
 def invert_and_reconstruct_each(
     model: Model, image: torch.Tensor, prompt: str, settings: list[tuple[str, float]], *, steps: int = 50,
-    offset: int | None = None, progress: bool = False,
-) -> Iterator[MethodScore]:
-    """Invert ``image`` once, then reconstruct it with each ``(method, guidance)``, timed side by side.
-    A generator, so that a caller can keep each result before the next method runs."""
-    calls0 = model.counter.calls
+    offset: int | None = None, progress: bool = False, inversion: Inversion | None = None,
+) -> Iterator[ReconstructReport]:
+    """Invert ``image`` once (unless ``inversion`` is given), then reconstruct it with each
+    ``(method, guidance)``, timed side by side. Each report's ``seconds``, ``unet_calls`` and
+    ``unet_rows`` include the shared inversion, as if the method had run alone. A generator, so
+    that a caller can keep each result before the next method runs."""
+    calls0, rows0 = model.counter.calls, model.counter.rows
     start = time.perf_counter()
-    inv = ddim_inversion(model, image, prompt, steps=steps, offset=offset, progress=progress)
-    invert_s, invert_calls = time.perf_counter() - start, model.counter.calls - calls0
+    inv = inversion or ddim_inversion(model, image, prompt, steps=steps, offset=offset, progress=progress)
+    invert_s = time.perf_counter() - start
+    invert_calls, invert_rows = model.counter.calls - calls0, model.counter.rows - rows0
     for method, w in settings:
-        start, calls = time.perf_counter(), model.counter.calls
+        start, calls, rows = time.perf_counter(), model.counter.calls, model.counter.rows
         rec = reconstruct(model, inv, method, w, progress=progress)
         seconds = time.perf_counter() - start
         m = image_metrics(tensor_to_unit(image), tensor_to_unit(rec.image))
-        yield MethodScore(method, w, m["psnr"], m["ssim"], m["mse"], invert_s + seconds, invert_s,
-                          invert_calls + model.counter.calls - calls, rec)
+        yield ReconstructReport(
+            method=method, steps=inv.steps, guidance=w, offset=int(inv.schedule["offset"]), psnr=m["psnr"],
+            ssim=m["ssim"], mse=m["mse"], seconds=invert_s + seconds, invert_seconds=invert_s,
+            unet_calls=invert_calls + model.counter.calls - calls, unet_rows=invert_rows + model.counter.rows - rows,
+            reconstruction=rec, input_image=image,
+        )
 
 
 def generate(model: Model, prompt: str, *, seed: int = 0, guidance: float = 7.5, steps: int = 50,

@@ -83,9 +83,8 @@ def run_reconstruct_bench(model: Model, out_dir: str | Path, *, images: str | No
                 if nets.lpips is not None:
                     a, b = tensor_to_unit(image), tensor_to_unit(sc.reconstruction.image)
                     lpips_value = nets.lpips_distance(a, b, np.zeros(a.shape[:2], dtype=bool))
-                offset_used = int(sc.reconstruction.inversion.schedule["offset"])
                 results.add({"key": _key(name, m, steps, guidance), "image": name, "prompt": prompt, "method": m,
-                             "steps": steps, "guidance": sc.guidance, "offset": offset_used,
+                             "steps": steps, "guidance": sc.guidance, "offset": sc.offset,
                              "psnr": sc.psnr, "ssim": sc.ssim, "mse": sc.mse, "lpips": lpips_value,
                              "seconds": sc.seconds, "invert_seconds": sc.invert_seconds, "unet_calls": sc.unet_calls,
                              "model": model.name})
