@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from npinv.attention.align import find_word
 from npinv.editing import EDIT_METHODS, EditJob, EditSettings, _cross_edit, edit_batch
 from npinv.errors import NpinvError
 from npinv.inversion import ddim_inversion_batch
@@ -98,12 +99,14 @@ def edit_settings(s: dict[str, Any]) -> EditSettings:
 
 @dataclasses.dataclass(frozen=True)
 class EditItem:
-    """One edit: a row's ``k``-th target."""
+    """One edit: a row's ``k``-th target, with the keys of the inversion and the edit call it shares."""
 
     row: ManifestRow
     k: int
     key: str
     output: Path
+    inv_key: str
+    set_key: str
 
     @property
     def target(self) -> str:
@@ -239,8 +242,6 @@ def check_words(model: Model, rows: list[ManifestRow]) -> None:
         try:
             _cross_edit(tok, row.source, list(row.targets), row.settings["steps"], settings)
             if settings.blend is not None:
-                from npinv.attention.align import find_word
-
                 find_word(tok, row.source, settings.blend[0])
                 for t in row.targets:
                     find_word(tok, t, settings.blend[1])
@@ -264,9 +265,10 @@ def settings_key(row: ManifestRow) -> str:
 def plan(rows: list[ManifestRow], out: Path, model: Model) -> list[EditItem]:
     items = []
     for row in rows:
+        inv_key, set_key = inversion_key(row), settings_key(row)
         for k, target in enumerate(row.targets):
-            key = f"L{row.line}T{k}:" + _digest(inversion_key(row), settings_key(row), target, model.fingerprint)
-            items.append(EditItem(row, k, key, out / "edits" / f"{row.line:05d}-{k}-{row.name}.png"))
+            key = f"L{row.line}T{k}:" + _digest(inv_key, set_key, target, model.fingerprint)
+            items.append(EditItem(row, k, key, out / "edits" / f"{row.line:05d}-{k}-{row.name}.png", inv_key, set_key))
     return items
 
 
@@ -298,14 +300,14 @@ def run_batch(model: Model, rows: list[ManifestRow], out: str | Path, *, batch_s
     # Deal source images (one inversion each) to processes. This process inverts its pending
     # images batch_size at a time (equal steps, offset and size), then edits each such chunk with
     # one edit call per setting: images sharing a setting share the UNet batch.
-    sources = list(dict.fromkeys(inversion_key(it.row) for it in items))
+    sources = list(dict.fromkeys(it.inv_key for it in items))
     mine = {key for n, key in enumerate(sources) if shard.owns(n)}
     # An edit call with a missing target reruns its finished targets too (same batch, so the same
     # pixels as an uninterrupted run), keeping their files and rows.
     calls: dict[tuple[str, str], list[EditItem]] = {}
     for it in items:
-        if inversion_key(it.row) in mine:
-            calls.setdefault((inversion_key(it.row), settings_key(it.row)), []).append(it)
+        if it.inv_key in mine:
+            calls.setdefault((it.inv_key, it.set_key), []).append(it)
     pending: dict[str, list[EditItem]] = {}
     for (inv_key, _), its in calls.items():
         if any(not _finished(it, results) for it in its):
@@ -332,20 +334,19 @@ def _prepared(row: ManifestRow, model: Model) -> torch.Tensor:
 
 @dataclasses.dataclass
 class _Source:
-    key: str
-    items: list[EditItem]
+    items: list[EditItem]  # every edit of this image that runs now
     image: torch.Tensor
 
 
 def _chunks(pending: dict[str, list[EditItem]], model: Model, batch_size: int):
     """Source images ``batch_size`` at a time among those of equal steps, offset and prepared size."""
     buckets: dict[tuple, list[_Source]] = {}
-    for inv_key, its in pending.items():
+    for its in pending.values():
         row = its[0].row
         image = _prepared(row, model)
         shape_key = (row.settings["steps"], row.settings["offset"], tuple(image.shape))
         bucket = buckets.setdefault(shape_key, [])
-        bucket.append(_Source(inv_key, its, image))
+        bucket.append(_Source(its, image))
         if len(bucket) == batch_size:
             yield buckets.pop(shape_key)
     yield from (b for b in buckets.values() if b)
@@ -363,7 +364,7 @@ def _run_chunk(model: Model, chunk: list[_Source], results: ShardedResults, prog
     for n, src in enumerate(chunk):
         per_setting: dict[str, list[EditItem]] = {}
         for it in src.items:
-            per_setting.setdefault(settings_key(it.row), []).append(it)
+            per_setting.setdefault(it.set_key, []).append(it)
         for set_key, its in per_setting.items():
             calls.setdefault(set_key, []).append((n, its))
     n_edits = sum(len(src.items) for src in chunk)
@@ -373,6 +374,7 @@ def _run_chunk(model: Model, chunk: list[_Source], results: ShardedResults, prog
         t1 = time.perf_counter()
         edited = edit_batch(model, [EditJob(inversions[n], [it.target for it in its]) for n, its in jobs], settings)
         edit_s = time.perf_counter() - t1
+        call_edits = sum(len(its) for _, its in jobs)
         for (n, its), result in zip(jobs, edited, strict=True):
             inversions[n] = result.inversion  # NTI's optimised negatives serve the next setting too
             for j, it in enumerate(its):
@@ -383,12 +385,12 @@ def _run_chunk(model: Model, chunk: list[_Source], results: ShardedResults, prog
                 results.add({
                     "key": it.key, "line": it.row.line, "target_index": it.k, "image": str(it.row.image),
                     "source": it.row.source, "target": it.target, "output": str(it.output),
-                    "seconds": invert_s / n_edits + edit_s / sum(len(x) for _, x in jobs),
-                    "invert_seconds": invert_s / len(chunk), "edit_seconds": edit_s / sum(len(x) for _, x in jobs),
+                    "seconds": invert_s / n_edits + edit_s / call_edits,
+                    "invert_seconds": invert_s / len(chunk), "edit_seconds": edit_s / call_edits,
                     "batch_images": len(jobs), "method": s["method"], "controller": s["controller"],
                     "guidance": s["guidance"], "steps": s["steps"], "direct": s["direct"], "rank": results.shard.rank})
                 count += 1
         if progress:
-            progress(f"{sum(len(x) for _, x in jobs)} edit(s) of {len(jobs)} image(s) in {edit_s:.1f} s "
+            progress(f"{call_edits} edit(s) of {len(jobs)} image(s) in {edit_s:.1f} s "
                      f"(inversion of {len(chunk)} image(s): {invert_s:.1f} s)")
     return count
