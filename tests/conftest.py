@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny import build_sd, build_sdxl  # noqa: E402
+from tiny import build_sd, build_sd15_layout, build_sdxl, build_sdxl_layout  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -25,6 +25,18 @@ def sd_v_folder(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sdxl_folder(tmp_path_factory) -> Path:
     return build_sdxl(tmp_path_factory.mktemp("sdxl"))
+
+
+@pytest.fixture(scope="session")
+def sd15_layout_folder(tmp_path_factory) -> Path:
+    """SD 1.5's block layout, tokenizer and 512 px default at tiny widths (tests/tiny.py)."""
+    return build_sd15_layout(tmp_path_factory.mktemp("sd15_layout"))
+
+
+@pytest.fixture(scope="session")
+def sdxl_layout_folder(tmp_path_factory) -> Path:
+    """SDXL's block layout, two tokenizers and 1024 px default at tiny widths (tests/tiny.py)."""
+    return build_sdxl_layout(tmp_path_factory.mktemp("sdxl_layout"))
 
 
 @pytest.fixture(scope="session")

@@ -48,10 +48,10 @@ def test_replace_mapper_by_hand(tok):
     k = tok.model_max_length
     assert m.shape == (k, k)
     assert torch.equal(m, torch.eye(k))  # one-token words swapped in place: identity
-    # A one-token word replaced by an n-token word: each new token takes the old word's attention.
+    # A one-token word replaced by an n-token word: the new tokens share the old word's attention.
     m = replace_mapper(tok, "a red circle", "a zebra circle")
     n = len(word_spans(tok, "a zebra circle")[1])
-    assert m[2, 2 : 2 + n].tolist() == [1.0] * n
+    assert m[2, 2 : 2 + n].tolist() == pytest.approx([1.0 / n] * n)
     assert m[3, 2 + n] == 1.0  # "circle" follows, shifted
     assert m[4, 3 + n] == 1.0  # EOS after the words maps to EOS after the words
     with pytest.raises(NpinvError, match="equal word counts.*refine"):
@@ -183,6 +183,41 @@ def test_bad_edit_settings(sd_model, inversion):
         edit(sd_model, inversion, ["a big red square on a blue background"], EditSettings(controller="replace"))
     with pytest.raises(NpinvError, match="unknown method"):
         edit(sd_model, inversion, ["x"], EditSettings(method="magic"))
+
+
+def test_blend_maps_are_read_after_the_controllers_edit(sd_model, inversion):
+    """As in the reference (its store keeps the tensor the controller then edits in place), local
+    blend reads the targets' cross-attention after the source's maps were injected: with a one-token
+    swap replaced at every step, the target's recorded maps are the source's."""
+    settings = EditSettings(controller="replace", cross_replace=1.0, blend=("circle", "square"))
+    res = edit(sd_model, inversion, ["a red square on a blue background"], settings)
+    sums = res.controller.blend_sum
+    torch.testing.assert_close(sums[1], sums[0], rtol=0, atol=1e-6)
+
+
+def test_local_blend_starts_at_int_start_times_steps(sd_model, inversion):
+    """Blend acts from step int(blend_start * steps), as the null-text notebook's counter does
+    (5 steps: 0.2 and 0.39 both start at step 1, 0.4 at step 2, 1.0 never blends)."""
+    target = ["a red square on a blue background"]
+
+    def run(start):
+        return edit(sd_model, inversion, target, EditSettings(controller="replace", blend=("circle", "square"),
+                                                            blend_start=start)).latents
+
+    assert torch.equal(run(0.2), run(0.39))
+    assert not torch.equal(run(0.2), run(0.4))
+    unblended = edit(sd_model, inversion, target, EditSettings(controller="replace")).latents
+    assert torch.equal(run(1.0), unblended)
+
+
+def test_self_replacement_layers_follow_the_size_setting(sd_model, inversion):
+    """Self-attention is replaced in layers whose query maps are at most the given fraction of the
+    latent's side (0.5: 32x32 at 512 px, the reference); cross-attention is edited everywhere."""
+    target = ["a red square on a blue background"]
+    for size, expected in ((0.5, {(8, 8)}), (1.0, {(16, 16), (8, 8)})):
+        res = edit(sd_model, inversion, target, EditSettings(controller="replace", self_replace_size=size))
+        assert res.controller.seen["self_replaced"] == expected
+        assert res.controller.seen["cross_edited"] == {(16, 16), (8, 8)}
 
 
 @pytest.mark.parametrize("fixture", ["sd_v_folder", "sdxl_folder"])

@@ -35,7 +35,7 @@ from npinv.attention.align import find_word
 from npinv.editing import EDIT_METHODS, EditJob, EditSettings, _cross_edit, edit_batch
 from npinv.errors import NpinvError
 from npinv.inversion import ddim_inversion_batch
-from npinv.io import image_to_tensor, load_image, prepare_image, save_image, tensor_to_image
+from npinv.io import image_to_tensor, load_image, prepare_image, remove_stale_temporaries, save_image, tensor_to_image
 from npinv.model import Model
 from npinv.parallel import Shard, ShardedResults
 
@@ -380,6 +380,7 @@ def _run_chunk(model: Model, chunk: list[_Source], results: ShardedResults, prog
             for j, it in enumerate(its):
                 if _finished(it, results):
                     continue
+                remove_stale_temporaries(it.output)  # a killed run's half-written copy; this process owns the output
                 save_image(tensor_to_image(result.images[j : j + 1]), it.output)
                 s = it.row.settings
                 results.add({

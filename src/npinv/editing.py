@@ -13,11 +13,13 @@ combines with every method.
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 import torch
 
 from npinv.attention.align import (
+    as_window,
     cross_replace_alpha,
     find_word,
     refine_mapper,
@@ -25,7 +27,7 @@ from npinv.attention.align import (
     reweight_vector,
 )
 from npinv.attention.control import BlendWords, BranchGroup, CrossEdit, EditController, LocalBlend
-from npinv.attention.processor import controlled_attention, layer_infos
+from npinv.attention.processor import controlled_attention, layer_infos, map_size
 from npinv.errors import NpinvError
 from npinv.guidance import CFG, ProximalGuidance
 from npinv.inversion import Inversion, reconstruct
@@ -43,10 +45,18 @@ class EditSettings:
     method: str = "npi"
     controller: str = "refine"
     guidance: float = 7.5
-    cross_replace: float | dict[str, float] = 0.8
+    # A fraction f (the first f of the steps), a window (start, end), or per-word values with "default_".
+    cross_replace: float | tuple[float, float] | dict[str, float | tuple[float, float]] = 0.8
     self_replace: float | tuple[float, float] = 0.6
+    # Self-attention is replaced in layers whose query maps are at most this fraction of the latent's
+    # side: 0.5 is 32x32 at 512 px, as google/prompt-to-prompt (diffusers' community pipeline: 0.25).
+    self_replace_size: float = 0.5
     blend: tuple[str, str] | None = None
     blend_threshold: float = 0.3
+    blend_start: float = 0.2  # local blend acts from step int(blend_start * steps), as the null-text notebook
+    # Side (longer, in cells) of the cross-attention maps local blend reads; None: the layers whose maps
+    # are closest to 16 cells (the reference's 16x16 layers at 512 px).
+    blend_res: int | None = None
     reweight: dict[str, float] = dataclasses.field(default_factory=dict)
     direct: bool = False
     prox_quantile: float = 0.75
@@ -59,17 +69,23 @@ class EditSettings:
             raise NpinvError(f"unknown method {self.method!r}; choose one of {', '.join(EDIT_METHODS)}")
         if self.controller not in CONTROLLERS:
             raise NpinvError(f"unknown controller {self.controller!r}; choose one of {', '.join(CONTROLLERS)}")
-        window = self.self_window
-        if not 0.0 <= window[0] <= window[1] <= 1.0:
-            raise NpinvError("self-replace must be a fraction in [0, 1] or a window start <= end within [0, 1]")
+        if not 0.0 <= self.guidance < float("inf"):  # NaN fails too
+            raise NpinvError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        as_window(self.self_replace, "self-replace")
+        for value in (self.cross_replace.values() if isinstance(self.cross_replace, dict) else [self.cross_replace]):
+            as_window(value, "cross-replace")
+        if not 0.0 < self.self_replace_size <= 1.0:
+            raise NpinvError(f"self-replace-size must be a fraction in (0, 1], got {self.self_replace_size}")
+        if not 0.0 <= self.blend_start <= 1.0:
+            raise NpinvError(f"blend-start must be a fraction in [0, 1], got {self.blend_start}")
+        if self.blend_res is not None and self.blend_res < 1:
+            raise NpinvError(f"blend-res must be a positive number of cells, got {self.blend_res}")
         if self.controller == "reweight" and not self.reweight:
             raise NpinvError("the reweight controller needs at least one --reweight WORD=SCALE")
 
     @property
     def self_window(self) -> tuple[float, float]:
-        if isinstance(self.self_replace, (int, float)):
-            return (0.0, float(self.self_replace))
-        return (float(self.self_replace[0]), float(self.self_replace[1]))
+        return as_window(self.self_replace, "self-replace")
 
 
 @dataclasses.dataclass
@@ -141,10 +157,15 @@ def _negatives(method: str, inv: Inversion, model: Model, guidance: float) -> tu
     return list(inv.negatives), list(inv.negatives), inv
 
 
-def blend_downscale(unet, latent_hw: tuple[int, int]) -> int:
-    """The cross-attention downscale closest to the reference's 16x16 maps of a 64x64 latent (4)."""
+BLEND_SIDE = 16  # the reference reads the 16x16 cross-attention layers of SD at 512 px
+
+
+def blend_downscale(unet, latent_hw: tuple[int, int], side: int | None = None) -> int:
+    """The downscale of the cross-attention layers local blend reads: those whose maps' longer side is
+    closest to ``side`` cells (default 16, the reference's layers at 512 px), the finer on a tie."""
+    want = side or BLEND_SIDE
     scales = sorted({i.downscale for i in layer_infos(unet).values() if i.is_cross})
-    return min(scales, key=lambda s: (abs(s - 4), -s))
+    return min(scales, key=lambda s: (abs(math.log2(max(map_size(latent_hw, s)) / want)), s))
 
 
 def edit(model: Model, inv: Inversion, targets: list[str], settings: EditSettings, *,
@@ -210,7 +231,7 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
         offset += 1 + n
     controller = EditController(
         steps, groups, settings.self_window if settings.controller != "none" else (0.0, 0.0),
-        blend_downscale=blend_downscale(model.unet, hw) if blend_words else None,
+        blend_downscale=blend_downscale(model.unet, hw, settings.blend_res) if blend_words else None,
         keep_maps=settings.keep_attention_maps)
 
     start = time.perf_counter()
@@ -238,11 +259,11 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
         hooks.append(DirectInversion([(g.source, inv.trajectory) for g, inv in zip(groups, inversions, strict=True)]))
     blend = None
     if blend_words:
-        blend = LocalBlend(controller, blend_words, threshold=settings.blend_threshold)
+        blend = LocalBlend(controller, blend_words, threshold=settings.blend_threshold, start=settings.blend_start)
         hooks.append(blend)
     z_start = torch.cat([inv.noise.expand(1 + len(job.targets), *inv.noise.shape[1:])
                          for inv, job in zip(inversions, jobs, strict=True)])
-    with controlled_attention(model.unet, controller, self_min_downscale=2):
+    with controlled_attention(model.unet, controller, self_min_downscale=1 / settings.self_replace_size):
         result = sample(model, z_start, first.schedule_for(model), branches, guidance, controller=controller,
                         hooks=hooks, progress="edit" if progress else None)
     images = model.decode(result.latents)

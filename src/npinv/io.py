@@ -33,6 +33,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def remove_stale_temporaries(path: str | Path) -> list[Path]:
+    """Delete what :func:`atomic_path` left beside ``path`` when a process was killed mid-write.
+
+    Call it only where this process is the one writer of ``path`` (an edit it owns, a merge under
+    its lock): another writer's temporary file would vanish under it.
+    """
+    path = Path(path)
+    stale = list(path.parent.glob(f".{glob_escape(path.name)}.*.tmp"))
+    for p in stale:
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+    return stale
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def check_output_path(out: str | Path, *, inputs: tuple[str | Path, ...] = (), image: bool = True) -> Path:
     """Fail early (before any model work) if ``out`` cannot be written or would clobber an input."""
     out = Path(out)

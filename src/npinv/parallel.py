@@ -21,7 +21,7 @@ from typing import Any
 
 from npinv.bench.results import ResultsFile
 from npinv.errors import NpinvError
-from npinv.io import atomic_path
+from npinv.io import atomic_path, remove_stale_temporaries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +98,7 @@ class ShardedResults:
                 for row in ResultsFile(path).rows if path.exists() else []:
                     rows.setdefault(row["key"], row)
             merged = sorted(rows.values(), key=order) if order else list(rows.values())
+            remove_stale_temporaries(self.final)  # from a merge that was killed; the lock makes this the one writer
             with atomic_path(self.final) as tmp:
                 tmp.write_text("".join(json.dumps(r) + "\n" for r in merged))
             for part in self._parts():

@@ -1,7 +1,9 @@
 """Token bookkeeping for Prompt-to-Prompt: word spans, the word-swap ("replace") mapper, the global
 alignment ("refine") mapper, reweighting and per-step cross-attention replacement weights.
 
-Token index 0 is BOS, so word indices count it, as in the reference code.
+Token index 0 is BOS, so word indices count it, as in the reference code (google/prompt-to-prompt's
+``seq_aligner.py`` and ``ptp_utils.py``). Where npinv deliberately differs from it, docs/method.md
+says so and a test in tests/test_align.py shows why.
 """
 
 from __future__ import annotations
@@ -13,15 +15,28 @@ import torch
 
 from npinv.errors import NpinvError
 
+Window = tuple[float, float]
+
 
 def word_spans(tokenizer, text: str) -> list[list[int]]:
-    """Token positions of each space-separated word of ``text`` (BOS is position 0)."""
+    """Token positions of each whitespace-separated word of ``text`` (BOS is position 0).
+
+    Each word is tokenized on its own: CLIP's pre-tokenizer never joins across whitespace, so the
+    spans add up to the prompt's own tokens. (The reference decodes tokens and counts characters,
+    which loses its place on unicode and symbols.) Positions past the token limit are included:
+    callers decide what a truncated word means.
+    """
     spans, pos = [], 1
     for word in text.split():
         n = len(tokenizer.encode(word, add_special_tokens=False))
         spans.append(list(range(pos, pos + n)))
         pos += n
     return spans
+
+
+def last_word_position(tokenizer) -> int:
+    """The last position a word token can take: the limit keeps BOS, 75 tokens and EOS."""
+    return tokenizer.model_max_length - 2
 
 
 def token_ids(tokenizer, text: str) -> list[int]:
@@ -31,34 +46,34 @@ def token_ids(tokenizer, text: str) -> list[int]:
 def replace_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
     """(K, K) matrix M with ``target_attention = source_attention @ M`` for a word swap.
 
-    Word ``i`` of the source maps to word ``i`` of the target; a word spanning a different number
-    of tokens spreads its attention evenly. Positions after the words (EOS, padding) map in order.
+    Word ``i`` of the source maps to word ``i`` of the target. Where the two words span different
+    numbers of tokens, every source token of the word sends ``1 / len(target span)`` to each target
+    token, so the word's total attention is kept (the reference's rule); every row of M sums to 1.
+    Positions after the words (EOS, padding) map in order, source ``i`` to target ``j`` (the
+    reference writes ``M[j, j]`` there, a bug that shifts everything after an uneven swap).
     """
     src, tgt = word_spans(tokenizer, source), word_spans(tokenizer, target)
     if len(src) != len(tgt):
         raise NpinvError(
             f"replace needs prompts with equal word counts ({len(src)} vs {len(tgt)}): "
-            f"{source!r} -> {target!r}; use --controller refine")
+            f"{source!r} -> {target!r}; use the refine controller")
     k = tokenizer.model_max_length
+    last = last_word_position(tokenizer)
     m = torch.zeros(k, k)
     m[0, 0] = 1.0
     for s, t in zip(src, tgt, strict=True):
-        for tj, t_pos in enumerate(t):
-            if len(s) == len(t):
-                _set(m, s[tj], t_pos, 1.0)
-            else:
-                for s_pos in s:
-                    _set(m, s_pos, t_pos, 1.0 / len(s))
-    s_end = src[-1][-1] + 1 if src else 1
-    t_end = tgt[-1][-1] + 1 if tgt else 1
+        s, t = [p for p in s if p <= last], [p for p in t if p <= last]  # words cut off by the limit
+        if not s or not t:
+            continue
+        if len(s) == len(t):
+            m[s, t] = 1.0
+        else:
+            m[torch.tensor(s)[:, None], torch.tensor(t)] = 1.0 / len(t)
+    s_end = min(src[-1][-1] + 1 if src else 1, last + 1)  # EOS position of the (truncated) prompt
+    t_end = min(tgt[-1][-1] + 1 if tgt else 1, last + 1)
     for r in range(k - max(s_end, t_end)):
         m[s_end + r, t_end + r] = 1.0
     return m
-
-
-def _set(m: torch.Tensor, i: int, j: int, v: float) -> None:
-    if i < m.shape[0] and j < m.shape[1]:  # words past the token limit were truncated away
-        m[i, j] = v
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,23 +86,31 @@ class RefineMap:
 
 def global_alignment(x: list[int], y: list[int], match: int = 1, mismatch: int = -1, gap: int = 0) -> list[int]:
     """Needleman-Wunsch alignment of ``y`` to ``x``: for each position of ``y`` the aligned position
-    of ``x``, or -1 for an inserted token. Ties prefer the diagonal, then a gap in ``x``."""
+    of ``x``, or -1 for an inserted token.
+
+    Ties are broken as the reference's traceback breaks them: a gap in ``x`` (``y``'s token is new)
+    first, then a gap in ``y``, then the diagonal.
+    """
     n, m = len(x), len(y)
     score = np.zeros((n + 1, m + 1), dtype=np.int64)
     score[:, 0] = np.arange(n + 1) * gap
     score[0, :] = np.arange(m + 1) * gap
+    move = np.zeros((n + 1, m + 1), dtype=np.int8)  # 1: left (new y token), 2: up (dropped x token), 3: diagonal
+    move[0, 1:], move[1:, 0] = 1, 2
     for i in range(1, n + 1):
         for j in range(1, m + 1):
+            left, up = score[i, j - 1] + gap, score[i - 1, j] + gap
             diag = score[i - 1, j - 1] + (match if x[i - 1] == y[j - 1] else mismatch)
-            score[i, j] = max(diag, score[i - 1, j] + gap, score[i, j - 1] + gap)
+            best = max(left, up, diag)
+            score[i, j] = best
+            move[i, j] = 1 if best == left else 2 if best == up else 3
     out = [-1] * m
     i, j = n, m
-    while i > 0 and j > 0:
-        diag = score[i - 1, j - 1] + (match if x[i - 1] == y[j - 1] else mismatch)
-        if score[i, j] == diag:
-            out[j - 1] = i - 1
+    while i > 0 or j > 0:
+        if move[i, j] == 3:
             i, j = i - 1, j - 1
-        elif score[i, j] == score[i, j - 1] + gap:
+            out[j] = i
+        elif move[i, j] == 1:
             j -= 1
         else:
             i -= 1
@@ -95,7 +118,13 @@ def global_alignment(x: list[int], y: list[int], match: int = 1, mismatch: int =
 
 
 def refine_mapper(tokenizer, source: str, target: str) -> RefineMap:
-    """Token alignment for "refine": shared tokens take the source's attention, new ones keep theirs."""
+    """Token alignment for "refine": shared tokens take the source's attention, new ones keep theirs.
+
+    Target padding reads source padding in order (target ``len(y) + r`` <- source ``len(x) + r``);
+    where that runs past the limit the target keeps its own attention. (The reference reads source
+    position ``j`` for target padding ``j``, which, when the target is shorter, hands the attention
+    of the source's last words a second time to the target's padding.)
+    """
     x, y = token_ids(tokenizer, source), token_ids(tokenizer, target)
     k = tokenizer.model_max_length
     aligned = global_alignment(x, y)
@@ -104,57 +133,77 @@ def refine_mapper(tokenizer, source: str, target: str) -> RefineMap:
     for j, i in enumerate(aligned):
         index[j] = max(i, 0)
         alpha[j] = float(i >= 0)
-    for r in range(k - len(y)):  # padding after the target maps to padding after the source
-        index[len(y) + r] = min(len(x) + r, k - 1)
-        alpha[len(y) + r] = 1.0
+    for r in range(k - len(y)):
+        if len(x) + r < k:
+            index[len(y) + r] = len(x) + r
+            alpha[len(y) + r] = 1.0
     return RefineMap(index, alpha)
+
+
+def find_word(tokenizer, prompt: str, word: str, what: str = "blend") -> list[int]:
+    """Token positions of every occurrence of ``word`` in ``prompt``.
+
+    A one-line error if the word is absent, or if an occurrence falls (in part) past the token
+    limit, where the text encoder never sees it.
+    """
+    words = prompt.split()
+    spans = word_spans(tokenizer, prompt)
+    hits = [spans[i] for i, x in enumerate(words) if x == word]
+    if not hits:
+        raise NpinvError(f"{what} word {word!r} is not in the prompt {prompt!r}")
+    last = last_word_position(tokenizer)
+    if any(p > last for span in hits for p in span):
+        raise NpinvError(f"{what} word {word!r} falls past the {tokenizer.model_max_length}-token limit of the prompt "
+                         f"{_short(prompt)}; shorten the prompt")
+    return [p for span in hits for p in span]
+
+
+def _short(text: str, n: int = 60) -> str:
+    return repr(text if len(text) <= n else text[: n - 3] + "...")
 
 
 def reweight_vector(tokenizer, prompt: str, weights: dict[str, float]) -> torch.Tensor:
     """(K,) scale per token: ``weights[word]`` on that word's tokens, 1 elsewhere."""
-    words = prompt.split()
     scale = torch.ones(tokenizer.model_max_length)
-    spans = word_spans(tokenizer, prompt)
     for word, w in weights.items():
-        hits = [i for i, x in enumerate(words) if x == word]
-        if not hits:
-            raise NpinvError(f"reweight word {word!r} is not in the prompt {prompt!r}")
-        for i in hits:
-            for pos in spans[i]:
-                if pos < len(scale):
-                    scale[pos] = w
+        scale[find_word(tokenizer, prompt, word, "reweight")] = w
     return scale
 
 
-def find_word(tokenizer, prompt: str, word: str, what: str = "blend") -> list[int]:
-    """Token positions of every occurrence of ``word`` in ``prompt``; a clear error if absent."""
-    words = prompt.split()
-    spans = word_spans(tokenizer, prompt)
-    hits = [pos for i, x in enumerate(words) if x == word for pos in spans[i]]
-    if not hits:
-        raise NpinvError(f"{what} word {word!r} is not in the prompt {prompt!r}")
-    return [p for p in hits if p < tokenizer.model_max_length]
+def as_window(value: float | Window | list[float], what: str = "cross-replace") -> Window:
+    """A fraction ``f`` means the window ``(0, f)``; a pair is ``(start, end)`` with 0 <= start <= end <= 1."""
+    a, b = (0.0, float(value)) if isinstance(value, (int, float)) else (float(value[0]), float(value[1]))
+    if not 0.0 <= a <= b <= 1.0:
+        raise NpinvError(f"{what} must be a fraction in [0, 1] or a window start <= end within [0, 1]")
+    return a, b
 
 
-def cross_replace_alpha(tokenizer, targets: list[str], steps: int, cross_replace: float | dict[str, float]) -> torch.Tensor:
+def cross_replace_alpha(tokenizer, targets: list[str], steps: int,
+                        cross_replace: float | Window | dict[str, float | Window]) -> torch.Tensor:
     """(steps, T, K) weight of the source's cross-attention in each target at each step.
 
-    A number ``f`` replaces during the first ``int(f * steps)`` steps; a dict gives per-word
-    fractions with ``"default_"`` for the rest, as the reference code does.
+    As the reference: a table of ``steps + 1`` rows of which step ``i`` reads row ``i``; a window
+    ``(a, b)`` (a fraction ``f`` is ``(0, f)``) sets rows ``int(a * (steps + 1))`` to
+    ``int(b * (steps + 1))``. A dict gives per-word windows, with ``"default_"`` for every other token
+    (the whole run when absent); a word applies to the targets that contain it.
     """
     k = tokenizer.model_max_length
-    if isinstance(cross_replace, dict):
-        spec = dict(cross_replace)
-        default = float(spec.pop("default_", 1.0))
-    else:
-        spec, default = {}, float(cross_replace)
-    if not 0.0 <= default <= 1.0 or any(not 0.0 <= v <= 1.0 for v in spec.values()):
-        raise NpinvError("cross-replace fractions must lie in [0, 1]")
-    alpha = torch.zeros(steps, len(targets), k)
-    for t, prompt in enumerate(targets):
-        alpha[: int(default * steps), t, :] = 1.0
-        for word, frac in spec.items():
-            for pos in find_word(tokenizer, prompt, word, "cross-replace"):
-                alpha[:, t, pos] = 0.0
-                alpha[: int(frac * steps), t, pos] = 1.0
-    return alpha
+    spec = dict(cross_replace) if isinstance(cross_replace, dict) else {"default_": cross_replace}
+    default = as_window(spec.pop("default_", 1.0))
+    words = {word: as_window(w) for word, w in spec.items()}
+    rows = steps + 1
+
+    def cut(window: Window) -> slice:
+        return slice(int(window[0] * rows), int(window[1] * rows))
+
+    alpha = torch.zeros(rows, len(targets), k)
+    alpha[cut(default)] = 1.0
+    for word, window in words.items():
+        present = [t for t, prompt in enumerate(targets) if word in prompt.split()]
+        if not present:
+            raise NpinvError(f"cross-replace word {word!r} is in no target prompt")
+        for t in present:
+            pos = find_word(tokenizer, targets[t], word, "cross-replace")
+            alpha[:, t, pos] = 0.0
+            alpha[cut(window), t, pos] = 1.0
+    return alpha[:steps]

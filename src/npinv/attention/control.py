@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from npinv.attention.align import RefineMap
-from npinv.attention.processor import LayerInfo
+from npinv.attention.processor import LayerInfo, map_size
 from npinv.sampling import StepHook, StepState
 
 
@@ -74,6 +74,8 @@ class EditController:
         self.blend_sum: dict[int, torch.Tensor] = {}  # branch -> (side*side, K), summed over layers and steps
         self.map_sum: dict[int, torch.Tensor] = {}  # branch -> (latent_h, latent_w, K)
         self.map_count = 0
+        # Query-map sizes (h, w) of the layers each rule touched: "cross_edited", "self_replaced", "blend_read".
+        self.seen: dict[str, set[tuple[int, int]]] = {}
 
     # -- the loop's controller protocol --------------------------------------------------------
     def begin_step(self, state: StepState) -> None:
@@ -88,8 +90,6 @@ class EditController:
         if state is None:  # a UNet call outside the loop's step (e.g. NTI's optimisation)
             return probs
         cond_rows = {r.branch: k for k, r in enumerate(state.rows) if r.kind == "cond"}
-        if layer.is_cross:
-            self._record(probs, layer, cond_rows, state)
         edited = None
         for group in self.groups:
             tgt = [cond_rows[b] for b in group.targets if b in cond_rows]
@@ -99,19 +99,30 @@ class EditController:
             if layer.is_cross and group.cross is not None:
                 edited = probs.clone() if edited is None else edited
                 edited[tgt] = group.cross.apply(probs[src], probs[tgt], state.i)
+                self._saw("cross_edited", layer, state)
             elif not layer.is_cross and self.self_steps[0] <= state.i < self.self_steps[1]:
                 edited = probs.clone() if edited is None else edited
                 edited[tgt] = probs[src].unsqueeze(0).expand(len(tgt), -1, -1, -1)
-        return probs if edited is None else edited
+                self._saw("self_replaced", layer, state)
+        out = probs if edited is None else edited
+        if layer.is_cross:
+            # The maps the targets actually used, as the reference's store sees them (it keeps a
+            # reference to the tensor the controller then edits in place).
+            self._record(out, layer, cond_rows, state)
+        return out
+
+    def _saw(self, what: str, layer: LayerInfo, state: StepState) -> None:
+        self.seen.setdefault(what, set()).add(layer.map_size(state.z.shape))
 
     def _record(self, probs: torch.Tensor, layer: LayerInfo, cond_rows: dict[int, int], state: StepState) -> None:
         with torch.no_grad():
             mean = probs.detach().float().mean(1)  # over heads: (B, Q, K)
             if layer.downscale == self.blend_downscale:
+                self._saw("blend_read", layer, state)
                 for b, row in cond_rows.items():
                     self.blend_sum[b] = self.blend_sum.get(b, 0) + mean[row]
             if self.keep_maps:
-                h, w = (s // layer.downscale for s in state.z.shape[-2:])
+                h, w = layer.map_size(state.z.shape)
                 lh, lw = state.z.shape[-2:]
                 for b, row in cond_rows.items():
                     grid = mean[row].T.reshape(1, -1, h, w)
@@ -154,7 +165,7 @@ class LocalBlend(StepHook):
     def mask(self, branch: int, tokens: list[int], latent_hw: tuple[int, int]) -> torch.Tensor:
         flat = self.controller.blend_sum[branch][:, tokens].sum(-1)  # (side*side,)
         down = self.controller.blend_downscale or 1
-        side_h, side_w = latent_hw[0] // down, latent_hw[1] // down
+        side_h, side_w = map_size(latent_hw, down)
         m = flat.reshape(1, 1, side_h, side_w)
         m = F.max_pool2d(m, 3, stride=1, padding=1)
         m = F.interpolate(m, size=latent_hw)

@@ -22,7 +22,16 @@ class LayerInfo:
 
     name: str
     is_cross: bool
-    downscale: int  # queries are (latent_h / downscale) x (latent_w / downscale)
+    downscale: int  # queries are ceil(latent_h / downscale) x ceil(latent_w / downscale)
+
+    def map_size(self, latent_hw: tuple[int, ...]) -> tuple[int, int]:
+        """The (h, w) of this layer's query map: the UNet's strided convolutions round up (43 -> 22 -> 11)."""
+        return map_size(latent_hw, self.downscale)
+
+
+def map_size(latent_hw: tuple[int, ...], downscale: int) -> tuple[int, int]:
+    h, w = latent_hw[-2:]
+    return -(-h // downscale), -(-w // downscale)
 
 
 class AttentionHook(Protocol):
@@ -89,7 +98,7 @@ class ControlledAttnProcessor:
 
 
 @contextlib.contextmanager
-def controlled_attention(unet, hook: AttentionHook, *, self_min_downscale: int | None = None) -> Iterator[dict]:
+def controlled_attention(unet, hook: AttentionHook, *, self_min_downscale: float | None = None) -> Iterator[dict]:
     """Route the cross-attention layers, and the self-attention layers whose queries are downscaled at
     least ``self_min_downscale`` times from the latent, through ``hook``; restore every processor after.
 

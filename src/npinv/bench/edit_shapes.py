@@ -71,6 +71,20 @@ def keep_region(case: EditCase, resolution: int, margin: int = 2) -> np.ndarray:
     return (touched[0, 0] < 0.01).numpy()
 
 
+def edited_region(case: EditCase, resolution: int) -> np.ndarray:
+    """Boolean (H, W) mask of the pixels the edit is meant to change: the object before and after a
+    colour or shape swap, everything but the object for a background swap."""
+    before, after = case.scene.mask(resolution) > 0.5, case.target.mask(resolution) > 0.5
+    return ~(before & after) if case.edit.kind == "background" else before | after
+
+
+def mask_iou(mask: torch.Tensor, region: np.ndarray) -> float:
+    """IoU of a local-blend mask (h, w) at latent resolution, upsampled to the region's size, with the region."""
+    up = F.interpolate(mask.float()[None, None], size=region.shape, mode="nearest")[0, 0].numpy() > 0.5
+    union = (up | region).sum()
+    return float((up & region).sum() / union) if union else math.nan
+
+
 def region_psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
     if not region.any():
         return math.nan
