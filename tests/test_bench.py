@@ -6,6 +6,7 @@ import json
 import math
 
 import numpy as np
+import torch
 import pytest
 
 from npinv.bench.edit_shapes import EditCase, edit_cases, keep_region, region_psnr, run_edit_shapes
@@ -131,6 +132,29 @@ def test_edit_shapes_runs_and_resumes(tmp_path, sd_model):
     assert npi["unet_rows_mean"] == 3 * 3  # 3 rows a step
     run_edit_shapes(sd_model, tmp_path, n_scenes=1, methods=("npi", "ddim"), directs=(False,), steps=3)
     assert (tmp_path / "edit_results.jsonl").read_text().splitlines() == rows
+    assert all(0 <= json.loads(r)["blend_iou"] <= 1 for r in rows)
+    assert {json.loads(r)["blend_maps"] for r in rows} == {"16x16"}  # the toy model's finest maps are 16x16
+
+
+def test_edit_shapes_compares_blend_map_sizes(tmp_path, sd_model):
+    summary = run_edit_shapes(sd_model, tmp_path, n_scenes=1, methods=("npi",), directs=(False,), steps=2,
+                              blend_sizes=(None, 8))
+    assert sorted(r["blend_maps"] for r in summary["rows"]) == ["16x16", "8x8"]
+    assert all(0 <= r["all"]["blend_iou"] <= 1 for r in summary["rows"])
+
+
+def test_blend_iou_against_the_edited_region():
+    from npinv.bench.edit_shapes import edited_region, mask_iou
+
+    case = EditCase(0, Scene("square", "red", "blue", 0.5), Edit("color", "green"))
+    region = edited_region(case, 64)
+    assert region.sum() == 32 * 32  # the square, before and after
+    mask = torch.zeros(16, 16)
+    mask[4:12, 4:12] = 1  # the same square at latent resolution
+    assert mask_iou(mask, region) == 1.0
+    assert mask_iou(torch.ones(16, 16), region) == 0.25
+    background = EditCase(0, Scene("square", "red", "blue", 0.5), Edit("background", "green"))
+    assert edited_region(background, 64).sum() == 64 * 64 - 32 * 32
 
 
 def test_reconstruct_bench_shards_merge_to_the_one_process_result(tmp_path, sd_model):

@@ -233,3 +233,5 @@ def test_blend_on_a_latent_side_not_divisible_by_8(sd15):
     assert plain.images.shape == (1, 3, 344, 512)
     result = edit(sd15, inv, [RHINO], EditSettings(controller="replace", blend=("hippopotamus", "rhinoceros")))
     assert np.isfinite(result.images.numpy()).all()
+    assert result.controller.seen["blend_read"] == {(11, 16)}
+    assert result.controller.seen["cross_edited"] == {(43, 64), (22, 32), (11, 16), (6, 8)}

@@ -51,7 +51,9 @@ def _edit_args(p: argparse.ArgumentParser, *, steps_default: int | None = 50) ->
     p.add_argument("--direct", action="store_true", help="direct inversion: pin the source branch to the trajectory")
     p.add_argument("--steps", type=int, default=steps_default,
                    help="DDIM steps (default 50" + (", or the inversion's)" if steps_default is None else ")"))
-    p.add_argument("--guidance", type=float, default=7.5, help="guidance scale w (default 7.5)")
+    # None: resolved by _edit_settings to the model folder's npinv.json "edit_guidance", else 7.5.
+    p.add_argument("--guidance", type=float, default=None,
+                   help="guidance scale w (default: the model's recommended editing guidance, else 7.5)")
     p.add_argument("--offset", type=int, default=None, choices=[0, 1],
                    help="timestep offset: 0 as published code, 1 as the SD config (default: the model's config)")
     p.add_argument("--size", type=int, default=None, help="side in pixels for the model (default: the model's)")
@@ -60,9 +62,14 @@ def _edit_args(p: argparse.ArgumentParser, *, steps_default: int | None = 50) ->
 
 
 def _edit_settings(args, **extra):
-    """EditSettings from the flags of :func:`_edit_args`, checked."""
+    """EditSettings from the flags of :func:`_edit_args`, checked. Without ``--guidance`` the guidance is
+    the one the model declares (read from its folder before the slow load), and ``args.guidance`` is set
+    to it, so reports and edit-batch's resume keys carry the number actually used."""
     from npinv.editing import EditSettings
+    from npinv.model import model_edit_guidance
 
+    if args.guidance is None:
+        args.guidance = model_edit_guidance(args.model)
     cross: float | dict[str, float] = args.cross_replace
     if args.cross_replace_word:
         cross = {"default_": args.cross_replace, **_pairs(args.cross_replace_word, "--cross-replace-word")}
@@ -533,7 +540,7 @@ def cmd_edit_batch(args) -> int:
     report = run_batch(model, rows, out, batch_size=args.batch_size, shard=shard, progress=say)
     summary = {"edits": report.total, "done_before": report.done_before, "done_now": report.done_now,
                "results": str(report.results), "seconds": report.seconds, "unet_calls": report.unet_calls,
-               "shard": report.shard}
+               "shard": report.shard, "default_guidance": settings.guidance}  # rows without their own guidance
     if args.json:
         print(json.dumps(summary))
     else:

@@ -25,6 +25,10 @@ from npinv.schedule import Schedule
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+# A model folder may declare npinv's defaults for it in this file beside model_index.json (diffusers
+# ignores it): {"edit_guidance": 2.5}. Without it (and for hub ids and single files) editing uses 7.5.
+SETTINGS_FILE = "npinv.json"
+DEFAULT_EDIT_GUIDANCE = 7.5
 
 
 class NpinvWarning(UserWarning):
@@ -34,6 +38,36 @@ class NpinvWarning(UserWarning):
 def embedded_model_path() -> Path:
     """Folder of the model that ships inside the package."""
     return Path(__file__).parent / "models" / "shapes64"
+
+
+def _is_embedded(spec: str | Path | None) -> bool:
+    return spec is None or str(spec) in ("default", "shapes64")
+
+
+def model_edit_guidance(spec: str | Path | None = None) -> float:
+    """The editing guidance a model declares (``"edit_guidance"`` in its folder's ``npinv.json``),
+    else 7.5. Reads only that small file, so the CLI resolves its defaults before the slow load;
+    hub ids and single checkpoint files declare nothing. A malformed file raises :class:`NpinvError`."""
+    folder = embedded_model_path() if _is_embedded(spec) else Path(str(spec)).expanduser()
+    path = folder / SETTINGS_FILE
+    if not folder.is_dir() or not path.is_file():
+        return DEFAULT_EDIT_GUIDANCE
+    try:
+        settings = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise NpinvError(f"{path}: cannot read the model's settings ({exc})") from None
+    except json.JSONDecodeError as exc:
+        raise NpinvError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    if not isinstance(settings, dict):
+        raise NpinvError(f'{path}: expected a JSON object like {{"edit_guidance": 2.5}}')
+    unknown = sorted(set(settings) - {"edit_guidance"})
+    if unknown:
+        warnings.warn(f"{path}: ignoring unknown key(s) {', '.join(map(repr, unknown))} (known: 'edit_guidance')",
+                      NpinvWarning, stacklevel=1)  # one location: the CLI's early read and the load warn once
+    value = settings.get("edit_guidance", DEFAULT_EDIT_GUIDANCE)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise NpinvError(f"{path}: 'edit_guidance' must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 @dataclasses.dataclass
@@ -84,9 +118,11 @@ def default_device() -> torch.device:
 class Model:
     """A loaded pipeline's parts plus the calls inversion and editing make on them."""
 
-    def __init__(self, pipe: Any, name: str, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(self, pipe: Any, name: str, device: torch.device, dtype: torch.dtype, *,
+                 edit_guidance: float = DEFAULT_EDIT_GUIDANCE) -> None:
         self.pipe = pipe
         self.name = name
+        self.edit_guidance = edit_guidance  # the guidance edits default to (the folder's npinv.json, else 7.5)
         self.device = device
         self.dtype = dtype
         self.unet = pipe.unet
@@ -238,7 +274,8 @@ def load_model(
     dev = torch.device(device) if device is not None else default_device()
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise NpinvError("--device cuda was asked for, but torch sees no CUDA device")
-    if spec is None or str(spec) in ("default", "shapes64"):
+    edit_guidance = model_edit_guidance(spec)  # a malformed npinv.json fails before the slow load
+    if _is_embedded(spec):
         path, name = embedded_model_path(), "npinv-shapes-64"
         if not (path / "model_index.json").is_file():
             raise NpinvError(f"the embedded model is missing from {path}; reinstall npinv")
@@ -266,7 +303,7 @@ def load_model(
         dlogging.enable_progress_bar()
         tlogging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
-    return Model(pipe, name, dev, torch_dtype)
+    return Model(pipe, name, dev, torch_dtype, edit_guidance=edit_guidance)
 
 
 def _pipeline_class(is_xl: bool):

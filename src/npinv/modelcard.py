@@ -18,7 +18,7 @@ from npinv.bench.edit_shapes import edit_table, run_edit_shapes
 from npinv.guidance import CFG
 from npinv.io import image_grid, image_to_tensor, save_image, tensor_to_image, write_text
 from npinv.metrics import psnr, tensor_to_unit
-from npinv.model import Model, load_model
+from npinv.model import SETTINGS_FILE, Model, load_model
 from npinv.pipeline import invert_and_reconstruct_each
 from npinv.sampling import Branch, sample
 from npinv.scenes import random_scenes, read_scene
@@ -142,7 +142,9 @@ Reconstructions at {max_steps} steps: input | DDIM w=1 | DDIM w=7.5 | NTI | NPI.
 
 {edit_table}
 **Recommended guidance for editing with this model: {recommended:g}** (highest edit success, then
-highest background PSNR, in the sweep above). Reconstruction with NPI does not depend on guidance.
+highest background PSNR, in the sweep above). It is declared in `npinv.json` beside the weights, so
+`npinv edit`, `edit-batch`, `edit-video` and `serve` use it unless `--guidance` says otherwise.
+Reconstruction with NPI does not depend on guidance.
 
 ## Limits
 - 64x64 px scenes of three shapes and six colours only; anything else is out of distribution.
@@ -244,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"recommended editing guidance {figures['recommended_guidance']}", flush=True)
     figures["seconds_total"] = time.perf_counter() - t0
     write_text(model_dir / "model_card_figures.json", json.dumps(figures, indent=2, default=float))
+    # The edit commands' default guidance for this model (npinv.model.model_edit_guidance reads it).
+    write_text(model_dir / SETTINGS_FILE, json.dumps({"edit_guidance": figures["recommended_guidance"]}) + "\n")
     print(write_card(model_dir, figures))
     for row in figures["reconstruction"]:
         print(json.dumps(row))

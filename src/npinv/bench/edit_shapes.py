@@ -7,6 +7,8 @@ from the edited scene. Per method / controller / direct-inversion setting it rep
   shape swaps: pixels at least 2 px away from the object before and after; for background swaps:
   pixels at least 2 px inside the object), PSNR of the mean squared error over those pixels;
 - ``success``: the scene reader sees exactly the edited scene's colour, shape and background;
+- ``blend_iou``: with local blend, the IoU of its last mask (upsampled to the image) with the region
+  the edit is meant to change (:func:`edited_region`); ``blend_maps``: the size of the maps it read;
 - ``seconds`` (edit, inversion excluded), ``invert_seconds`` and exact UNet calls and rows.
 """
 
@@ -95,13 +97,16 @@ def region_psnr(a: np.ndarray, b: np.ndarray, region: np.ndarray) -> float:
 def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, methods=("npi", "proxnpi", "nti", "ddim"),
                     directs=(False, True), controllers=("replace",), guidances=(7.5,), steps: int = 50,
                     blend: bool = True, cross_replace: float = 0.8, self_replace: float = 0.6,
-                    progress: bool = False, grid_cases: int = 6, shard: Shard | None = None) -> dict:
+                    blend_sizes: tuple[int | None, ...] = (None,), progress: bool = False, grid_cases: int = 6,
+                    shard: Shard | None = None) -> dict:
+    """``blend_sizes``: the local-blend map sizes to compare (None: npinv's rule, see ``blend_downscale``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = ShardedResults(out, shard, name="edit_results")  # under accelerate: every N-th scene
     res = model.resolution
     cases = edit_cases(n_scenes)
-    settings_list = list(itertools.product(methods, directs, controllers, guidances))
+    sizes = blend_sizes if blend else (None,)
+    settings_list = list(itertools.product(methods, directs, controllers, guidances, sizes))
     grid_rows: dict[tuple, list] = {}
     by_scene = group([dataclasses.asdict(c) | {"case": c} for c in cases], ("index",))
     for n, ((index,), items) in enumerate(by_scene.items()):
@@ -117,7 +122,7 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
         inv = ddim_inversion(model, image, scene.caption, steps=steps)
         invert_s = time.perf_counter() - start
         nti_inv: dict[float, tuple] = {}
-        for case, (method, direct, controller, w) in todo:
+        for case, (method, direct, controller, w, blend_res) in todo:
             use = inv
             extra_s = 0.0
             if method == "nti":
@@ -128,16 +133,18 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
             src_word, tgt_word = case.words
             settings = EditSettings(method=method, controller=controller, guidance=w, cross_replace=cross_replace,
                                     self_replace=self_replace, blend=(src_word, tgt_word) if blend else None,
-                                    direct=direct)
+                                    direct=direct, blend_res=blend_res)
             result = edit(model, use, [case.target.caption], settings)
             edited = tensor_to_unit(result.images[:1])
             truth = tensor_to_unit(image_to_tensor(case.target.render(res)))
             source = tensor_to_unit(image)
             gt_err = float(((edited - truth) ** 2).mean())
             row = {
-                "key": _key(case, (method, direct, controller, w), steps), "scene": index, "kind": case.edit.kind,
-                "source": case.scene.caption, "target": case.target.caption, "method": method, "direct": direct,
-                "controller": controller, "guidance": w, "steps": steps, "blend": blend,
+                "key": _key(case, (method, direct, controller, w, blend_res), steps), "scene": index,
+                "kind": case.edit.kind, "source": case.scene.caption, "target": case.target.caption, "method": method,
+                "direct": direct, "controller": controller, "guidance": w, "steps": steps, "blend": blend,
+                "blend_res": blend_res, "blend_maps": _blend_maps(result), "blend_iou": (
+                    math.nan if result.blend_mask is None else mask_iou(result.blend_mask[0, 0], edited_region(case, res))),
                 "psnr_gt": 10 * math.log10(1.0 / gt_err) if gt_err > 0 else math.inf,
                 "ssim_gt": ssim(edited, truth), "psnr_bg": region_psnr(edited, source, keep_region(case, res)),
                 "success": bool(read_scene(tensor_to_image(result.images[:1])).matches(case.target)),
@@ -146,35 +153,44 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
             }
             results.add(row)
             if case.index * 3 + KINDS.index(case.edit.kind) < grid_cases:
-                grid_rows.setdefault((method, direct, controller, w), []).append(
+                grid_rows.setdefault((method, direct, controller, w, blend_res), []).append(
                     [tensor_to_image(image), tensor_to_image(result.images[:1]),
                      case.target.render(res)])
     summary = summarize(results.merge())
     write_text(out / "edit_summary.json", __import__("json").dumps(summary, indent=2, default=float))
     write_text(out / "edit_table.md", edit_table(summary))
-    for (method, direct, controller, w), rows in grid_rows.items():
-        name = f"edits_{method}{'_direct' if direct else ''}_{controller}_w{w:g}.png"
+    for (method, direct, controller, w, blend_res), rows in grid_rows.items():
+        size = "" if blend_res is None else f"_blend{blend_res}"
+        name = f"edits_{method}{'_direct' if direct else ''}_{controller}_w{w:g}{size}.png"
         save_image(image_grid(rows, scale=2), out / name)
     return summary
 
 
 def _key(case: EditCase, setting: tuple, steps: int) -> str:
-    method, direct, controller, w = setting
-    return f"{case.index}|{case.edit.kind}|{case.edit.value}|{method}|{int(direct)}|{controller}|{w:g}|{steps}"
+    method, direct, controller, w, blend_res = setting
+    size = "" if blend_res is None else f"|blend{blend_res}"
+    return f"{case.index}|{case.edit.kind}|{case.edit.value}|{method}|{int(direct)}|{controller}|{w:g}|{steps}{size}"
+
+
+def _blend_maps(result) -> str | None:
+    seen = result.controller.seen.get("blend_read") if result.controller is not None else None
+    return ",".join(f"{h}x{w}" for h, w in sorted(seen)) if seen else None
 
 
 def summarize(rows: list[dict]) -> dict:
     out = []
-    for (method, direct, controller, w, steps), items in sorted(
-            group(rows, ("method", "direct", "controller", "guidance", "steps")).items(), key=str):
+    for (method, direct, controller, w, steps, maps), items in sorted(
+            group([{"blend_maps": None, **r} for r in rows],
+                  ("method", "direct", "controller", "guidance", "steps", "blend_maps")).items(), key=str):
         entry = {"method": method, "direct": direct, "controller": controller, "guidance": w, "steps": steps,
-                 "n": len(items)}
+                 "blend_maps": maps, "n": len(items)}
         for kind in ("all", *KINDS):
             sel = items if kind == "all" else [r for r in items if r["kind"] == kind]
             entry[kind] = {
                 "n": len(sel), "psnr_gt": nanmean(r["psnr_gt"] for r in sel),
                 "ssim_gt": nanmean(r["ssim_gt"] for r in sel), "psnr_bg": nanmean(r["psnr_bg"] for r in sel),
                 "success": nanmean(float(r["success"]) for r in sel),
+                "blend_iou": nanmean(r.get("blend_iou", math.nan) for r in sel),
             }
         entry["seconds_median"] = float(np.median([r["seconds"] for r in items]))
         entry["unet_calls_mean"] = nanmean(r["unet_calls"] for r in items)
@@ -185,9 +201,11 @@ def summarize(rows: list[dict]) -> dict:
 
 def edit_table(summary: dict) -> str:
     header = ["method", "direct", "controller", "w", "steps", "n", "PSNR vs truth", "SSIM vs truth",
-              "bg PSNR", "success", "colour swaps ok", "shape swaps ok", "bg swaps ok", "edit s (median)", "UNet rows"]
+              "bg PSNR", "success", "colour swaps ok", "shape swaps ok", "bg swaps ok", "blend maps", "blend IoU",
+              "edit s (median)", "UNet rows"]
     rows = [[r["method"], "yes" if r["direct"] else "no", r["controller"], r["guidance"], r["steps"], r["n"],
              r["all"]["psnr_gt"], r["all"]["ssim_gt"], r["all"]["psnr_bg"], f"{r['all']['success']:.0%}",
              f"{r['color']['success']:.0%}", f"{r['shape']['success']:.0%}", f"{r['background']['success']:.0%}",
+             r.get("blend_maps") or "none", r["all"].get("blend_iou", math.nan),
              r["seconds_median"], r["unet_rows_mean"]] for r in summary["rows"]]
     return markdown_table(header, rows)

@@ -25,7 +25,7 @@ import gradio as gr
 
 from npinv.errors import NpinvError
 from npinv.webapp.cache import InversionCache
-from npinv.webapp.engine import Engine, parse_edit_request
+from npinv.webapp.engine import Engine
 
 log = logging.getLogger("npinv.webapp")
 
@@ -114,17 +114,20 @@ def _show_warnings(messages: list[str]) -> None:
         gr.Warning(message)
 
 
-def example_rows() -> list[list]:
+def example_rows(guidance: float | None = None) -> list[list]:
     """The bundled examples as form rows: image, prompts, and a word swap blended on the changed word at
-    guidance 2.5 (the embedded model's recommended editing guidance, from its model card)."""
+    ``guidance`` (default: the embedded model's declared editing guidance, 2.5 from its model card)."""
     from npinv.demo import bundled_examples
+    from npinv.model import model_edit_guidance
+
+    guidance = model_edit_guidance(None) if guidance is None else guidance
 
     rows = []
     for e in bundled_examples():
         target = e["edits"][0]
         changed = [(s, t) for s, t in zip(e["prompt"].split(), target.split(), strict=False) if s != t]
         src_word, tgt_word = changed[0] if len(changed) == 1 else ("", "")
-        rows.append([e["path"], e["prompt"], target, "replace", 2.5, src_word, tgt_word])
+        rows.append([e["path"], e["prompt"], target, "replace", guidance, src_word, tgt_word])
     return rows
 
 
@@ -152,10 +155,10 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
              cross_replace, self_replace, blend_source, blend_target, reweight, direct, attention_maps,
              session: InversionCache, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
         path, name = _upload_path(image, upload_root)
-        request = parse_edit_request(target_prompt, method=method, controller=controller, guidance=guidance,
-                                     cross_replace=cross_replace, self_replace=self_replace,
-                                     blend_source=blend_source, blend_target=blend_target, reweight=reweight,
-                                     direct=direct, attention_maps=attention_maps)
+        request = engine.edit_request(target_prompt, method=method, controller=controller, guidance=guidance,
+                                      cross_replace=cross_replace, self_replace=self_replace,
+                                      blend_source=blend_source, blend_target=blend_target, reweight=reweight,
+                                      direct=direct, attention_maps=attention_maps)
         report = engine.edit(session, path, source_prompt, request, name=name, steps=steps, offset=_offset(offset),
                              resize=resize, stage=lambda s: progress(0, desc=s), progress=True)
         _show_warnings(report.warnings)
@@ -208,7 +211,11 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
                                            placeholder="a green circle on a blue background")
                 method = gr.Dropdown(METHOD_CHOICES, value="npi", label="Method")
                 controller = gr.Dropdown(CONTROLLER_CHOICES, value="replace", label="Attention control")
-                guidance = gr.Slider(0, 15, value=7.5, step=0.5, label="Guidance")
+                # Starts at the model's recommended editing guidance (its npinv.json), else 7.5; the range and
+                # step fit it, so the browser's slider does not snap it to another value.
+                g0 = engine.edit_guidance
+                guidance = gr.Slider(0, max(15, g0), value=g0, step=0.5 if (2 * g0).is_integer() else 0.01,
+                                     label="Guidance", elem_id="npinv-guidance")
                 with gr.Accordion("Controller settings", open=False, elem_id="npinv-controller-settings"):
                     cross_replace = gr.Slider(0, 1, value=0.8, step=0.05, label="Cross-attention replace (fraction)")
                     self_replace = gr.Slider(0, 1, value=0.6, step=0.05, label="Self-attention replace (fraction)")
@@ -231,8 +238,9 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
                                   elem_id="npinv-maps", elem_classes=pixels)
         if options.examples:
             with examples_slot:
-                gr.Examples(example_rows(), inputs=[image, source_prompt, target_prompt, controller, guidance,
-                                                    blend_source, blend_target],
+                gr.Examples(example_rows(engine.edit_guidance),
+                            inputs=[image, source_prompt, target_prompt, controller, guidance, blend_source,
+                                    blend_target],
                             label="Bundled examples (64x64 shapes): pick one, then Invert and Edit",
                             elem_id="npinv-examples")
 

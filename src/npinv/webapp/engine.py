@@ -29,7 +29,7 @@ from npinv.errors import NpinvError
 from npinv.inversion import Inversion, ddim_inversion
 from npinv.io import image_to_tensor, load_image, prepare_image, save_image, tensor_to_image
 from npinv.metrics import image_metrics, tensor_to_unit
-from npinv.model import Model
+from npinv.model import DEFAULT_EDIT_GUIDANCE, Model
 from npinv.pipeline import ReconstructReport, run_reconstruction
 from npinv.webapp.cache import CacheKey, InversionCache, tensor_bytes
 
@@ -159,11 +159,12 @@ class EditRequest:
     settings: EditSettings
 
 
-def parse_edit_request(target: str, *, method: str = "npi", controller: str = "refine", guidance: float = 7.5,
+def parse_edit_request(target: str, *, method: str = "npi", controller: str = "refine", guidance: float | None = None,
                        cross_replace: float = 0.8, self_replace: float = 0.6, blend_source: str = "",
                        blend_target: str = "", reweight: str = "", direct: bool = False,
-                       attention_maps: bool = False) -> EditRequest:
-    """Validate the form's values into :class:`EditSettings`; readable errors for each mistake."""
+                       attention_maps: bool = False, default_guidance: float = DEFAULT_EDIT_GUIDANCE) -> EditRequest:
+    """Validate the form's values into :class:`EditSettings`; readable errors for each mistake.
+    ``guidance`` None (or empty) is ``default_guidance``: :meth:`Engine.edit_request` passes the model's."""
     target = (target or "").strip()
     if not target:
         raise NpinvError("give a target prompt: the source prompt with the words you want changed")
@@ -171,6 +172,7 @@ def parse_edit_request(target: str, *, method: str = "npi", controller: str = "r
         raise NpinvError(f"unknown method {method!r}; choose one of {', '.join(EDIT_METHODS)}")
     if controller not in CONTROLLERS:
         raise NpinvError(f"unknown controller {controller!r}; choose one of {', '.join(CONTROLLERS)}")
+    guidance = default_guidance if guidance in (None, "") else guidance
     guidance, cross_replace, self_replace = _number(guidance, "guidance"), _number(cross_replace, "cross-replace"), \
         _number(self_replace, "self-replace")
     if not 0 <= guidance <= 30:
@@ -309,6 +311,15 @@ class Engine:
         self._own_dir = files_dir is None
         self.files_dir = Path(tempfile.mkdtemp(prefix="npinv-serve-")) if files_dir is None else Path(files_dir)
         self.files_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def edit_guidance(self) -> float:
+        """The guidance edits default to: the model's declared one (its folder's npinv.json), else 7.5."""
+        return self.model.edit_guidance
+
+    def edit_request(self, target: str, **form) -> EditRequest:
+        """:func:`parse_edit_request` with this model's editing guidance as the default."""
+        return parse_edit_request(target, default_guidance=self.edit_guidance, **form)
 
     def new_cache(self) -> InversionCache:
         return InversionCache(self.limits.cache_entries, int(self.limits.cache_mb * 2**20))

@@ -1,0 +1,230 @@
+"""Model-declared defaults: a model folder's ``npinv.json`` {"edit_guidance": w} is the guidance every
+edit command (edit, edit-batch, edit-video, serve) uses unless told otherwise; 7.5 without one.
+Reconstruction and generation keep 7.5."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from npinv.cli import build_parser, main
+from npinv.errors import NpinvError
+from npinv.model import DEFAULT_EDIT_GUIDANCE, SETTINGS_FILE, embedded_model_path, load_model, model_edit_guidance
+from npinv.scenes import Scene
+
+SOURCE = "a red circle on a blue background"
+TARGET = "a green circle on a blue background"
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["--quiet", *(str(a) for a in argv)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def with_settings(sd_folder: Path, tmp_path: Path, text: str | None, name: str = "model") -> Path:
+    """A copy of the session's tiny model (fixtures are shared) with ``text`` as its npinv.json."""
+    folder = shutil.copytree(sd_folder, tmp_path / name)
+    if text is not None:
+        (folder / SETTINGS_FILE).write_text(text)
+    return folder
+
+
+@pytest.fixture
+def declared(sd_folder, tmp_path) -> Path:
+    return with_settings(sd_folder, tmp_path, json.dumps({"edit_guidance": 3.0}))
+
+
+def one_error_line(code: int, stderr: str) -> str:
+    lines = [ln for ln in stderr.strip().splitlines() if ln]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("npinv: error:"), stderr
+    return lines[0]
+
+
+# -- reading npinv.json -------------------------------------------------------------------------
+def test_the_embedded_model_declares_its_model_cards_guidance():
+    card = json.loads((embedded_model_path() / "model_card_figures.json").read_text())
+    assert model_edit_guidance(None) == model_edit_guidance("default") == card["recommended_guidance"] == 2.5
+
+
+def test_folders_without_the_file_hub_ids_and_files_give_7_5(sd_folder, tmp_path):
+    checkpoint = tmp_path / "model.safetensors"
+    checkpoint.write_bytes(b"")
+    for spec in (sd_folder, str(sd_folder), "org/some-model", checkpoint, tmp_path / "missing"):
+        assert model_edit_guidance(spec) == DEFAULT_EDIT_GUIDANCE == 7.5
+
+
+def test_a_declaring_folder_still_loads_with_diffusers(declared, sd_model):
+    assert model_edit_guidance(declared) == 3.0
+    model = load_model(str(declared), device="cpu")
+    assert model.edit_guidance == 3.0
+    assert sd_model.edit_guidance == 7.5  # the same weights without npinv.json
+    ours, theirs = model.unet.state_dict(), sd_model.unet.state_dict()
+    assert all(ours[k].equal(theirs[k]) for k in theirs)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("{edit_guidance: 2.5}", "not valid JSON"),
+    ("", "not valid JSON"),
+    ("[2.5]", "expected a JSON object"),
+    ('{"edit_guidance": 0}', "positive finite number, got 0"),
+    ('{"edit_guidance": -1.5}', "positive finite number, got -1.5"),
+    ('{"edit_guidance": "2.5"}', "positive finite number, got '2.5'"),
+    ('{"edit_guidance": true}', "positive finite number, got True"),
+    ('{"edit_guidance": NaN}', "positive finite number, got nan"),
+    ('{"edit_guidance": Infinity}', "positive finite number, got inf"),
+])
+def test_a_broken_file_is_one_error_naming_it(sd_folder, tmp_path, text, match):
+    folder = with_settings(sd_folder, tmp_path, text)
+    with pytest.raises(NpinvError, match=match) as err:
+        model_edit_guidance(folder)
+    assert str(folder / SETTINGS_FILE) in str(err.value) and "\n" not in str(err.value)
+    with pytest.raises(NpinvError, match=match):
+        load_model(str(folder), device="cpu")  # before the (slow) load
+
+
+def test_unknown_keys_warn_and_are_ignored(sd_folder, tmp_path):
+    from npinv.model import NpinvWarning
+
+    folder = with_settings(sd_folder, tmp_path, '{"edit_guidence": 2.0}')
+    with pytest.warns(NpinvWarning, match="unknown key"):
+        assert model_edit_guidance(folder) == 7.5
+
+
+def test_help_says_where_the_default_comes_from():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command").choices
+    for command in ("edit", "edit-batch", "edit-video"):
+        flag = next(a for a in sub[command]._actions if a.dest == "guidance")
+        assert flag.default is None
+        assert flag.help == "guidance scale w (default: the model's recommended editing guidance, else 7.5)"
+    for command in ("reconstruct", "generate"):  # the paper's reconstruction setting stays
+        assert next(a for a in sub[command]._actions if a.dest == "guidance").default == 7.5
+
+
+# -- the commands ---------------------------------------------------------------------------------
+def edit(capsys, tmp_path, model, image_file, *extra, name="edit.png"):
+    return run(capsys, "edit", image_file, "--source", SOURCE, "--target", TARGET, "--controller", "replace",
+               "--steps", 2, "--model", model, "--out", tmp_path / name, "--json", *extra)
+
+
+def test_edit_uses_the_declared_guidance_and_the_flag_overrides_it(capsys, tmp_path, declared, sd_folder,
+                                                                  image_file):
+    code, stdout, stderr = edit(capsys, tmp_path, declared, image_file)
+    assert code == 0, stderr
+    assert json.loads(stdout)["guidance"] == 3.0
+    code, stdout, _ = edit(capsys, tmp_path, declared, image_file, "--guidance", 4, name="flag.png")
+    assert code == 0 and json.loads(stdout)["guidance"] == 4.0
+    code, stdout, _ = edit(capsys, tmp_path, sd_folder, image_file, name="plain.png")
+    assert code == 0 and json.loads(stdout)["guidance"] == 7.5
+
+
+def test_reconstruct_keeps_7_5(capsys, tmp_path, declared, image_file):
+    code, stdout, stderr = run(capsys, "reconstruct", image_file, "--prompt", SOURCE, "--steps", 2, "--model",
+                               declared, "--out", tmp_path / "rec.png", "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["guidance"] == 7.5
+
+
+def test_edit_with_a_broken_file_exits_2_with_one_line(capsys, tmp_path, sd_folder, image_file):
+    folder = with_settings(sd_folder, tmp_path, '{"edit_guidance": -1}')
+    before = {p.name for p in tmp_path.iterdir()}
+    code, stdout, stderr = edit(capsys, tmp_path, folder, image_file)
+    line = one_error_line(code, stderr)
+    assert str(folder / SETTINGS_FILE) in line and "positive finite number" in line
+    assert stdout == "" and {p.name for p in tmp_path.iterdir()} == before  # nothing written
+    # An explicit --guidance does not hide it: the model's folder is broken either way.
+    code, _, stderr = edit(capsys, tmp_path, folder, image_file, "--guidance", 2)
+    assert "positive finite number" in one_error_line(code, stderr)
+
+
+@pytest.fixture
+def manifest(tmp_path) -> Path:
+    data = tmp_path / "data"
+    data.mkdir()
+    Scene("circle", "red", "blue", 0.5).render(32).save(data / "a.png")
+    Scene("square", "red", "blue", 0.5).render(32).save(data / "b.png")
+    rows = [{"image": "a.png", "source": SOURCE, "target": TARGET},
+            {"image": "b.png", "source": "a red square on a blue background",
+             "target": "a green square on a blue background", "guidance": 2.0}]
+    path = data / "manifest.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def results(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (folder / "results.jsonl").read_text().splitlines()]
+
+
+def test_edit_batch_rows_without_guidance_take_the_models(capsys, tmp_path, declared, sd_folder, manifest):
+    out = tmp_path / "out"
+    args = ("edit-batch", manifest, "--out", out, "--model", declared, "--steps", 2, "--json")
+    code, stdout, stderr = run(capsys, *args)
+    assert code == 0, stderr
+    assert json.loads(stdout)["default_guidance"] == 3.0
+    assert [r["guidance"] for r in results(out)] == [3.0, 2.0]  # the second row sets its own
+    # Results are keyed by the resolved number: the same run with the flag spelled out resumes.
+    code, stdout, _ = run(capsys, *args, "--guidance", 3)
+    again = json.loads(stdout)
+    assert code == 0 and again["done_before"] == 2 and again["done_now"] == 0 and again["unet_calls"] == 0
+
+    flag = tmp_path / "flag"
+    code, stdout, _ = run(capsys, "edit-batch", manifest, "--out", flag, "--model", declared, "--steps", 2,
+                          "--guidance", 4, "--json")
+    assert code == 0 and json.loads(stdout)["default_guidance"] == 4.0
+    assert [r["guidance"] for r in results(flag)] == [4.0, 2.0]
+
+    plain = tmp_path / "plain"
+    code, stdout, _ = run(capsys, "edit-batch", manifest, "--out", plain, "--model", sd_folder, "--steps", 2,
+                          "--json")
+    assert code == 0 and json.loads(stdout)["default_guidance"] == 7.5
+    assert [r["guidance"] for r in results(plain)] == [7.5, 2.0]
+
+
+def test_edit_batch_with_a_broken_file_exits_2_with_one_line(capsys, tmp_path, sd_folder, manifest):
+    folder = with_settings(sd_folder, tmp_path, "not json")
+    code, stdout, stderr = run(capsys, "edit-batch", manifest, "--out", tmp_path / "out", "--model", folder,
+                               "--steps", 2, "--json")
+    line = one_error_line(code, stderr)
+    assert str(folder / SETTINGS_FILE) in line and "not valid JSON" in line
+    assert stdout == "" and not (tmp_path / "out").exists()
+
+
+def test_edit_video_uses_the_declared_guidance(capsys, tmp_path, declared):
+    av = pytest.importorskip("av")
+    video = tmp_path / "in.mp4"
+    with av.open(str(video), "w") as container:
+        stream = container.add_stream("libx264", rate=8, options={"crf": "10"})
+        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+        for t in range(2):
+            frame = av.VideoFrame.from_image(Scene("circle", "red", "blue", 0.45, cx=0.4 + 0.1 * t).render(32))
+            frame.pts = t
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    for extra, want in (((), 3.0), (("--guidance", 4), 4.0)):
+        code, stdout, stderr = run(capsys, "edit-video", video, "--source", SOURCE, "--target", TARGET, "--steps", 2,
+                                   "--model", declared, "--out", tmp_path / f"out{want:g}.mp4", "--json", *extra)
+        assert code == 0, stderr
+        assert json.loads(stdout)["guidance"] == want
+
+
+# -- the web app ---------------------------------------------------------------------------------
+def test_serve_starts_at_the_declared_guidance(declared, sd_model, tmp_path):
+    from npinv.webapp.app import ServeOptions, build_app
+    from npinv.webapp.engine import Engine, parse_edit_request
+
+    for model, want in ((load_model(str(declared), device="cpu"), 3.0), (sd_model, 7.5)):
+        engine = Engine(model, files_dir=tmp_path / f"files{want:g}")
+        assert engine.edit_guidance == want
+        assert engine.edit_request(TARGET).settings.guidance == want  # the engine's default
+        assert engine.edit_request(TARGET, guidance=None).settings.guidance == want
+        assert engine.edit_request(TARGET, guidance=5).settings.guidance == 5.0
+        demo = build_app(engine, ServeOptions(examples=False))
+        slider = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "npinv-guidance")
+        assert slider.value == want
+    assert parse_edit_request(TARGET).settings.guidance == 7.5  # without a model: 7.5
