@@ -119,7 +119,8 @@ NPI + word swap at w = 2.5, 50 steps; each batch size edits the whole manifest f
 {sd15_section(sd15, args.sd15_steps)}"""
     write_text(ROOT / "BENCHMARKS.md", text)
     write_text(out / "benchmarks.json", json.dumps({"reconstruct": rec, "edit": edits, "edit_guidance": sweep,
-                                                    "edit_bare": bare, "edit_blend": blend_maps, "edit_noblend": no_blend, "throughput": throughput,
+                                                    "edit_bare": bare, "edit_blend": blend_maps, "edit_noblend": no_blend,
+                                                    "throughput": throughput,
                                                     "minutes": minutes}, indent=2, default=float))
     print(text)
 

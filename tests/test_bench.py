@@ -6,8 +6,8 @@ import json
 import math
 
 import numpy as np
-import torch
 import pytest
+import torch
 
 from npinv.bench.edit_shapes import EditCase, edit_cases, keep_region, region_psnr, run_edit_shapes
 from npinv.bench.reconstruct import run_reconstruct_bench

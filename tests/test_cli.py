@@ -177,6 +177,13 @@ def test_edit_writes_edits_grid_and_json(capsys, tmp_path, sd_folder, image_file
     (["--target", "a red square on a blue background", "--reweight", "cat=2"], "reweight word 'cat'"),
     (["--target", "a red square on a blue background", "--reweight", "square"], "WORD=NUMBER"),
     (["--target", "a red square on a blue background", "--self-replace", "0.9,0.1"], "self-replace"),
+    (["--target", "a red square on a blue background", "--cross-replace", "0.9,0.1"], "cross-replace"),
+    (["--target", "a red square on a blue background", "--cross-replace", "most"], "--cross-replace expects"),
+    (["--target", "a red square on a blue background", "--self-replace-size", "0"], "self-replace-size"),
+    (["--target", "a red square on a blue background", "--blend-start", "1.5"], "blend-start"),
+    (["--target", "a red square on a blue background", "--blend-res", "0"], "blend-res"),
+    (["--target", "a red square on a blue background " + "very " * 80 + "red", "--reweight", "red=2"],
+     "77-token limit"),
 ])
 def test_edit_errors(capsys, tmp_path, sd_folder, image_file, extra, match):
     before = {p.name for p in tmp_path.iterdir()}
@@ -222,3 +229,21 @@ def test_generate_writes_an_image(capsys, tmp_path, sd_folder):
     assert run(capsys, "generate", "--prompt", "a red circle", "--seed", "3", "--steps", "3", "--model", str(sd_folder),
                "--out", str(out))[0] == 0
     assert out.read_bytes() == first  # same seed, same picture
+
+
+def test_prompt_to_prompt_settings_reach_the_edit(capsys, tmp_path, sd_folder, image_file):
+    """--blend-start 1 never blends (same pixels as no blend); a cross-replace window and the self-replace
+    size change the edit; each run exits 0."""
+    common = ["edit", str(image_file), "--source", "a red circle on a blue background", "--target",
+              "a red square on a blue background", "--controller", "replace", "--steps", "4", "--model", str(sd_folder)]
+
+    def pixels(name, *extra):
+        code, _, stderr = run(capsys, *common, "--out", str(tmp_path / name), *extra)
+        assert code == 0, stderr
+        return Image.open(tmp_path / name).tobytes()
+
+    plain = pixels("plain.png")
+    assert pixels("late.png", "--blend", "circle", "square", "--blend-start", "1") == plain
+    assert pixels("blend.png", "--blend", "circle", "square", "--blend-start", "0") != plain
+    assert pixels("window.png", "--cross-replace", "0.5,1") != plain
+    assert pixels("size.png", "--self-replace-size", "1") != plain

@@ -44,6 +44,14 @@ def _number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _pair(v: Any) -> bool:
+    return isinstance(v, list) and len(v) == 2 and all(map(_number, v))
+
+
+def _word_windows(v: Any) -> bool:
+    return isinstance(v, dict) and all(isinstance(k, str) and k and (_number(x) or _pair(x)) for k, x in v.items())
+
+
 def _word_numbers(v: Any) -> bool:
     return isinstance(v, dict) and all(isinstance(k, str) and k and _number(x) for k, x in v.items())
 
@@ -55,12 +63,16 @@ SETTING_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "guidance": (_number, "a number"),
     "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000, "an integer 1..1000"),
     "offset": (lambda v: v in (None, 0, 1), "0, 1 or null"),
-    "cross_replace": (lambda v: _number(v) or _word_numbers(v), "a fraction or {word: fraction}"),
-    "self_replace": (lambda v: _number(v) or (isinstance(v, list) and len(v) == 2 and all(map(_number, v))),
-                     "a fraction or [start, end]"),
+    "cross_replace": (lambda v: _number(v) or _pair(v) or _word_windows(v),
+                      "a fraction, [start, end] or {word: fraction or [start, end]}"),
+    "self_replace": (lambda v: _number(v) or _pair(v), "a fraction or [start, end]"),
+    "self_replace_size": (lambda v: _number(v) and 0 < v <= 1, "a fraction in (0, 1]"),
     "blend": (lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(isinstance(w, str) and w for w in v)),
               "[source word, target word] or null"),
     "blend_threshold": (_number, "a number"),
+    "blend_start": (lambda v: _number(v) and 0 <= v <= 1, "a fraction in [0, 1]"),
+    "blend_res": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
+                  "a positive integer or null"),
     "reweight": (_word_numbers, "{word: scale}"),
     "direct": (lambda v: isinstance(v, bool), "true or false"),
     "size": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 4096), "8..4096 or null"),
@@ -68,8 +80,9 @@ SETTING_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 ROW_KEYS = {"image", "source", "target", "targets", "name"}
 DEFAULTS: dict[str, Any] = {"method": "npi", "controller": "refine", "guidance": 7.5, "steps": 50, "offset": None,
-                            "cross_replace": 0.8, "self_replace": 0.6, "blend": None, "blend_threshold": 0.3,
-                            "reweight": {}, "direct": False, "size": None, "resize": "crop"}
+                            "cross_replace": 0.8, "self_replace": 0.6, "self_replace_size": 0.5, "blend": None,
+                            "blend_threshold": 0.3, "blend_start": 0.2, "blend_res": None, "reweight": {},
+                            "direct": False, "size": None, "resize": "crop"}
 INVERSION_KEYS = ("steps", "offset", "size", "resize")
 
 
@@ -91,10 +104,15 @@ def edit_settings(s: dict[str, Any]) -> EditSettings:
     window = s["self_replace"]
     return EditSettings(
         method=s["method"], controller=s["controller"], guidance=float(s["guidance"]),
-        cross_replace={"default_": DEFAULTS["cross_replace"], **cross} if isinstance(cross, dict) else float(cross),
-        self_replace=(float(window[0]), float(window[1])) if isinstance(window, (list, tuple)) else float(window),
+        cross_replace=({w: _window(x) for w, x in {"default_": DEFAULTS["cross_replace"], **cross}.items()}
+                       if isinstance(cross, dict) else _window(cross)),
+        self_replace=_window(window), self_replace_size=float(s["self_replace_size"]),
         blend=(s["blend"][0], s["blend"][1]) if s["blend"] else None, blend_threshold=float(s["blend_threshold"]),
-        reweight=dict(s["reweight"]), direct=s["direct"])
+        blend_start=float(s["blend_start"]), blend_res=s["blend_res"], reweight=dict(s["reweight"]), direct=s["direct"])
+
+
+def _window(v: float | list[float] | tuple[float, float]) -> float | tuple[float, float]:
+    return (float(v[0]), float(v[1])) if isinstance(v, (list, tuple)) else float(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,12 +197,12 @@ def _csv_rows(text: str) -> list[tuple[int, Any]]:
 
 def _csv_value(key: str, value: str) -> Any:
     """CSV cells are text: numbers, booleans and word lists take their manifest types."""
-    if key in ("guidance", "blend_threshold", "cross_replace", "self_replace"):
+    if key in ("guidance", "blend_threshold", "cross_replace", "self_replace", "self_replace_size", "blend_start"):
         try:
             return float(value)
         except ValueError:
             return value
-    if key in ("steps", "size", "offset"):
+    if key in ("steps", "size", "offset", "blend_res"):
         try:
             return int(value)
         except ValueError:

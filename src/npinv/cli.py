@@ -40,12 +40,21 @@ def _edit_args(p: argparse.ArgumentParser, *, steps_default: int | None = 50) ->
     p.add_argument("--method", default="npi", choices=["npi", "proxnpi", "proxnpi-noig", "nti", "ddim"],
                    help="proxnpi: proximal guidance with inversion guidance; proxnpi-noig: without it")
     p.add_argument("--controller", default="refine", choices=["replace", "refine", "reweight", "none"])
-    p.add_argument("--cross-replace", type=float, default=0.8, help="fraction of steps with cross-attention replaced")
+    p.add_argument("--cross-replace", default="0.8",
+                   help="fraction of steps (or START,END window) with cross-attention replaced (default 0.8)")
     p.add_argument("--cross-replace-word", action="append", default=[], metavar="WORD=FRACTION",
                    help="per-word cross-replace fraction in the target prompt")
     p.add_argument("--self-replace", default="0.6", help="fraction (or START,END window) of self-attention replacement")
+    p.add_argument("--self-replace-size", type=float, default=0.5,
+                   help="replace self-attention in layers whose maps are at most this fraction of the latent side "
+                        "(default 0.5: 32x32 at 512 px, as google/prompt-to-prompt; 0.25: diffusers' community pipeline)")
     p.add_argument("--blend", nargs=2, metavar=("SRC_WORD", "TGT_WORD"), help="local blend: edit only near these words")
     p.add_argument("--blend-threshold", type=float, default=0.3)
+    p.add_argument("--blend-start", type=float, default=0.2, help="local blend acts from this fraction of the steps "
+                   "(default 0.2, as the null-text notebook)")
+    p.add_argument("--blend-res", type=int, default=None, metavar="CELLS",
+                   help="read local blend's masks from the cross-attention maps whose longer side is closest to this "
+                        "(default 16: SD's 16x16 layers at 512 px)")
     p.add_argument("--reweight", action="append", default=[], metavar="WORD=SCALE",
                    help="scale a target word's cross-attention")
     p.add_argument("--direct", action="store_true", help="direct inversion: pin the source branch to the trajectory")
@@ -70,13 +79,15 @@ def _edit_settings(args, **extra):
 
     if args.guidance is None:
         args.guidance = model_edit_guidance(args.model)
-    cross: float | dict[str, float] = args.cross_replace
+    cross: float | tuple[float, float] | dict = _window(args.cross_replace, "--cross-replace")
     if args.cross_replace_word:
-        cross = {"default_": args.cross_replace, **_pairs(args.cross_replace_word, "--cross-replace-word")}
+        cross = {"default_": cross, **_pairs(args.cross_replace_word, "--cross-replace-word")}
     settings = EditSettings(
         method=args.method, controller=args.controller, guidance=args.guidance, cross_replace=cross,
-        self_replace=_window(args.self_replace), blend=tuple(args.blend) if args.blend else None,
-        blend_threshold=args.blend_threshold, reweight=_pairs(args.reweight, "--reweight"), direct=args.direct,
+        self_replace=_window(args.self_replace, "--self-replace"), self_replace_size=args.self_replace_size,
+        blend=tuple(args.blend) if args.blend else None, blend_threshold=args.blend_threshold,
+        blend_start=args.blend_start, blend_res=args.blend_res, reweight=_pairs(args.reweight, "--reweight"),
+        direct=args.direct,
         **extra)
     settings.validate()
     return settings
@@ -264,16 +275,16 @@ def _pairs(items: list[str], flag: str) -> dict[str, float]:
     return out
 
 
-def _window(text: str) -> float | tuple[float, float]:
+def _window(text: str, flag: str) -> float | tuple[float, float]:
     try:
         parts = [float(v) for v in text.split(",")]
     except ValueError:
-        raise NpinvError(f"--self-replace expects a fraction or START,END, got {text!r}") from None
+        raise NpinvError(f"{flag} expects a fraction or START,END, got {text!r}") from None
     if len(parts) == 1:
         return parts[0]
     if len(parts) == 2:
         return (parts[0], parts[1])
-    raise NpinvError(f"--self-replace expects a fraction or START,END, got {text!r}")
+    raise NpinvError(f"{flag} expects a fraction or START,END, got {text!r}")
 
 
 def edit_output_paths(out, count: int):
@@ -528,9 +539,11 @@ def cmd_edit_batch(args) -> int:
     settings = _edit_settings(args)  # the flags are each row's defaults
     defaults = {"method": settings.method, "controller": settings.controller, "guidance": settings.guidance,
                 "steps": args.steps, "offset": args.offset, "size": args.size, "resize": args.resize,
-                "cross_replace": settings.cross_replace,
-                "self_replace": list(settings.self_window), "blend": list(settings.blend) if settings.blend else None,
-                "blend_threshold": settings.blend_threshold, "reweight": settings.reweight, "direct": settings.direct}
+                "cross_replace": json.loads(json.dumps(settings.cross_replace)),  # windows as lists, as a manifest has them
+                "self_replace": list(settings.self_window), "self_replace_size": settings.self_replace_size,
+                "blend": list(settings.blend) if settings.blend else None, "blend_threshold": settings.blend_threshold,
+                "blend_start": settings.blend_start, "blend_res": settings.blend_res, "reweight": settings.reweight,
+                "direct": settings.direct}
     rows = read_manifest(args.manifest, defaults)  # every row checked before the model loads
     shard = current_shard()
     if shard.device and args.device is None:
