@@ -99,3 +99,29 @@ def test_demo_command(tmp_path, capsys):
 NPI_MIN_DB = 28.0
 GAP_MIN_DB = 8.0
 BG_MIN_DB = 25.0
+
+
+def test_readme_edit_example_runs_as_printed(tmp_path, monkeypatch, capsys):
+    """The README's edit command, run literally on the embedded model (its declared guidance, no
+    flags added), gives the edits it promises: a green circle and a red square, on blue."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from PIL import Image
+
+    from npinv.cli import main
+
+    root = Path(__file__).resolve().parent.parent
+    readme = (root / "README.md").read_text()
+    block = re.search(r"## Edit an image\s+```sh\n(.*?)```", readme, re.S).group(1)
+    argv = shlex.split(block.replace("\\\n", " "))
+    assert argv[0] == ".venv/bin/npinv" and "--guidance" not in argv
+    (tmp_path / "src").symlink_to(root / "src")  # the command names a file relative to the repository
+    monkeypatch.chdir(tmp_path)
+    assert main(["--quiet", *argv[1:]]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["guidance"] == 2.5
+    readings = [read_scene(Image.open(p)) for p in row["outputs"]]
+    assert readings[0].matches(Scene("circle", "green", "blue"))
+    assert readings[1].matches(Scene("square", "red", "blue"))

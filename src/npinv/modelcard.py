@@ -138,7 +138,9 @@ Samples (first {n_grid} held-out captions, left to right, top to bottom): {grid_
 
 Reconstructions at {max_steps} steps: input | DDIM w=1 | DDIM w=7.5 | NTI | NPI.
 
-## Editing: guidance sweep (NPI + word swap + local blend, {edit_steps} steps, {n_edit} held-out scenes x 3 edits)
+## Editing: guidance sweep (NPI + word swap + local blend, {edit_steps} steps, {n_edit} held-out scenes x 3 edits, {edit_date})
+
+Blend IoU: the local-blend mask against the region each edit is meant to change (see BENCHMARKS.md).
 
 {edit_table}
 **Recommended guidance for editing with this model: {recommended:g}** (highest edit success, then
@@ -198,7 +200,7 @@ def write_card(model_dir: Path, figures: dict) -> Path:
         n_recon=figures["n_recon"], recon_rows="\n".join(lines), n_grid=figures["n_grid"],
         grid_captions="; ".join(s["captions"][: figures["n_grid"]]), max_steps=max(figures["recon_steps"]),
         edit_steps=figures["edit_steps"], n_edit=figures["n_edit"], edit_table=edit_table(figures["edit_sweep"]),
-        recommended=figures["recommended_guidance"],
+        recommended=figures["recommended_guidance"], edit_date=figures.get("edit_date", figures["date"]),
     )
     return write_text(model_dir / "MODEL_CARD.md", text)
 
@@ -213,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample-steps", type=int, default=50)
     parser.add_argument("--n-edit", type=int, default=6)
     parser.add_argument("--edit-steps", type=int, default=50)
+    parser.add_argument("--edit-only", action="store_true",
+                        help="re-measure only the editing sweep (after a change to editing); keep the card's other "
+                             "figures, which editing does not touch")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = load_model(args.model, device="cpu")
@@ -222,6 +227,10 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = Path(args.model) if args.model else embedded_model_path()
     steps_list = [int(s) for s in args.steps.split(",")]
     t0 = time.perf_counter()
+    if args.edit_only:
+        figures = json.loads((model_dir / "model_card_figures.json").read_text())
+        figures["edit_date"] = time.strftime("%Y-%m-%d")
+        return _measure_editing(model, model_dir, figures, args.n_edit, args.edit_steps, t0)
     figures: dict = {"date": time.strftime("%Y-%m-%d"), "colors": list(COLORS), "n_vae": args.n_vae,
                      "n_recon": args.n_recon, "recon_steps": steps_list, "n_grid": 24,
                      "scaling_factor": model.vae.config.scaling_factor,
@@ -236,12 +245,16 @@ def main(argv: list[str] | None = None) -> int:
     save_image(image_grid([images[r * 6 : r * 6 + 6] for r in range(4)], scale=2), model_dir / "samples.png")
     figures["reconstruction"], grid = reconstruction_table(model, args.n_recon, steps_list)
     save_image(image_grid(grid, scale=2), model_dir / "reconstructions.png")
+    return _measure_editing(model, model_dir, figures, args.n_edit, args.edit_steps, t0)
+
+
+def _measure_editing(model: Model, model_dir: Path, figures: dict, n_edit: int, edit_steps: int, t0: float) -> int:
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:  # the sweep's raw rows are not part of the card
-        sweep = run_edit_shapes(model, tmp, n_scenes=args.n_edit, methods=("npi",), directs=(False,),
-                                guidances=EDIT_GUIDANCES, steps=args.edit_steps)
-    figures.update(edit_sweep=sweep, n_edit=args.n_edit, edit_steps=args.edit_steps,
+        sweep = run_edit_shapes(model, tmp, n_scenes=n_edit, methods=("npi",), directs=(False,),
+                                guidances=EDIT_GUIDANCES, steps=edit_steps)
+    figures.update(edit_sweep=sweep, n_edit=n_edit, edit_steps=edit_steps,
                    recommended_guidance=recommended_guidance(sweep))
     print(f"recommended editing guidance {figures['recommended_guidance']}", flush=True)
     figures["seconds_total"] = time.perf_counter() - t0
