@@ -79,6 +79,8 @@ def test_colour_swap_edit_keeps_the_background(shapes, example):
     bg = region_psnr(tensor_to_unit(result.images), tensor_to_unit(image), keep_region(case, 64))
     assert bg >= BG_MIN_DB
     assert result.unet_rows == 3 * 30
+    # Local blend reads this model's 16x16 maps (the level closest to the reference's 16x16 layers).
+    assert result.controller.seen["blend_read"] == {(16, 16)}
 
 
 def test_demo_command(tmp_path, capsys):
