@@ -20,6 +20,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from npinv.vocab import bytes_to_unicode
+
 OPEN_CLIP_WHEEL = "open-clip-torch==3.3.0"
 BPE_MEMBER = "open_clip/bpe_simple_vocab_16e6.txt.gz"
 N_MERGES = 49152 - 256 - 2  # CLIP keeps the first 48,894 merges of the file
@@ -49,18 +51,6 @@ def bpe_file() -> Path:
     return path
 
 
-def _bytes_to_unicode() -> list[str]:
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    codes = printable[:]
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            printable.append(b)
-            codes.append(256 + extra)
-            extra += 1
-    return [chr(c) for c in codes]
-
-
 def tokenizer_folder(pad_token: str = SD_PAD) -> Path:
     """A folder with ``vocab.json``, ``merges.txt`` and a tokenizer config, like an SD checkpoint's."""
     name = "sd1" if pad_token == SD_PAD else "sd2"
@@ -69,7 +59,7 @@ def tokenizer_folder(pad_token: str = SD_PAD) -> Path:
         return folder
     lines = gzip.open(bpe_file()).read().decode("utf-8").split("\n")
     merges = [tuple(line.split()) for line in lines[1 : N_MERGES + 1]]
-    base = _bytes_to_unicode()
+    base = list(bytes_to_unicode().values())  # CLIP's byte symbols, in its order
     vocab = base + [b + "</w>" for b in base] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     tmp = folder.with_name(folder.name + ".part")
     tmp.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
 
 
-def _bytes_to_unicode() -> dict[int, str]:
+def bytes_to_unicode() -> dict[int, str]:
     # The reversible byte -> printable-character table of GPT-2/CLIP BPE.
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     chars = printable[:]
@@ -51,7 +51,7 @@ def build_vocab(words: Iterable[str]) -> tuple[dict[str, int], list[tuple[str, s
     Merges are appended per word after simulating the merges so far; a word that already encodes
     to one token is unaffected by later (lower-priority) merges, so each word stays whole.
     """
-    table = _bytes_to_unicode()
+    table = bytes_to_unicode()
     base = list(table.values())
     tokens = base + [c + "</w>" for c in base]
     merges: list[tuple[str, str]] = []
