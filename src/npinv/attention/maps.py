@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from npinv.attention.align import word_spans
+from npinv.attention.align import last_word_position, word_spans
 
 
 @dataclasses.dataclass
@@ -37,7 +37,7 @@ def word_maps(model, result, source_prompt: str) -> list[WordMap]:
     prompts = [("source", source_prompt)] + [(f"target{k}", t) for k, t in enumerate(result.targets)]
     for branch, (label, prompt) in enumerate(prompts):
         for index, (word, span) in enumerate(zip(prompt.split(), word_spans(tokenizer, prompt), strict=True)):
-            span = [p for p in span if p < tokenizer.model_max_length]
+            span = [p for p in span if p <= last_word_position(tokenizer)]
             if span:
                 maps.append(WordMap(branch, label, index, word, result.controller.word_maps(result.first_branch + branch, span)))
     return maps
