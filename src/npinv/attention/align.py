@@ -56,7 +56,7 @@ def replace_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
     if len(src) != len(tgt):
         raise NpinvError(
             f"replace needs prompts with equal word counts ({len(src)} vs {len(tgt)}): "
-            f"{source!r} -> {target!r}; use the refine controller")
+            f"{_short(source)} -> {_short(target)}; use the refine controller")
     k = tokenizer.model_max_length
     last = last_word_position(tokenizer)
     m = torch.zeros(k, k)
@@ -150,7 +150,7 @@ def find_word(tokenizer, prompt: str, word: str, what: str = "blend") -> list[in
     spans = word_spans(tokenizer, prompt)
     hits = [spans[i] for i, x in enumerate(words) if x == word]
     if not hits:
-        raise NpinvError(f"{what} word {word!r} is not in the prompt {prompt!r}")
+        raise NpinvError(f"{what} word {_short(word, 40)} is not in the prompt {_short(prompt)}")
     last = last_word_position(tokenizer)
     if any(p > last for span in hits for p in span):
         raise NpinvError(f"{what} word {word!r} falls past the {tokenizer.model_max_length}-token limit of the prompt "
