@@ -244,3 +244,129 @@ def test_throughput_benchmark_counts_and_agrees(tmp_path, sd_model):
     assert one["unet_calls"] == 3 * three["unet_calls"] == 3 * 2 * 2
     assert three["max_pixel_difference_vs_batch_1"] <= 1 and one["images_per_minute"] > 0
     assert "images / minute" in throughput_table(summary)
+
+
+def _lock_holder(folder: Path) -> subprocess.Popen:
+    """Another process that holds FOLDER's edit-batch lock until its stdin closes; returned once it holds it."""
+    code = ("import sys; from npinv.parallel import FolderLock\n"
+            f"with FolderLock({str(folder)!r}):\n"
+            "    print('held', flush=True); sys.stdin.read()\n")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.stdout.readline().strip() == "held"  # blocks until the lock is taken: no timing involved
+    return proc
+
+
+def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path, manifest, sd_folder, capsys):
+    import socket
+
+    out = tmp_path / "out"
+    holder = _lock_holder(out)
+    try:
+        code, stdout, err = run(capsys, "edit-batch", manifest, "--out", out, "--model", sd_folder, "--steps", STEPS)
+        assert code == 2 and stdout == ""
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("npinv: error: "), err
+        assert f"pid {holder.pid}@{socket.gethostname()}, since " in lines[0] and str(out) in lines[0]
+        assert not (out / "results.jsonl").exists() and not (out / "edits").exists()  # refused before any work
+        # The library entry point refuses too (a run that got past the CLI's early check).
+        from npinv import load_model
+        from npinv.batch import read_manifest, run_batch
+        with pytest.raises(Exception, match=f"pid {holder.pid}@"):
+            run_batch(load_model(str(sd_folder), device="cpu"), read_manifest(manifest, {"steps": 2}), out)
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    assert holder.returncode == 0 and not (out / ".npinv.lock").exists()  # released on exit
+    code, stdout, err = run(capsys, "edit-batch", manifest, "--out", out, "--model", sd_folder, "--steps", STEPS,
+                            "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["done_now"] == 6 and not (out / ".npinv.lock").exists()
+
+
+def test_a_lock_left_by_a_dead_process_is_taken_over(tmp_path, manifest, sd_folder, capsys):
+    import socket
+
+    out = tmp_path / "out"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # its pid names no running process now
+    (out / ".npinv.lock").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(),
+                                                 "since": "2024-01-01 00:00:00 +0000", "launch": None,
+                                                 "world_size": 1, "command": "npinv edit-batch"}) + "\n")
+    code, stdout, err = run(capsys, "edit-batch", manifest, "--out", out, "--model", sd_folder, "--steps", STEPS,
+                            "--json")
+    assert code == 0, err
+    notes = [ln for ln in err.splitlines() if ln]
+    assert len(notes) == 1 and notes[0].startswith("npinv: warning: ") and f"pid {dead.pid}@" in notes[0]
+    assert "no longer runs" in notes[0]
+    assert json.loads(stdout)["done_now"] == 6 and not (out / ".npinv.lock").exists()
+
+
+def test_a_lock_is_released_when_the_run_fails(tmp_path, manifest, sd_folder, monkeypatch, capsys):
+    import npinv.batch
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the work
+
+    monkeypatch.setattr(npinv.batch, "_run_chunk", boom)
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "edit-batch", manifest, "--out", out, "--model", sd_folder, "--steps", STEPS)
+    assert code == 130 and not (out / ".npinv.lock").exists()
+
+
+def test_siblings_of_one_launch_share_the_folder_and_strangers_do_not(tmp_path, monkeypatch):
+    from npinv.errors import NpinvError
+    from npinv.parallel import FolderLock, Shard
+
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500", "TORCHELASTIC_RUN_ID": "none",
+                 "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(k, v)
+    out = tmp_path / "out"
+    rank0, rank1 = FolderLock(out, Shard(0, 2)), FolderLock(out, Shard(1, 2))
+    with rank0, rank1:
+        with pytest.raises(NpinvError, match="one of 2 processes launched together"):
+            FolderLock(out).acquire()  # an independent single-process run
+        monkeypatch.setenv("MASTER_PORT", "29501")
+        with pytest.raises(NpinvError, match="in use by"):
+            FolderLock(out, Shard(0, 2)).acquire()  # another launch
+        monkeypatch.setenv("MASTER_PORT", "29500")
+        rank0.release()  # the first to finish leaves the file to the sibling still working
+        assert (out / ".npinv.lock").exists()
+        with pytest.raises(NpinvError):
+            FolderLock(out).check()
+    assert not (out / ".npinv.lock").exists()  # the last one out removed it
+    FolderLock(out).check()
+
+
+def test_resume_counts_add_up_after_a_torn_line_and_a_lost_output(tmp_path, sd_folder, capsys):
+    """Eight edits; the last results row torn mid-write and another edit's image deleted: the rerun
+    redoes exactly those two and the counts add up to eight."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    rows = []
+    for n in range(8):
+        shape, colour, bg = SCENES[n % 4]
+        Scene(shape, colour, bg, 0.3 + 0.05 * n).render(32).save(folder / f"img{n}.png")
+        rows.append({"image": f"img{n}.png", "source": caption(shape, colour, bg),
+                     "target": caption(shape, "yellow" if colour == "red" else "red", bg)})
+    manifest = folder / "manifest.jsonl"
+    manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    args = ("edit-batch", manifest, "--out", out, "--model", sd_folder, "--steps", "2", "--json")
+    code, stdout, err = run(capsys, *args)
+    assert code == 0, err
+    assert json.loads(stdout)["done_now"] == 8
+    first = results(out)
+    text = (out / "results.jsonl").read_text()
+    (out / "results.jsonl").write_text(text[: len(text) - 40])  # the last row torn mid-write
+    Path(first[2]["output"]).unlink()  # and one finished edit's image lost
+    code, stdout, err = run(capsys, *args)
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert (report["edits"], report["done_before"], report["done_now"]) == (8, 6, 2)
+    assert report["done_before"] + report["done_now"] == report["edits"]
+    final = results(out)
+    assert len(final) == len({r["key"] for r in final}) == 8 and all(Path(r["output"]).is_file() for r in final)
+    code, stdout, _ = run(capsys, *args)
+    assert (json.loads(stdout)["done_before"], json.loads(stdout)["done_now"]) == (8, 0)

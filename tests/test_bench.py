@@ -176,3 +176,19 @@ def test_reconstruct_bench_shards_merge_to_the_one_process_result(tmp_path, sd_m
     assert [strip(r) for r in rows["one"]] == [strip(r) for r in rows["two"]]
     assert [(r["method"], r["n"], r["psnr_mean"]) for r in one["rows"]] == \
         [(r["method"], r["n"], r["psnr_mean"]) for r in two["rows"]]
+
+
+@pytest.mark.parametrize("shapes", ["0", "-3"])
+def test_reconstruct_bench_refuses_no_scenes(tmp_path, capsys, shapes):
+    """--shapes 0 ran the default 8 scenes (``shapes or 8``); None is the default, 0 or less an error."""
+    from npinv.cli import main
+
+    code = main(["--quiet", "bench", "reconstruct", "--shapes", shapes, "--steps", "2", "--out", str(tmp_path / "b")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.strip() == f"npinv: error: --shapes must be at least 1, got {shapes}"
+    assert not (tmp_path / "b").exists()
+    from npinv.bench.reconstruct import image_items
+    from npinv.errors import NpinvError
+
+    with pytest.raises(NpinvError, match="--shapes must be at least 1"):
+        image_items(None, None, 0)  # the library refuses too

@@ -116,3 +116,40 @@ def test_ssim_matches_scikit_image():
     b = np.clip(a + 0.1 * rng.standard_normal(a.shape), 0, 1)
     ref = structural_similarity(a, b, channel_axis=2, gaussian_weights=True, sigma=1.5, data_range=1.0)
     assert ssim(a, b) == pytest.approx(ref, abs=1e-9)
+
+
+def test_outputs_get_the_umask_mode_and_replacing_keeps_the_mode(tmp_path):
+    """atomic_path used mkstemp (0600 whatever the umask): outputs must get what open() would give."""
+    import json
+    import os
+    import stat
+
+    from npinv.bench.results import ResultsFile
+    from npinv.io import write_text
+
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    old = os.umask(0o022)
+    try:
+        img = Image.new("RGB", (8, 8), (1, 2, 3))
+        save_image(img, tmp_path / "new.png")
+        write_text(tmp_path / "new.json", "{}")
+        assert mode(tmp_path / "new.png") == mode(tmp_path / "new.json") == 0o644
+        os.umask(0o077)
+        save_image(img, tmp_path / "private.png")
+        assert mode(tmp_path / "private.png") == 0o600
+        os.umask(0o022)
+        for name, before in (("shared.png", 0o644), ("secret.png", 0o600), ("group.png", 0o664)):
+            (tmp_path / name).write_bytes(b"old")
+            os.chmod(tmp_path / name, before)
+            save_image(img, tmp_path / name)  # replaced by a rename: the new file keeps the old one's mode
+            assert mode(tmp_path / name) == before, name
+            assert Image.open(tmp_path / name).size == (8, 8)
+        # A results file rewritten without its torn last line keeps its mode too.
+        results = tmp_path / "results.jsonl"
+        results.write_text(json.dumps({"key": "a"}) + "\n" + '{"key": "b", "x"')
+        os.chmod(results, 0o640)
+        assert [r["key"] for r in ResultsFile(results).rows] == ["a"]
+        assert mode(results) == 0o640 and results.read_text() == '{"key": "a"}\n'
+    finally:
+        os.umask(old)
+    assert not list(tmp_path.glob(".*.tmp"))

@@ -97,3 +97,23 @@ def test_hub_id_from_the_local_cache(tmp_path, monkeypatch, sd_folder):
     model = load_model("npinv-test/tiny-sd", device="cpu")
     assert model.name == "npinv-test/tiny-sd"
     _same_outputs(load_model(str(sd_folder), device="cpu"), model)
+
+
+def test_unknown_word_warning_sees_every_script_and_emoji(sd_model, monkeypatch):
+    """The check matched [a-z]+ only: accented, non-Latin words and emoji passed silently."""
+    import warnings
+
+    from npinv.model import prompt_words
+
+    assert prompt_words("A red circle, on a blue background!") == ["a", "red", "circle", "on", "a", "blue", "background"]
+    assert prompt_words("Café 東京 हिन्दी a red🔴circle ❤️ 👍🏽 © +") == [
+        "café", "東京", "हिन्दी", "a", "red", "🔴", "circle", "❤️", "👍🏽", "©", "+"]
+    assert prompt_words("a \u200b red ... circle -- ") == ["a", "red", "circle"]  # no words made of spacing or dots
+    monkeypatch.setattr(sd_model, "known_words", frozenset("a red green circle on blue background".split()))
+    with pytest.warns(NpinvWarning) as caught:
+        sd_model.encode_prompt("a rouge cercle café 東京 🔴 on a blue background 🔴")
+    message = str(caught[0].message)
+    assert "vocabulary: rouge, cercle, café, 東京, 🔴 (" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sd_model.encode_prompt("A red circle, on a blue background!")  # known words and punctuation: silent

@@ -37,7 +37,7 @@ from npinv.errors import NpinvError
 from npinv.inversion import ddim_inversion_batch
 from npinv.io import image_to_tensor, load_image, prepare_image, remove_stale_temporaries, save_image, tensor_to_image
 from npinv.model import Model
-from npinv.parallel import Shard, ShardedResults
+from npinv.parallel import FolderLock, Shard, ShardedResults
 
 
 def _number(v: Any) -> bool:
@@ -75,7 +75,8 @@ SETTING_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
                   "a positive integer or null"),
     "reweight": (_word_numbers, "{word: scale}"),
     "direct": (lambda v: isinstance(v, bool), "true or false"),
-    "size": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 4096), "8..4096 or null"),
+    "size": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 4096 and v % 8 == 0),
+             "a multiple of 8 in 8..4096, or null"),
     "resize": (lambda v: v in ("crop", "fit"), "crop or fit"),
 }
 ROW_KEYS = {"image", "source", "target", "targets", "name"}
@@ -267,6 +268,33 @@ def check_words(model: Model, rows: list[ManifestRow]) -> None:
             raise NpinvError(f"line {row.line}: {exc}") from None
 
 
+def check_schedules(rows: list[ManifestRow], scheduler_config: Any, size_multiple: int = 8) -> None:
+    """Each row's steps and offset against the model's scheduler (``steps: 1000`` needs ``offset: 0``),
+    its size against the model's VAE: the first bad row raises with its line number. The CLI calls it
+    with the configs read before the model loads; :func:`run_batch` again with the loaded model's."""
+    from npinv.checks import check_size
+    from npinv.schedule import Schedule
+
+    grids: dict[tuple, str | None] = {}
+    for row in rows:
+        s = row.settings
+        try:
+            check_size(s["size"], size_multiple)
+            if scheduler_config is None:
+                continue
+            key = (s["steps"], s["offset"])
+            if key not in grids:
+                try:
+                    Schedule.from_scheduler_config(scheduler_config, s["steps"], s["offset"])
+                    grids[key] = None
+                except NpinvError as exc:
+                    grids[key] = str(exc)
+            if grids[key] is not None:
+                raise NpinvError(grids[key])
+        except NpinvError as exc:
+            raise NpinvError(f"line {row.line}: {exc}") from None
+
+
 # -- planning -------------------------------------------------------------------------------------
 def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -307,13 +335,24 @@ def run_batch(model: Model, rows: list[ManifestRow], out: str | Path, *, batch_s
         raise NpinvError("--batch-size must be at least 1")
     shard = shard or Shard()
     check_words(model, rows)
+    check_schedules(rows, model.pipe.scheduler.config, model.size_multiple)
     out = Path(out)
+    # One job at a time in a folder (the processes of one accelerate launch are one job).
+    with FolderLock(out, shard):
+        return _run_locked(model, rows, out, batch_size, shard, progress)
+
+
+def _run_locked(model: Model, rows: list[ManifestRow], out: Path, batch_size: int, shard: Shard,
+                progress: Callable[[str], None] | None) -> BatchReport:
     (out / "edits").mkdir(parents=True, exist_ok=True)
     items = plan(rows, out, model)
     results = ShardedResults(out, shard)
     _check_same_manifest(items, results)
     order = {it.key: n for n, it in enumerate(items)}
-    done_before = sum(1 for it in items if it.key in results)
+    # Done means recorded and on disk: an edit whose row was torn or whose file is gone runs again,
+    # so done_before + done_now adds up to the edits. (done_before counts the whole manifest; with
+    # several processes each one's done_now counts only its own share.)
+    done_before = sum(1 for it in items if _finished(it, results))
 
     # Deal source images (one inversion each) to processes. This process inverts its pending
     # images batch_size at a time (equal steps, offset and size), then edits each such chunk with

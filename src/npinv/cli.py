@@ -20,6 +20,19 @@ class _Parser(argparse.ArgumentParser):
         raise NpinvError(f"{message} (see npinv {self.prog.split()[-1]} --help)" if " " in self.prog else message)
 
 
+def _number(text: str) -> float:
+    """argparse type of every numeric flag: a finite number ("nan" and "inf" would pass every range check)."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="diffusers folder, .safetensors file or hub id (default: embedded)")
     p.add_argument("--model-config", default=None, help="diffusers folder or hub id with configs for a single file")
@@ -30,7 +43,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _schedule_args(p: argparse.ArgumentParser, guidance: float = 7.5) -> None:
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance", type=float, default=guidance, help=f"guidance scale w (default {guidance})")
+    p.add_argument("--guidance", type=_number, default=guidance, help=f"guidance scale w (default {guidance})")
     p.add_argument("--offset", type=int, default=None, choices=[0, 1],
                    help="timestep offset: 0 as published code, 1 as the SD config (default: the model's config)")
 
@@ -45,12 +58,12 @@ def _edit_args(p: argparse.ArgumentParser, *, steps_default: int | None = 50) ->
     p.add_argument("--cross-replace-word", action="append", default=[], metavar="WORD=FRACTION",
                    help="per-word cross-replace fraction in the target prompt")
     p.add_argument("--self-replace", default="0.6", help="fraction (or START,END window) of self-attention replacement")
-    p.add_argument("--self-replace-size", type=float, default=0.5,
+    p.add_argument("--self-replace-size", type=_number, default=0.5,
                    help="replace self-attention in layers whose maps are at most this fraction of the latent side "
                         "(default 0.5: 32x32 at 512 px, as google/prompt-to-prompt; 0.25: diffusers' community pipeline)")
     p.add_argument("--blend", nargs=2, metavar=("SRC_WORD", "TGT_WORD"), help="local blend: edit only near these words")
-    p.add_argument("--blend-threshold", type=float, default=0.3)
-    p.add_argument("--blend-start", type=float, default=0.2, help="local blend acts from this fraction of the steps "
+    p.add_argument("--blend-threshold", type=_number, default=0.3)
+    p.add_argument("--blend-start", type=_number, default=0.2, help="local blend acts from this fraction of the steps "
                    "(default 0.2, as the null-text notebook)")
     p.add_argument("--blend-res", type=int, default=None, metavar="CELLS",
                    help="read local blend's masks from the cross-attention maps whose longer side is closest to this "
@@ -61,7 +74,7 @@ def _edit_args(p: argparse.ArgumentParser, *, steps_default: int | None = 50) ->
     p.add_argument("--steps", type=int, default=steps_default,
                    help="DDIM steps (default 50" + (", or the inversion's)" if steps_default is None else ")"))
     # None: resolved by _edit_settings to the model folder's npinv.json "edit_guidance", else 7.5.
-    p.add_argument("--guidance", type=float, default=None,
+    p.add_argument("--guidance", type=_number, default=None,
                    help="guidance scale w (default: the model's recommended editing guidance, else 7.5)")
     p.add_argument("--offset", type=int, default=None, choices=[0, 1],
                    help="timestep offset: 0 as published code, 1 as the SD config (default: the model's config)")
@@ -178,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--shapes", type=int, default=None, help="use N held-out scenes (default 8)")
     p.add_argument("--methods", default="ddim1,ddim,nti,npi")
     p.add_argument("--steps", default="10,20,50,100")
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=_number, default=7.5)
     p.add_argument("--offset", type=int, default=None, choices=[0, 1])
     p.add_argument("--lpips", default=None, metavar="WEIGHTS",
                    help="LPIPS (SqueezeNet) weights file(s), os.pathsep separated (default $NPINV_LPIPS_WEIGHTS)")
@@ -192,8 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", default="7.5", help="one or more guidance scales, comma separated")
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--no-blend", action="store_true", help="edit without local blend")
-    p.add_argument("--cross-replace", type=float, default=0.8)
-    p.add_argument("--self-replace", type=float, default=0.6)
+    p.add_argument("--cross-replace", type=_number, default=0.8)
+    p.add_argument("--self-replace", type=_number, default=0.6)
     p.add_argument("--out", required=True)
     _model_args(p)
 
@@ -201,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="PIE-Bench folder (annotation_images/, mapping_file.json)")
     p.add_argument("--methods", default="npi", help="comma separated: npi,proxnpi,proxnpi-noig,nti,ddim")
     p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--guidance", type=_number, default=7.5)
     p.add_argument("--offset", type=int, default=0, choices=[0, 1], help="timestep offset (published: 0)")
     p.add_argument("--types", default=None, help="editing type ids to run, comma separated (default all)")
     p.add_argument("--limit", type=int, default=None, help="at most this many images")
@@ -215,11 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--queue-size", type=int, default=16, help="requests that may wait for the model (default 16)")
-    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest upload in MB (default 20)")
-    p.add_argument("--max-megapixels", type=float, default=40.0, help="largest image in megapixels (default 40)")
+    p.add_argument("--max-upload-mb", type=_number, default=20.0, help="largest upload in MB (default 20)")
+    p.add_argument("--max-megapixels", type=_number, default=40.0, help="largest image in megapixels (default 40)")
     p.add_argument("--max-steps", type=int, default=200, help="most DDIM steps a user may ask for (default 200)")
     p.add_argument("--cache-entries", type=int, default=4, help="inversions kept per session (default 4)")
-    p.add_argument("--cache-mb", type=float, default=256.0, help="MB of inversions kept per session (default 256)")
+    p.add_argument("--cache-mb", type=_number, default=256.0, help="MB of inversions kept per session (default 256)")
     p.add_argument("--max-sessions", type=int, default=64, help="sessions whose caches are kept (default 64)")
     _model_args(p)
 
@@ -235,21 +248,25 @@ def _load(args):
 
 
 def cmd_reconstruct(args) -> int:
-    from npinv.io import check_output_path, load_image, save_image, tensor_to_image
+    from npinv.inversion import check_inversion_path
+    from npinv.io import check_output_path, load_image, save_image, staged_outputs, tensor_to_image
     from npinv.pipeline import load_input, run_reconstruction
 
     out = check_output_path(args.out, inputs=(args.image,))
     if args.save_inversion:
+        check_inversion_path(args.save_inversion)
         check_output_path(args.save_inversion, inputs=(args.image, args.out), image=False)
+    _check_prompts(prompt=args.prompt)
     load_image(args.image)  # bad input fails before the (slow) model load
     _check_schedule(args)
     model = _load(args)
     image = load_input(args.image, model, args.size, args.resize)
     report = run_reconstruction(model, image, args.prompt, args.method, steps=args.steps, guidance=args.guidance,
                                 offset=args.offset, progress=not args.quiet)
-    save_image(tensor_to_image(report.reconstruction.image), out)
-    if args.save_inversion:
-        report.reconstruction.inversion.save(args.save_inversion)
+    with staged_outputs() as stage:  # all or nothing: a full disk leaves neither file
+        save_image(tensor_to_image(report.reconstruction.image), out, stage=stage)
+        if args.save_inversion:
+            report.reconstruction.inversion.save(args.save_inversion, stage=stage)
     row = report.summary() | {"out": str(out), "model": model.name, "dtype": args.dtype,
                               "size": list(image.shape[-2:])}
     if args.save_inversion:
@@ -267,9 +284,9 @@ def _pairs(items: list[str], flag: str) -> dict[str, float]:
     for item in items:
         word, sep, value = item.partition("=")
         try:
-            out[word] = float(value)
-        except ValueError:
-            raise NpinvError(f"{flag} expects WORD=NUMBER, got {item!r}") from None
+            out[word] = _number(value)
+        except argparse.ArgumentTypeError:
+            raise NpinvError(f"{flag} expects WORD=NUMBER (a finite number), got {item!r}") from None
         if not sep or not word:
             raise NpinvError(f"{flag} expects WORD=NUMBER, got {item!r}")
     return out
@@ -277,8 +294,8 @@ def _pairs(items: list[str], flag: str) -> dict[str, float]:
 
 def _window(text: str, flag: str) -> float | tuple[float, float]:
     try:
-        parts = [float(v) for v in text.split(",")]
-    except ValueError:
+        parts = [_number(v) for v in text.split(",")]
+    except argparse.ArgumentTypeError:
         raise NpinvError(f"{flag} expects a fraction or START,END, got {text!r}") from None
     if len(parts) == 1:
         return parts[0]
@@ -296,19 +313,23 @@ def edit_output_paths(out, count: int):
 
 
 def cmd_edit(args) -> int:
+    import contextlib
     import time
     from pathlib import Path
 
     from npinv.editing import edit
-    from npinv.inversion import Inversion, ddim_inversion
-    from npinv.io import check_output_path, image_grid, load_image, save_image, tensor_to_image
+    from npinv.inversion import Inversion, check_inversion_path, ddim_inversion
+    from npinv.io import check_output_path, image_grid, load_image, save_image, staged_outputs, tensor_to_image
     from npinv.pipeline import load_input
 
     edits, grid_path = edit_output_paths(args.out, len(args.target))
     for path in [*edits, grid_path]:
         check_output_path(path, inputs=tuple(p for p in (args.image, args.inversion) if p))
     if args.save_inversion:
-        check_output_path(args.save_inversion, inputs=(args.image,), image=False)
+        check_inversion_path(args.save_inversion)
+        check_output_path(args.save_inversion, inputs=tuple(p for p in (args.image, args.inversion) if p),
+                          image=False)
+    _check_prompts(source=args.source, target=args.target)
     if args.save_attention and Path(args.save_attention).exists() and not Path(args.save_attention).is_dir():
         raise NpinvError(f"--save-attention {args.save_attention} exists and is not a folder")
     settings = _edit_settings(args, keep_attention_maps=bool(args.save_attention))
@@ -319,6 +340,11 @@ def cmd_edit(args) -> int:
     if inv is not None and args.source and args.source != inv.source_prompt:
         raise NpinvError(f"the inversion was made with source prompt {inv.source_prompt!r}, not {args.source!r}")
     args.steps = args.steps if args.steps is not None else (inv.steps if inv else 50)
+    if inv is not None:  # the inversion's grid is the edit's: check that one, refuse another
+        inv_offset = int(inv.schedule["offset"])
+        if args.offset is not None and args.offset != inv_offset:
+            raise NpinvError(f"the inversion was made with offset {inv_offset}; asked for --offset {args.offset}")
+        args.offset = inv_offset
     _check_schedule(args)
     model = _load(args)
     image = load_input(args.image, model, args.size, args.resize)
@@ -332,14 +358,23 @@ def cmd_edit(args) -> int:
     result = edit(model, inv, args.target, settings, progress=not args.quiet)
     seconds = time.perf_counter() - start
     tiles = [tensor_to_image(image), tensor_to_image(result.source_image)]
-    for k, path in enumerate(edits):
-        tile = tensor_to_image(result.images[k : k + 1])
-        save_image(tile, path)
-        tiles.append(tile)
-    save_image(image_grid([tiles], scale=max(1, 256 // image.shape[-1])), grid_path)
-    if args.save_inversion:
-        result.inversion.save(args.save_inversion)
-    maps = save_attention_maps(model, result, inv.source_prompt, args.save_attention) if args.save_attention else []
+    new_maps_folder = bool(args.save_attention) and not Path(args.save_attention).exists()
+    try:
+        with staged_outputs() as stage:  # all or nothing: a full disk half-way leaves no edit, grid or map
+            for k, path in enumerate(edits):
+                tile = tensor_to_image(result.images[k : k + 1])
+                save_image(tile, path, stage=stage)
+                tiles.append(tile)
+            save_image(image_grid([tiles], scale=max(1, 256 // image.shape[-1])), grid_path, stage=stage)
+            if args.save_inversion:
+                result.inversion.save(args.save_inversion, stage=stage)
+            maps = (save_attention_maps(model, result, inv.source_prompt, args.save_attention, stage=stage)
+                    if args.save_attention else [])
+    except BaseException:
+        if new_maps_folder:
+            with contextlib.suppress(OSError):
+                Path(args.save_attention).rmdir()  # the maps' temporaries are gone: only if empty
+        raise
     row = {"method": args.method, "controller": args.controller, "source": inv.source_prompt, "targets": args.target,
            "steps": inv.steps, "guidance": args.guidance, "direct": args.direct, "seconds": seconds,
            "edit_seconds": result.seconds, "unet_calls": model.counter.calls - calls0,
@@ -355,20 +390,30 @@ def cmd_edit(args) -> int:
     return 0
 
 
-def save_attention_maps(model, result, source_prompt: str, folder) -> list[str]:
-    """One heat map PNG per word of the source and of each target prompt."""
+def save_attention_maps(model, result, source_prompt: str, folder, *, stage=None) -> list[str]:
+    """One heat map PNG per word of the source and of each target prompt (into ``stage``'s
+    temporaries when given, see :func:`npinv.io.staged_outputs`)."""
+    import contextlib
     from pathlib import Path
 
     from npinv.attention.maps import heat_image, word_maps
-    from npinv.io import save_image
+    from npinv.io import save_image, writing
 
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
+    created = not folder.exists()
+    with writing(folder, "create folder"):
+        folder.mkdir(parents=True, exist_ok=True)
     written = []
-    for m in word_maps(model, result, source_prompt):
-        path = folder / f"{m.file_stem}.png"
-        save_image(heat_image(m.heat, scale=max(1, 256 // m.heat.shape[-1])), path)
-        written.append(str(path))
+    try:
+        for m in word_maps(model, result, source_prompt):
+            path = folder / f"{m.file_stem}.png"
+            save_image(heat_image(m.heat, scale=max(1, 256 // m.heat.shape[-1])), path, stage=stage)
+            written.append(str(path))
+    except BaseException:
+        if created and stage is None:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+        raise
     return written
 
 
@@ -377,19 +422,40 @@ def cmd_generate(args) -> int:
 
     from npinv.io import check_output_path, save_image, tensor_to_image
     from npinv.pipeline import generate
+    from npinv.progress import note
 
     out = check_output_path(args.out)
-    _check_schedule(args)
+    _check_prompts(prompt=args.prompt)
+    _check_schedule(args)  # with --seed: 0..2**64-1, as torch.Generator takes it
     model = _load(args)
     start = time.perf_counter()
     calls = model.counter.calls
+    side = (args.size or model.resolution) // model.vae_scale_factor * model.vae_scale_factor
+
+    def estimate(first: float, total: float) -> None:  # one line once the first step is timed, if the run is long
+        if total - first >= LONG_RUN_SECONDS:
+            note(f"npinv: generate {side}x{side} px, {args.steps} steps on {model.device.type}: about "
+                 f"{_duration(total)} ({first:.1f} s for the first step)")
+
     image = generate(model, args.prompt, seed=args.seed, guidance=args.guidance, steps=args.steps, size=args.size,
-                     offset=args.offset, progress=not args.quiet)
+                     offset=args.offset, progress=not args.quiet, estimate=None if args.quiet else estimate)
     save_image(tensor_to_image(image), out)
     row = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
            "seconds": time.perf_counter() - start, "unet_calls": model.counter.calls - calls, "out": str(out)}
     print(json.dumps(row) if args.json else f"{out}  ({row['seconds']:.2f} s, {row['unet_calls']} UNet calls)")
     return 0
+
+
+# generate prints an estimate when its sampling loop will take at least this long after the first step.
+LONG_RUN_SECONDS = 30.0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def cmd_demo(args) -> int:
@@ -421,7 +487,7 @@ def cmd_train_scenes(args) -> int:
 def _csv(text: str, cast, flag: str) -> list:
     try:
         values = [cast(v) for v in text.split(",") if v.strip()]
-    except ValueError:
+    except (ValueError, argparse.ArgumentTypeError):
         raise NpinvError(f"{flag}: cannot read {text!r}") from None
     if not values:
         raise NpinvError(f"{flag} is empty")
@@ -447,6 +513,8 @@ def cmd_bench(args) -> int:
             if m not in METHODS:
                 raise NpinvError(f"unknown benchmark method {m!r}; choose from {', '.join(METHODS)}")
         steps = _csv(args.steps, int, "--steps")
+        if args.shapes is not None and args.shapes < 1:  # None: the default 8 scenes
+            raise NpinvError(f"--shapes must be at least 1, got {args.shapes}")
         model = _load(args)
         summary = run_reconstruct_bench(model, out, images=args.images, shapes=args.shapes, methods=methods,
                                         steps_list=steps, guidance=args.guidance, offset=args.offset,
@@ -483,7 +551,7 @@ def cmd_bench(args) -> int:
             raise NpinvError(f"unknown controller {c!r}; choose from {', '.join(CONTROLLERS)}")
     model = _load(args)
     summary = run_edit_shapes(model, out, n_scenes=args.scenes, methods=methods, directs=directs,
-                              controllers=controllers, guidances=_csv(args.guidance, float, "--guidance"),
+                              controllers=controllers, guidances=_csv(args.guidance, _number, "--guidance"),
                               steps=args.steps, blend=not args.no_blend, cross_replace=args.cross_replace,
                               self_replace=args.self_replace, progress=not args.quiet, shard=shard)
     print(edit_table(summary))
@@ -516,27 +584,54 @@ def cmd_models(args) -> int:
 
 
 def _check_schedule(args) -> None:
-    if args.steps < 1 or args.steps > 1000:
-        raise NpinvError(f"--steps must lie in 1..1000, got {args.steps}")
-    if getattr(args, "guidance", 0) < 0:
-        raise NpinvError(f"--guidance must be >= 0, got {args.guidance}")
-    if getattr(args, "size", None) is not None and not 8 <= args.size <= 4096:
-        raise NpinvError(f"--size must lie in 8..4096, got {args.size}")
+    """Every number, the device and the model's configs, before the (slow) model load: steps, guidance,
+    size, seed; the step grid against the model's scheduler (``--steps 1000`` needs ``--offset 0``);
+    the size against its VAE; a broken model folder (one line naming the file)."""
+    from npinv.checks import check_guidance, check_seed, check_size, check_steps
+    from npinv.model import model_facts, parse_device
+    from npinv.schedule import Schedule
+
+    check_steps(args.steps, "--steps")
+    if getattr(args, "guidance", None) is not None:
+        check_guidance(args.guidance, "--guidance")
+    if getattr(args, "seed", None) is not None:
+        check_seed(args.seed, "--seed")
+    size = getattr(args, "size", None)
+    check_size(size, what="--size")
+    parse_device(args.device)
+    facts = model_facts(args.model, args.model_config)
+    check_size(size, facts.size_multiple, "--size")
+    if facts.scheduler is not None:
+        Schedule.from_scheduler_config(facts.scheduler, args.steps, getattr(args, "offset", None))
+
+
+def _check_prompts(**prompts) -> None:
+    """Empty or blank prompts, refused by flag name (``--target ""`` would edit toward nothing)."""
+    from npinv.checks import check_prompt
+
+    for flag, values in prompts.items():
+        for value in values if isinstance(values, list) else [values]:
+            if value is not None:
+                check_prompt(value, f"--{flag.replace('_', '-')}")
 
 
 def cmd_edit_batch(args) -> int:
     import json
     from pathlib import Path
 
-    from npinv.batch import read_manifest, run_batch
-    from npinv.parallel import current_shard
+    from npinv.batch import check_schedules, read_manifest, run_batch
+    from npinv.io import check_output_folder
+    from npinv.model import model_facts
+    from npinv.parallel import FolderLock, current_shard
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NpinvError(f"--out {out} exists and is not a folder")
     if args.batch_size < 1:
         raise NpinvError("--batch-size must be at least 1")
+    check_output_folder(out)
     settings = _edit_settings(args)  # the flags are each row's defaults
+    _check_schedule(args)
     defaults = {"method": settings.method, "controller": settings.controller, "guidance": settings.guidance,
                 "steps": args.steps, "offset": args.offset, "size": args.size, "resize": args.resize,
                 "cross_replace": json.loads(json.dumps(settings.cross_replace)),  # windows as lists, as a manifest has them
@@ -545,9 +640,12 @@ def cmd_edit_batch(args) -> int:
                 "blend_start": settings.blend_start, "blend_res": settings.blend_res, "reweight": settings.reweight,
                 "direct": settings.direct}
     rows = read_manifest(args.manifest, defaults)  # every row checked before the model loads
+    facts = model_facts(args.model, args.model_config)
+    check_schedules(rows, facts.scheduler, facts.size_multiple)  # rows' steps, offsets and sizes vs the model
     shard = current_shard()
     if shard.device and args.device is None:
         args.device = shard.device
+    FolderLock(out, shard).check()  # another job's folder: refused before the slow model load (run_batch takes it)
     model = _load(args)
     say = None if args.quiet or args.json else (lambda line: print(f"[{shard.label}] {line}", flush=True))
     report = run_batch(model, rows, out, batch_size=args.batch_size, shard=shard, progress=say)
@@ -567,6 +665,7 @@ def cmd_edit_video(args) -> int:
 
     require_av()
     out = check_video_output(args.out, inputs=(args.video,))
+    _check_prompts(source=args.source, target=args.target)
     settings = _edit_settings(args)
     if args.batch_size < 1:
         raise NpinvError(f"--batch-size must be at least 1, got {args.batch_size}")
@@ -618,15 +717,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("npinv: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:  # a full disk, a read-only folder, ...: the one mapping, in npinv.errors
+        from npinv.errors import os_error_line
+
+        line = os_error_line(exc)
+        if line is None:
+            return _internal_error(exc)
+        print(f"npinv: error: {line}", file=sys.stderr)
+        return 2
     except MemoryError:
         print("npinv: error: out of memory; try a smaller --size or --dtype fp16", file=sys.stderr)
         return 1
     except Exception as exc:  # a bug, not bad input: keep it short unless asked
-        if os.environ.get("NPINV_DEBUG"):
-            raise
-        print(f"npinv: internal error: {type(exc).__name__}: {exc} (set NPINV_DEBUG=1 for the traceback)",
-              file=sys.stderr)
-        return 1
+        return _internal_error(exc)
+
+
+def _internal_error(exc: Exception) -> int:
+    if os.environ.get("NPINV_DEBUG"):
+        raise exc
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    print(f"npinv: internal error: {type(exc).__name__}: {first} (set NPINV_DEBUG=1 for the traceback)",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from npinv.attention.align import (
 )
 from npinv.attention.control import BlendWords, BranchGroup, CrossEdit, EditController, LocalBlend
 from npinv.attention.processor import controlled_attention, layer_infos, map_size
+from npinv.checks import check_guidance, check_prompt, finite
 from npinv.errors import NpinvError
 from npinv.guidance import CFG, ProximalGuidance
 from npinv.inversion import Inversion, reconstruct
@@ -69,8 +70,15 @@ class EditSettings:
             raise NpinvError(f"unknown method {self.method!r}; choose one of {', '.join(EDIT_METHODS)}")
         if self.controller not in CONTROLLERS:
             raise NpinvError(f"unknown controller {self.controller!r}; choose one of {', '.join(CONTROLLERS)}")
-        if not 0.0 <= self.guidance < float("inf"):  # NaN fails too
-            raise NpinvError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        # Every number once here, for every front end: NaN and infinities pass comparisons unnoticed.
+        check_guidance(self.guidance)
+        finite(self.blend_threshold, "blend-threshold")
+        for word, scale in self.reweight.items():
+            finite(scale, f"reweight scale of {word!r}")
+        if not 0.0 <= finite(self.prox_quantile, "prox-quantile") <= 1.0:
+            raise NpinvError(f"prox-quantile must be a fraction in [0, 1], got {self.prox_quantile}")
+        finite(self.recon_lr, "recon-lr")
+        finite(self.recon_t, "recon-t")
         as_window(self.self_replace, "self-replace")
         for value in (self.cross_replace.values() if isinstance(self.cross_replace, dict) else [self.cross_replace]):
             as_window(value, "cross-replace")
@@ -204,6 +212,8 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
     for job in jobs:
         if not job.targets:
             raise NpinvError("give at least one target prompt")
+        for target in job.targets:
+            check_prompt(target, "the target prompt")
     first = jobs[0].inversion
     for job in jobs[1:]:
         inv = job.inversion

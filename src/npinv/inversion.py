@@ -16,15 +16,25 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from npinv.checks import check_guidance, check_prompt
 from npinv.errors import NpinvError
 from npinv.guidance import CFG
-from npinv.io import atomic_path
+from npinv.io import Stage, atomic_path, writing
 from npinv.model import Model, PromptEmbedding
 from npinv.sampling import Branch, StepHook, StepState, invert, sample
 from npinv.schedule import Schedule
 
 METHODS = ("npi", "nti", "ddim")
 FORMAT_VERSION = 1
+SUFFIX = ".safetensors"
+
+
+def check_inversion_path(path: str | Path, flag: str = "--save-inversion") -> Path:
+    """An inversion file is safetensors and must say so: ``inv.png`` would hide it as an image."""
+    path = Path(path)
+    if path.suffix.lower() != SUFFIX:
+        raise NpinvError(f"{flag} {path}: an inversion file must end in {SUFFIX}, not {path.suffix or 'nothing'!r}")
+    return path
 
 
 @dataclasses.dataclass
@@ -60,15 +70,27 @@ class Inversion:
     def check_compatible(self, model: Model, *, steps: int | None = None, size: tuple[int, int] | None = None) -> None:
         """Refuse reuse with another model, step count or image size (a clear error, not a blur)."""
         if self.model.get("fingerprint") != model.fingerprint:
+            if self.model.get("name") == model.name:  # same name, other weights (retrained, or the file edited)
+                raise NpinvError(f"the inversion was made with model {model.name!r} as it was then (weights "
+                                 f"{self.model.get('fingerprint')!r}, now {model.fingerprint!r}); invert the image again")
             raise NpinvError(f"the inversion was made with model {self.model.get('name')!r}, not {model.name!r}")
         if steps is not None and steps != self.steps:
             raise NpinvError(f"the inversion has {self.steps} steps; asked for {steps}")
         if size is not None and tuple(size) != tuple(self.image_size):
             raise NpinvError(f"the inversion is of a {self.image_size[1]}x{self.image_size[0]} image, not {size[1]}x{size[0]}")
+        # The file's own tensors against this model (a file edited by hand or by another tool).
+        c, h, w = self.trajectory.shape[1:]
+        want = (model.unet.config.in_channels, *(s // model.vae_scale_factor for s in self.image_size))
+        if (c, h, w) != want:
+            raise NpinvError(f"the inversion's latents are {c}x{h}x{w}, but this model makes {want[0]}x{want[1]}x{want[2]} "
+                             f"latents of a {self.image_size[1]}x{self.image_size[0]} image; the file is damaged")
 
     # -- persistence: one .safetensors file whose metadata holds the JSON settings ---------------
-    def save(self, path: str | Path) -> Path:
+    def save(self, path: str | Path, *, stage: Stage | None = None) -> Path:
+        """Write the inversion atomically (or into ``stage``'s temporary, see :func:`npinv.io.staged_outputs`)."""
         from safetensors.torch import save_file
+
+        path = check_inversion_path(path, "inversion path")
 
         tensors = {"trajectory": self.trajectory}
         tensors.update(_embedding_tensors("source", self.source))
@@ -81,9 +103,13 @@ class Inversion:
             "dtype": self.dtype, "nti": self.nti,
         }
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={"npinv": json.dumps(meta)})
-        return Path(path)
+        with writing(path):
+            if stage is not None:
+                save_file(tensors, str(stage(path)), metadata={"npinv": json.dumps(meta)})
+            else:
+                with atomic_path(path) as tmp:
+                    save_file(tensors, str(tmp), metadata={"npinv": json.dumps(meta)})
+        return path
 
     @classmethod
     def load(cls, path: str | Path) -> Inversion:
@@ -98,8 +124,9 @@ class Inversion:
                 tensors = {k: fh.get_tensor(k) for k in fh.keys()}
         except Exception as exc:
             raise NpinvError(f"{path.name} is not a readable inversion file ({exc})") from None
-        if not meta or meta.get("format") != "npinv-inversion":
+        if not isinstance(meta, dict) or meta.get("format") != "npinv-inversion":
             raise NpinvError(f"{path.name} is not an npinv inversion file")
+        _check_file(path.name, meta, tensors)
         negatives = None
         if "negatives.hidden" in tensors:
             stacked = _embedding_from("negatives", tensors)
@@ -113,6 +140,55 @@ class Inversion:
             schedule=meta["schedule"], model=meta["model"], image_size=tuple(meta["image_size"]),
             dtype=meta["dtype"], negatives=negatives, nti=meta.get("nti"),
         )
+
+
+def _whole(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_file(name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """The file's metadata against its own tensors: a trajectory of ``steps + 1`` latents, one
+    negative per step, embeddings of one shape, latents that divide the image size evenly."""
+    def bad(what: str) -> NpinvError:
+        return NpinvError(f"{name}: damaged inversion file ({what})")
+
+    if meta.get("version") != FORMAT_VERSION:
+        raise NpinvError(f"{name}: inversion format version {meta.get('version')!r}; this npinv reads {FORMAT_VERSION}")
+    schedule, size = meta.get("schedule"), meta.get("image_size")
+    if not isinstance(meta.get("source_prompt"), str) or not meta["source_prompt"].strip():
+        raise bad("no source prompt")
+    if not isinstance(meta.get("model"), dict) or not isinstance(meta.get("dtype"), str):
+        raise bad("no model or dtype")
+    if (not isinstance(schedule, dict) or not _whole(schedule.get("steps")) or schedule["steps"] < 1
+            or not _whole(schedule.get("offset")) or schedule["offset"] < 0):
+        raise bad(f"schedule {schedule!r}")
+    if not (isinstance(size, list) and len(size) == 2 and all(_whole(v) and v > 0 for v in size)):
+        raise bad(f"image size {size!r}")
+    for key in ("trajectory", "source.hidden", "null.hidden"):
+        if key not in tensors:
+            raise bad(f"no {key!r} tensor")
+    for key, t in tensors.items():
+        if not torch.isfinite(t).all():
+            raise bad(f"{key!r} holds NaN or infinite values")
+    steps, traj = schedule["steps"], tensors["trajectory"]
+    if traj.ndim != 4 or traj.shape[0] != steps + 1:
+        raise bad(f"the metadata says {steps} steps, so {steps + 1} latents, but the trajectory is "
+                  f"{'x'.join(map(str, traj.shape))}")
+    h, w = traj.shape[-2:]
+    if size[0] % h or size[1] % w or size[0] // h != size[1] // w:
+        raise bad(f"{h}x{w} latents cannot be of a {size[1]}x{size[0]} image")
+    source, null = tensors["source.hidden"], tensors["null.hidden"]
+    if source.ndim != 3 or source.shape[0] != 1 or null.shape != source.shape:
+        raise bad(f"source and null embeddings of shapes {tuple(source.shape)} and {tuple(null.shape)}")
+    if ("source.pooled" in tensors) != ("null.pooled" in tensors):
+        raise bad("a pooled embedding for only one of source and null")
+    if "negatives.hidden" in tensors:
+        neg = tensors["negatives.hidden"]
+        if neg.shape != (steps, *source.shape[1:]):
+            raise bad(f"{neg.shape[0]} negatives of shape {tuple(neg.shape[1:])} for {steps} steps of "
+                      f"{tuple(source.shape[1:])} embeddings")
+        if ("negatives.pooled" in tensors) != ("source.pooled" in tensors):
+            raise bad("pooled negatives do not match the source embedding")
 
 
 def _embedding_tensors(prefix: str, e: PromptEmbedding) -> dict[str, torch.Tensor]:
@@ -141,6 +217,8 @@ def ddim_inversion_batch(
     """Invert several same-size images (B, 3, H, W), one prompt each, in one UNet batch per step."""
     if images.shape[0] != len(prompts):
         raise ValueError(f"{images.shape[0]} images for {len(prompts)} prompts")
+    for p in prompts:
+        check_prompt(p, "the source prompt")
     schedule = model.schedule(steps, offset)
     sources = [model.encode_prompt(p) for p in prompts]
     z0 = model.encode_image(images)
@@ -230,6 +308,7 @@ def reconstruct(model: Model, inv: Inversion, method: str, guidance: float = 7.5
     """
     if method not in METHODS:
         raise NpinvError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    check_guidance(guidance)
     schedule = inv.schedule_for(model)
     cfg = CFG(guidance)
     hooks: list[StepHook] = []

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from npinv.errors import NpinvError
+from npinv.errors import FileError, NpinvError
 
 IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".bmp": "BMP", ".tif": "TIFF",
                   ".tiff": "TIFF"}
@@ -21,16 +22,88 @@ IMAGE_SUFFIXES = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds."""
+    """Yield a temporary path beside ``path``; rename it over ``path`` only if the block succeeds.
+
+    The file ends with the mode ``open()`` would give it: an existing ``path`` keeps its mode, a
+    new one gets 0666 less the umask (the kernel applies it, and any default ACL, at creation;
+    ``tempfile.mkstemp`` would leave it 0600).
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        yield Path(tmp)
+        keep = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:  # no such file yet (or not readable): a new file's mode
+        keep = None
+    fd, tmp = _create_beside(path)
+    try:
+        if keep is not None:
+            os.fchmod(fd, keep)
+        mode = stat.S_IMODE(os.fstat(fd).st_mode)
+    finally:
+        os.close(fd)
+    try:
+        yield tmp
+        # A writer that replaced the temporary file instead of writing into it gets the mode back.
+        if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
+            os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def _create_beside(path: Path) -> tuple[int, Path]:
+    """A new, empty ``.NAME.RANDOM.tmp`` beside ``path`` (what :func:`remove_stale_temporaries` matches)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, action: str = "write") -> Iterator[None]:
+    """Name ``path`` in an OS error raised while writing it: ``cannot write out.png: no space left on
+    device`` (a :class:`FileError`, still an ``OSError``), not the temporary file's name or none."""
+    try:
+        yield
+    except FileError:
+        raise
+    except OSError as exc:
+        raise FileError.wrap(exc, path, action) from exc
+
+
+Stage = Callable[[str | Path], Path]
+
+
+@contextlib.contextmanager
+def staged_outputs() -> Iterator[Stage]:
+    """Write several files all or nothing: ``stage(path)`` gives a temporary path beside ``path``
+    (:func:`atomic_path`); every staged file is renamed into place when the block ends normally, and
+    none (their temporaries deleted) when it raises, so a full disk half-way leaves nothing partial."""
+    with contextlib.ExitStack() as stack:
+        def stage(path: str | Path) -> Path:
+            with writing(path):
+                return stack.enter_context(atomic_path(path))
+
+        yield stage
+
+
+def check_output_folder(folder: str | Path, flag: str = "--out") -> Path:
+    """Fail early if ``folder`` (created when missing) is a file, or it or its nearest existing parent
+    cannot be written."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise NpinvError(f"{flag} {folder} exists and is not a folder")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise NpinvError(f"{flag} {folder}: {existing} is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise NpinvError(f"output folder is not writable: {existing}")
+    return folder
 
 
 def remove_stale_temporaries(path: str | Path) -> list[Path]:
@@ -63,6 +136,14 @@ def check_output_path(out: str | Path, *, inputs: tuple[str | Path, ...] = (), i
         raise NpinvError(f"output folder is not writable: {parent}")
     if out.is_dir():
         raise NpinvError(f"output path is a folder: {out}")
+    try:
+        name_max = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    extra = len(".") + len(".12345678.tmp")  # atomic_path's temporary name around it
+    if len(os.fsencode(out.name)) + extra > name_max:
+        raise NpinvError(f"output file name too long: {out.name[:40]}... ({len(os.fsencode(out.name))} bytes; "
+                         f"at most {name_max - extra} here)")
     for src in inputs:
         if Path(src).exists() and out.exists() and os.path.samefile(src, out):
             raise NpinvError(f"output path {out} is the input file; choose another name")
@@ -116,7 +197,11 @@ def prepare_image(img: Image.Image, size: int, *, mode: str = "crop", multiple: 
 
     ``crop``: centre crop to a square, then resize to ``size`` x ``size``.
     ``fit``: keep the aspect ratio, longer side ``size``, both sides rounded to multiples of ``multiple``.
+    A ``size`` that is not a multiple of ``multiple`` (at least 8) is refused rather than rounded.
     """
+    from npinv.checks import check_size
+
+    check_size(size, multiple)
     w, h = img.size
     if mode == "crop":
         side = min(w, h)
@@ -145,18 +230,23 @@ def tensor_to_image(x: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr.permute(1, 2, 0).numpy(), "RGB")
 
 
-def save_image(img: Image.Image, path: str | Path) -> Path:
+def save_image(img: Image.Image, path: str | Path, *, stage: Stage | None = None) -> Path:
+    """Write ``img`` atomically (or into ``stage``'s temporary, see :func:`staged_outputs`)."""
     path = Path(path)
     fmt = IMAGE_SUFFIXES.get(path.suffix.lower())
     if fmt is None:
         raise NpinvError(f"{path}: unsupported output image type {path.suffix!r}")
-    with atomic_path(path) as tmp:
-        img.save(tmp, format=fmt)
+    with writing(path):
+        if stage is not None:
+            img.save(stage(path), format=fmt)
+        else:
+            with atomic_path(path) as tmp:
+                img.save(tmp, format=fmt)
     return path
 
 
 def write_text(path: str | Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
+    with writing(path), atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
 

@@ -13,12 +13,14 @@ import dataclasses
 import hashlib
 import json
 import re
+import unicodedata
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from npinv.checks import SIZE_MULTIPLE
 from npinv.errors import NpinvError
 from npinv.schedule import Schedule
 
@@ -107,6 +109,36 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """The torch device for ``--device`` (None: the best available), refusing unknown names and
+    devices this machine does not have with one line, before anything loads."""
+    if device is None:
+        return default_device()
+    if isinstance(device, torch.device):
+        dev = device
+    else:
+        try:
+            dev = torch.device(str(device).strip().lower())
+        except (RuntimeError, ValueError):
+            raise NpinvError(f"unknown device {device!r}; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise NpinvError(f"--device {device} was asked for, but torch sees no CUDA device "
+                             "(a CPU-only torch build, or no GPU here); use --device cpu")
+        if dev.index is not None and dev.index >= count:
+            raise NpinvError(f"--device {device}: torch sees {count} CUDA device(s), cuda:0..cuda:{count - 1}")
+        return dev
+    if dev.type == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise NpinvError(f"--device {device} was asked for, but MPS (Apple GPU) is not available here; "
+                             "use --device cpu")
+        return dev
+    raise NpinvError(f"device {device!r} is not supported; use cpu, cuda, cuda:N or mps")
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
@@ -151,6 +183,11 @@ class Model:
         return int(self.unet.config.sample_size) * self.vae_scale_factor
 
     @property
+    def size_multiple(self) -> int:
+        """Image sides must be multiples of this many pixels (the VAE's downscale, at least 8)."""
+        return max(SIZE_MULTIPLE, self.vae_scale_factor)
+
+    @property
     def fingerprint(self) -> str:
         """Identifies the weights well enough to refuse reusing an inversion on another model."""
         h = hashlib.sha256()
@@ -189,7 +226,7 @@ class Model:
                 f"prompt has {n} tokens, over the tokenizer's limit of {tok.model_max_length}; "
                 "the end is truncated", NpinvWarning, stacklevel=3)
         if self.known_words is not None:
-            unknown = [w for w in re.findall(r"[a-z]+", text.lower()) if w not in self.known_words]
+            unknown = [w for w in prompt_words(text) if w not in self.known_words]
             if unknown:
                 warnings.warn(
                     f"words outside {self.name}'s vocabulary: {', '.join(dict.fromkeys(unknown))} "
@@ -203,7 +240,7 @@ class Model:
             z = self.vae.encode(x).latent_dist.mean.float()
         shift = self.vae.config.get("shift_factor") or 0.0
         z = (z - shift) * self.vae.config.scaling_factor
-        _check_finite(z, "the encoded latent")
+        _check_finite(z, "the encoded latent", self.vae.dtype)
         return z
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
@@ -212,7 +249,7 @@ class Model:
         with torch.no_grad():
             x = self.vae.decode((z / self.vae.config.scaling_factor + shift).to(self.device, self.vae.dtype)).sample
         x = x.float()
-        _check_finite(x, "the decoded image")
+        _check_finite(x, "the decoded image", self.vae.dtype)
         return x.clamp(-1, 1)
 
     # -- the UNet -------------------------------------------------------------------------------
@@ -234,16 +271,49 @@ class Model:
         out = self.unet(z.to(self.device, self.dtype), timestep,
                         encoder_hidden_states=cond.hidden.to(self.device, self.dtype), **kwargs).sample
         out = out.float()
-        if not torch.isfinite(out).all():
-            raise NpinvError(
-                f"the UNet returned non-finite values at timestep {t} in {str(self.dtype).removeprefix('torch.')}; "
-                "rerun with --dtype fp32 (or bf16)")
+        _check_finite(out, f"the UNet's output at timestep {t}", self.dtype)
         return out
 
 
-def _check_finite(x: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(x).all():
-        raise NpinvError(f"{what} has non-finite values (a half-precision overflow?); rerun with --dtype fp32")
+def _check_finite(x: torch.Tensor, what: str, dtype: torch.dtype) -> None:
+    """Non-finite values: a half-precision overflow (say so, with the fix) or, in fp32, bad inputs or
+    weights (no dtype advice: fp32 is already the safe choice)."""
+    if torch.isfinite(x).all():
+        return
+    name = str(dtype).removeprefix("torch.")
+    if dtype in (torch.float16, torch.bfloat16):
+        hint = ("rerun with --dtype fp32" if dtype == torch.bfloat16 else
+                "rerun with --dtype fp32 (or bf16)")
+        raise NpinvError(f"{what} has non-finite values in {name} (a half-precision overflow); {hint}")
+    raise NpinvError(f"{what} has non-finite values in {name}: the model's weights or the inputs hold NaN "
+                     "or infinite numbers")
+
+
+def prompt_words(text: str) -> list[str]:
+    """Every word of a prompt, lower-cased, as the vocabulary check sees it: runs of letters and
+    digits in any script (with their combining marks: "हिन्दी", "café"), and runs of symbols
+    ("🔴", "👍🏽", "❤️", "©", "+"); spaces and punctuation separate them and are not words."""
+    words: list[str] = []
+    run, kind = "", None
+    for c in unicodedata.normalize("NFC", text).lower():
+        cat = unicodedata.category(c)
+        if c.isspace() or cat[0] == "P" or cat == "Cc":
+            here = None
+        elif c.isalnum() or c == "_" or (cat[0] == "M" and kind == "word"):
+            here = "word"
+        else:  # symbols and emoji, with their modifiers, variation selectors and joiners
+            here = "symbol"
+        if here != kind and run:
+            words.append(run)
+            run = ""
+        kind = here
+        if here is not None:
+            run += c
+    if run:
+        words.append(run)
+    # A lone joiner or mark (a zero-width space, a stray accent) is not a word.
+    return [w for w in words if any(ch.isalnum() or unicodedata.category(ch)[0] == "S" or unicodedata.category(ch)
+                                    in ("Co", "Cn") for ch in w)]
 
 
 def _read_vocabulary(pipe: Any) -> frozenset[str] | None:
@@ -271,9 +341,7 @@ def load_model(
     from diffusers.utils import logging as dlogging
 
     torch_dtype = parse_dtype(dtype)
-    dev = torch.device(device) if device is not None else default_device()
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise NpinvError("--device cuda was asked for, but torch sees no CUDA device")
+    dev = parse_device(device)
     edit_guidance = model_edit_guidance(spec)  # a malformed npinv.json fails before the slow load
     if _is_embedded(spec):
         path, name = embedded_model_path(), "npinv-shapes-64"
@@ -306,6 +374,143 @@ def load_model(
     return Model(pipe, name, dev, torch_dtype, edit_guidance=edit_guidance)
 
 
+# -- reading a model's configs before its weights -------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class ModelFacts:
+    """What a model's config files say, read (and checked) before any weights load: enough to refuse
+    a step count, offset or image size the model cannot honour before the slow part."""
+
+    scheduler: dict[str, Any] | None = None  # the scheduler config
+    vae_scale_factor: int | None = None
+
+    @property
+    def size_multiple(self) -> int:
+        """As :attr:`Model.size_multiple`; 8 when the VAE's config could not be read."""
+        return max(SIZE_MULTIPLE, self.vae_scale_factor or 1)
+
+
+# Components every Stable Diffusion folder needs (SDXL adds text_encoder_2 and tokenizer_2, checked when listed).
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+_MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # torch modules: config.json
+# Components npinv never loads (it passes safety_checker=None); their folders may be absent.
+_SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def _read_json(path: Path, what: str = "config") -> dict[str, Any]:
+    """A JSON object from ``path``, or one line naming the file and what is wrong with it."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise NpinvError(f"{path}: missing (the model's {what})") from None
+    except UnicodeDecodeError:
+        raise NpinvError(f"{path}: not a text file (the model's {what} must be JSON)") from None
+    except OSError as exc:
+        raise NpinvError(f"{path}: cannot read the model's {what} ({exc.strerror or exc})") from None
+    except json.JSONDecodeError as exc:
+        raise NpinvError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno} column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise NpinvError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_scheduler_config(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """Refuse a scheduler config npinv cannot build a DDIM grid from, naming ``where`` it came from."""
+    from npinv.checks import finite
+
+    T = config.get("num_train_timesteps", 1000)
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise NpinvError(f"{where}: num_train_timesteps must be a positive whole number, got {T!r}")
+    offset = config.get("steps_offset", 0)
+    if isinstance(offset, bool) or not isinstance(offset, int) or not 0 <= offset < T:
+        raise NpinvError(f"{where}: steps_offset must be a whole number in 0..{T - 1}, got {offset!r}")
+    for key in ("beta_start", "beta_end"):
+        if key in config:
+            try:
+                finite(config[key], key)
+            except NpinvError as exc:
+                raise NpinvError(f"{where}: {exc}") from None
+    pred = config.get("prediction_type", "epsilon")
+    if pred not in ("epsilon", "v_prediction"):
+        raise NpinvError(f"{where}: prediction type {pred!r} is not supported (epsilon or v_prediction)")
+    try:
+        from diffusers import DDIMScheduler
+
+        DDIMScheduler.from_config(config)
+    except Exception as exc:  # diffusers/torch reject other bad values in their own words
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise NpinvError(f"{where}: not a usable scheduler config ({first})") from None
+    return config
+
+
+def check_model_folder(path: Path) -> ModelFacts:
+    """Check a diffusers folder's index and component configs (not the weights) and return its facts.
+
+    Each problem is one line naming the file: ``model_index.json`` not JSON, a component the index
+    lists but the folder lacks (``no unet/``), a component's ``config.json`` not JSON, a scheduler
+    config that cannot make a DDIM grid (``num_train_timesteps: -5``)."""
+    index_path = path / "model_index.json"
+    if not index_path.is_file():
+        raise NpinvError(f"{path} is not a diffusers model folder (no model_index.json)")
+    index = _read_json(index_path, "index")
+    listed = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+              and v[0] is not None and v[1] is not None}
+    for name in REQUIRED_COMPONENTS:
+        if name not in listed:
+            raise NpinvError(f"{index_path}: no {name!r} component listed (a Stable Diffusion model needs "
+                             f"{', '.join(REQUIRED_COMPONENTS)})")
+    for name in sorted(listed - set(_SKIPPED_COMPONENTS)):
+        if not (path / name).is_dir():
+            raise NpinvError(f"{path}: the folder has no {name}/ (model_index.json lists a {name!r} component)")
+    configs = {}
+    for name in _MODEL_COMPONENTS:
+        if name in listed:
+            configs[name] = _read_json(path / name / "config.json")
+    scheduler_file = path / "scheduler" / "scheduler_config.json"
+    scheduler = check_scheduler_config(_read_json(scheduler_file), str(scheduler_file))
+    channels = configs["vae"].get("block_out_channels")
+    if not isinstance(channels, list) or not channels:
+        raise NpinvError(f"{path / 'vae' / 'config.json'}: block_out_channels must be a non-empty list")
+    return ModelFacts(scheduler, 2 ** (len(channels) - 1))
+
+
+def model_facts(spec: str | Path | None = None, config: str | Path | None = None) -> ModelFacts:
+    """The facts of the model ``load_model(spec, config=config)`` would load, from its configs only
+    (the embedded model, a folder, a single file's ``config`` folder, or a hub id's cached configs).
+    A broken folder raises :class:`NpinvError` now; what cannot be read without the weights or the
+    network is None and is checked after the load instead."""
+    folder = embedded_model_path() if _is_embedded(spec) else Path(str(spec)).expanduser()
+    if folder.is_dir():
+        return check_model_folder(folder)
+    if folder.is_file() and config is not None and Path(config).expanduser().is_dir():
+        return check_model_folder(Path(config).expanduser())
+    repo = str(config) if folder.is_file() and config is not None else str(spec)
+    if _HUB_ID.match(repo):
+        return _cached_hub_facts(repo)
+    return ModelFacts()
+
+
+def _cached_hub_facts(repo: str) -> ModelFacts:
+    """A hub model's scheduler and VAE configs from the local cache, if they are there (no network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return ModelFacts()
+    found = {}
+    for key, name in (("scheduler", "scheduler/scheduler_config.json"), ("vae", "vae/config.json")):
+        try:
+            cached = try_to_load_from_cache(repo, name)
+        except Exception:  # an odd id or cache layout: the load will say what is wrong
+            cached = None
+        if isinstance(cached, str) and Path(cached).is_file():
+            found[key] = _read_json(Path(cached))
+    scheduler = found.get("scheduler")
+    if scheduler is not None:
+        check_scheduler_config(scheduler, f"{repo}: scheduler/scheduler_config.json")
+    channels = found.get("vae", {}).get("block_out_channels")
+    vsf = 2 ** (len(channels) - 1) if isinstance(channels, list) and channels else None
+    return ModelFacts(scheduler, vsf)
+
+
 def _pipeline_class(is_xl: bool):
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
@@ -315,10 +520,8 @@ def _pipeline_class(is_xl: bool):
 def _load_pipeline(spec: str, path: Path, allow_pickle: bool, config: str | Path | None):
     common = {"safety_checker": None, "requires_safety_checker": False}
     if path.is_dir():
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise NpinvError(f"{path} is not a diffusers model folder (no model_index.json)")
-        is_xl = "XL" in json.loads(index.read_text()).get("_class_name", "")
+        check_model_folder(path)  # a broken index or config: one line naming the file, before the weights
+        is_xl = "XL" in str(_read_json(path / "model_index.json", "index").get("_class_name", ""))
         return _call(lambda: _pipeline_class(is_xl).from_pretrained(path, **({} if is_xl else common)), spec)
     if path.is_file():
         suffix = path.suffix.lower()
@@ -331,6 +534,8 @@ def _load_pipeline(spec: str, path: Path, allow_pickle: bool, config: str | Path
         is_xl = _single_file_is_xl(path) if suffix == ".safetensors" else False
         kwargs: dict[str, Any] = {} if is_xl else dict(common)
         if config is not None:
+            if Path(config).expanduser().is_dir():
+                check_model_folder(Path(config).expanduser())
             kwargs["config"] = str(config)
             kwargs["local_files_only"] = Path(config).is_dir()
         return _call(lambda: _pipeline_class(is_xl).from_single_file(str(path), **kwargs), spec)
@@ -364,6 +569,13 @@ def _call(load, spec: str):
         return load()
     except NpinvError:
         raise
-    except (OSError, ValueError, KeyError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:  # RuntimeError: mismatched weight shapes
+        text = str(exc).strip()
+        if "not fully cached locally" in text or "outgoing traffic has been disabled" in text:
+            raise NpinvError(
+                f"cannot load model {spec!r}: it is not in the local Hugging Face cache and the Hub cannot be "
+                "reached (no network, or HF_HUB_OFFLINE=1); download it where there is a network "
+                f"(huggingface-cli download {spec}) or give --model a local folder") from None
+        first = text.splitlines()[0] if text else type(exc).__name__
+        first = first.replace(" Please check out the root cause in the stacktrace above.", "")  # none is shown
         raise NpinvError(f"cannot load model {spec!r}: {first}") from None

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
-from tqdm.auto import tqdm
 
 from npinv.model import Model, PromptEmbedding
+from npinv.progress import Progress
 from npinv.schedule import Schedule
 
 
@@ -110,7 +110,7 @@ def sample(
         if len(b.negatives) != schedule.steps:
             raise ValueError(f"a branch has {len(b.negatives)} negatives for {schedule.steps} steps")
     calls0, rows0 = model.counter.calls, model.counter.rows
-    for i, t in enumerate(tqdm(schedule.timesteps, desc=progress, disable=progress is None, leave=False)):
+    for i, t in enumerate(Progress(schedule.timesteps, desc=progress, unit="step")):
         state = StepState(i, t, z, branches, schedule)
         for hook in hooks:
             hook.before_step(state)
@@ -165,7 +165,7 @@ def invert(
     trajectory = [z]
     ts = list(reversed(schedule.timesteps))
     with torch.no_grad():
-        for i, t in enumerate(tqdm(ts, desc=progress, disable=progress is None, leave=False)):
+        for i, t in enumerate(Progress(ts, desc=progress, unit="step")):
             z = schedule.invert_step(z, model.unet_output(z, t, cond), i)
             trajectory.append(z)
     stacked = torch.stack(trajectory)

@@ -51,8 +51,11 @@ class Schedule:
         T = len(self.alphas_cumprod)
         if not 1 <= self.steps <= T:
             raise NpinvError(f"steps must lie in 1..{T}, got {self.steps}")
-        if self.offset < 0 or (self.steps - 1) * self.stride + self.offset >= T:
-            raise NpinvError(f"offset {self.offset} puts the grid outside 0..{T - 1}")
+        top = (self.steps - 1) * self.stride + self.offset
+        if self.offset < 0 or top >= T:
+            fix = "use offset 0 (--offset 0) or fewer steps" if self.offset > 0 else "use fewer steps"
+            raise NpinvError(f"{self.steps} steps with offset {self.offset} reach timestep {top}, past the model's "
+                             f"{T} training timesteps (0..{T - 1}); {fix}")
 
     @property
     def stride(self) -> int:

@@ -29,7 +29,7 @@ from PIL import Image
 from npinv.editing import EditJob, EditSettings, edit_batch
 from npinv.errors import NpinvError
 from npinv.inversion import ddim_inversion_batch
-from npinv.io import atomic_path, check_output_path, image_to_tensor, prepare_image, tensor_to_image
+from npinv.io import atomic_path, check_output_path, image_to_tensor, prepare_image, tensor_to_image, writing
 from npinv.model import Model
 
 # Output suffix -> (FFmpeg muxer, encoders to try in order). The first that opens is used: a build
@@ -399,7 +399,7 @@ def edit_video(model: Model, video: str | Path, out: str | Path, source: str, ta
                progress: bool = False, on_frame: Callable[[EditedFrame], None] | None = None) -> VideoEditResult:
     """Edit every frame of ``video`` (up to ``max_frames``) and write the edited video to ``out``
     at the source's frame rate, atomically. ``on_frame`` sees each edited frame as it is done."""
-    from tqdm.auto import tqdm
+    from npinv.progress import Progress
 
     video, out = Path(video), Path(out)
     check_video_output(out, inputs=(video,))
@@ -415,14 +415,15 @@ def edit_video(model: Model, video: str | Path, out: str | Path, source: str, ta
     frames = read_frames(video, max_frames=max_frames)
     edits = edit_frames(model, frames, source, target, settings, steps=steps, offset=offset, size=size,
                         resize=resize, batch_size=batch_size)
-    bar = tqdm(total=total, desc="edit-video", unit="frame", disable=not progress, leave=False)
+    bar = Progress(total=total, desc="edit-video", unit="frame", enabled=progress)
     try:
         first = next(edits, None)
         if first is None:
             raise NpinvError(f"{video} has no video frames")
         model_size = (first.edited.shape[-1], first.edited.shape[-2])
         size_out = output_size(info, model_size, keep_size=keep_size, resize=resize)
-        with open_video_writer(out, info.fps, size_out) as writer:
+        # An OS error in here is the output's (a full disk): reading errors are NpinvErrors already.
+        with writing(out), open_video_writer(out, info.fps, size_out) as writer:
             for done in _chain_first(first, edits):
                 img = tensor_to_image(done.edited)
                 if img.size != size_out:

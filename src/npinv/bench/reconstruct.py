@@ -34,7 +34,9 @@ HELD_OUT_SEED = 515_151
 def image_items(model: Model, images: str | None, shapes: int | None) -> list[tuple[str, object, str]]:
     """(name, loader, prompt) for each benchmark image."""
     if images is None:
-        scenes = list(random_scenes(HELD_OUT_SEED, shapes or 8))
+        if shapes is not None and (isinstance(shapes, bool) or shapes < 1):
+            raise NpinvError(f"--shapes must be at least 1, got {shapes}")
+        scenes = list(random_scenes(HELD_OUT_SEED, 8 if shapes is None else shapes))
         return [(f"scene{i:03d}", (lambda s=s: image_to_tensor(s.render(model.resolution))), s.caption)
                 for i, s in enumerate(scenes)]
     folder = Path(images)

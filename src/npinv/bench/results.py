@@ -14,13 +14,20 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from npinv.io import atomic_path
+
 
 class ResultsFile:
-    def __init__(self, path: str | Path) -> None:
+    """``repair``: rewrite the file without a torn line (and with its last line ended), so that
+    appends start on a line of their own; only the file's one writer may (another process's file
+    is read as it is, its torn line skipped)."""
+
+    def __init__(self, path: str | Path, *, repair: bool = True) -> None:
         self.path = Path(path)
         self.rows: list[dict[str, Any]] = []
         if self.path.exists():
-            lines = self.path.read_text().splitlines()
+            text = self.path.read_text()
+            lines = text.splitlines()
             good = []
             for line in lines:
                 try:
@@ -28,10 +35,10 @@ class ResultsFile:
                     good.append(line)
                 except json.JSONDecodeError:
                     continue  # torn write of a killed run
-            if len(good) != len(lines):  # rewrite without the torn line, atomically
-                tmp = self.path.with_suffix(".tmp")
-                tmp.write_text("".join(g + "\n" for g in good))
-                os.replace(tmp, self.path)
+            # A last line without its newline would run into the next appended row.
+            if repair and (len(good) != len(lines) or (text and not text.endswith("\n"))):
+                with atomic_path(self.path) as tmp:  # atomically, keeping the file's mode
+                    tmp.write_text("".join(g + "\n" for g in good))
         self.done = {row["key"] for row in self.rows}
 
     def __contains__(self, key: str) -> bool:

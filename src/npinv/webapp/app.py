@@ -13,6 +13,7 @@ import functools
 import ipaddress
 import logging
 import math
+import re
 import signal
 import sys
 import threading
@@ -57,6 +58,36 @@ class ServeOptions:
                 raise NpinvError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
 
+def _control(label: str, choices: list[tuple[str, str]], value: str) -> str:
+    """How the page names a choice: 'refine (words added)' under 'Attention control'."""
+    return f"{dict((v, k) for k, v in choices)[value]} under {label}"
+
+
+# Messages written for the command line (shared with it) name its flags; the page names its own
+# controls instead. Any other flag left in a message (a new one) becomes "the server's ... setting".
+PAGE_WORDING = [
+    (re.compile(r"; use the refine controller$"),
+     f"; choose {_control('Attention control', CONTROLLER_CHOICES, 'refine')} (it aligns prompts of any length)"),
+    (re.compile(r"at least one --reweight WORD=SCALE"), "at least one WORD=SCALE in Reweight (Controller settings)"),
+    (re.compile(r"; rerun with --dtype fp32( \(or bf16\))?"),
+     "; try a lower guidance or another image (or ask the server's operator to serve the model in fp32)"),
+    (re.compile(r"(?<![\w-])--([a-z][\w-]*)"), r"the server's \1 setting"),
+]
+MAX_MESSAGE_CHARS = 500
+
+
+def page_message(text: str) -> str:
+    """A message as the page shows it: its controls' names for command-line flags, on one line, and
+    at most MAX_MESSAGE_CHARS long (the middle cut, so the advice at the end stays)."""
+    for pattern, wording in PAGE_WORDING:
+        text = pattern.sub(wording, text)
+    text = " ".join(text.split())
+    if len(text) > MAX_MESSAGE_CHARS:
+        head = MAX_MESSAGE_CHARS * 2 // 3
+        text = f"{text[:head]} ... {text[head + 5 - MAX_MESSAGE_CHARS:]}"
+    return text
+
+
 def _readable_errors(fn: Callable) -> Callable:
     """Turn every failure into a one-line message in the page (a gr.Error), never a traceback."""
 
@@ -67,7 +98,7 @@ def _readable_errors(fn: Callable) -> Callable:
         except gr.Error:
             raise
         except NpinvError as exc:
-            raise gr.Error(str(exc), print_exception=False) from None
+            raise gr.Error(page_message(str(exc)), print_exception=False) from None
         except MemoryError:
             raise gr.Error("out of memory: try fewer steps or a smaller image", print_exception=False) from None
         except Exception as exc:  # a bug, not bad input: full traceback in the server log only
@@ -76,7 +107,8 @@ def _readable_errors(fn: Callable) -> Callable:
                                print_exception=False) from None
             log.exception("internal error in %s", fn.__name__)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise gr.Error(f"internal error: {type(exc).__name__}: {first}"[:300], print_exception=False) from None
+            raise gr.Error(page_message(f"internal error: {type(exc).__name__}: {first}"[:300]),
+                           print_exception=False) from None
 
     return wrapper
 
@@ -91,18 +123,16 @@ def _upload_path(image: Any, upload_root: Path) -> tuple[str, str]:
     if not image:
         raise NpinvError("upload an image or pick one of the examples first")
     path = image.get("path") if isinstance(image, dict) else None
-    if not path or not Path(path).resolve().is_relative_to(upload_root):
-        raise NpinvError("the image must be an uploaded file; upload it again")
-    return str(path), image.get("orig_name") or Path(path).name
-
-
-def _offset(value: Any) -> int | None:
-    if value in (None, "", "default"):
-        return None
     try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise NpinvError(f"offset must be 0, 1 or default, got {value!r}") from None
+        inside = isinstance(path, str) and bool(path) and Path(path).resolve().is_relative_to(upload_root)
+    except (OSError, ValueError):  # a NUL byte, a name too long
+        inside = False
+    if not inside:
+        raise NpinvError("the image must be an uploaded file; upload it again")
+    name = image.get("orig_name")
+    name = name if isinstance(name, str) and name.strip() else Path(path).name
+    name = " ".join(name.split())  # messages and the status quote it: one line, a readable length
+    return str(path), name if len(name) <= 80 else name[:77] + "..."
 
 
 def _psnr(value: float) -> float | None:
@@ -111,7 +141,7 @@ def _psnr(value: float) -> float | None:
 
 def _show_warnings(messages: list[str]) -> None:
     for message in messages:
-        gr.Warning(message)
+        gr.Warning(page_message(message))  # "words outside the vocabulary: ..." lists up to a whole prompt
 
 
 def example_rows(guidance: float | None = None) -> list[list]:
@@ -142,7 +172,7 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
     def invert(image, source_prompt, steps, offset, resize, session: InversionCache,
                progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio's documented pattern)
         path, name = _upload_path(image, upload_root)
-        report = engine.invert(session, path, source_prompt, name=name, steps=steps, offset=_offset(offset),
+        report = engine.invert(session, path, source_prompt, name=name, steps=steps, offset=offset,
                                resize=resize, stage=lambda s: progress(0, desc=s), progress=True)
         _show_warnings(report.warnings)
         status = (f"**Inverted** {name} ({report.timings.line()}). NPI reconstruction: PSNR "
@@ -159,7 +189,7 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
                                       cross_replace=cross_replace, self_replace=self_replace,
                                       blend_source=blend_source, blend_target=blend_target, reweight=reweight,
                                       direct=direct, attention_maps=attention_maps)
-        report = engine.edit(session, path, source_prompt, request, name=name, steps=steps, offset=_offset(offset),
+        report = engine.edit(session, path, source_prompt, request, name=name, steps=steps, offset=offset,
                              resize=resize, stage=lambda s: progress(0, desc=s), progress=True)
         _show_warnings(report.warnings)
         out = report.outcome
@@ -186,7 +216,8 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
                 image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], height=220,
                                  elem_id="npinv-image", elem_classes=pixels)
                 source_prompt = gr.Textbox(label="Source prompt (describes the image)", elem_id="npinv-source",
-                                           placeholder="a red circle on a blue background")
+                                           placeholder="a red circle on a blue background",
+                                           max_length=limits.max_prompt_chars)  # the server checks it too
                 with gr.Accordion("Inversion settings", open=False):
                     steps = gr.Slider(1, limits.max_steps, value=50, step=1, label="DDIM steps")
                     offset = gr.Radio(OFFSET_CHOICES, value="default", label="Timestep offset")
@@ -208,7 +239,8 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
             with gr.Column(scale=1, min_width=320):
                 gr.Markdown("### 2. Edit")
                 target_prompt = gr.Textbox(label="Target prompt (the edit)", elem_id="npinv-target",
-                                           placeholder="a green circle on a blue background")
+                                           placeholder="a green circle on a blue background",
+                                           max_length=limits.max_prompt_chars)
                 method = gr.Dropdown(METHOD_CHOICES, value="npi", label="Method")
                 controller = gr.Dropdown(CONTROLLER_CHOICES, value="replace", label="Attention control")
                 # Starts at the model's recommended editing guidance (its npinv.json), else 7.5; the range and

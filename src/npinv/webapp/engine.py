@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
+import math
 import shutil
 import tempfile
 import threading
@@ -48,12 +50,17 @@ class Limits:
     cache_entries: int = 4
     cache_mb: float = 256.0
     file_ttl_s: float = 600.0  # output files outlive the request only until Gradio has copied them
+    # Prompts and the edit form's words: far above what a text encoder reads (77 tokens for SD), far
+    # below what would slow the tokenizer or fill a message. Not a command-line flag.
+    max_prompt_chars: int = 1000
 
     def __post_init__(self) -> None:
         for name in ("max_pixels", "max_upload_mb", "max_steps", "cache_entries", "cache_mb", "file_ttl_s"):
             if not getattr(self, name) > 0:
                 flag = "--max-megapixels" if name == "max_pixels" else f"--{name.replace('_', '-')}"
                 raise NpinvError(f"{flag} must be positive, got {getattr(self, name)}")
+        if not self.max_prompt_chars > 0:
+            raise NpinvError(f"max_prompt_chars must be positive, got {self.max_prompt_chars}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +79,7 @@ def read_upload(path: str | Path, model: Model, *, name: str | None = None, resi
     path = Path(path)
     name = name or path.name
     if resize not in RESIZE_MODES:
-        raise NpinvError(f"unknown resize mode {resize!r} (crop or fit)")
+        raise NpinvError(f"unknown resize mode {short_repr(resize)} (crop or fit)")
     if not path.is_file():
         raise NpinvError(f"the upload {name} is gone from the server; upload it again")
     if path.stat().st_size == 0:
@@ -162,58 +169,132 @@ class EditRequest:
 def parse_edit_request(target: str, *, method: str = "npi", controller: str = "refine", guidance: float | None = None,
                        cross_replace: float = 0.8, self_replace: float = 0.6, blend_source: str = "",
                        blend_target: str = "", reweight: str = "", direct: bool = False,
-                       attention_maps: bool = False, default_guidance: float = DEFAULT_EDIT_GUIDANCE) -> EditRequest:
+                       attention_maps: bool = False, default_guidance: float = DEFAULT_EDIT_GUIDANCE,
+                       max_chars: int = Limits.max_prompt_chars) -> EditRequest:
     """Validate the form's values into :class:`EditSettings`; readable errors for each mistake.
-    ``guidance`` None (or empty) is ``default_guidance``: :meth:`Engine.edit_request` passes the model's."""
-    target = (target or "").strip()
+    ``guidance`` None (or empty) is ``default_guidance``: :meth:`Engine.edit_request` passes the model's.
+
+    The values may come from any client as raw JSON, not only from the page's widgets: every one is
+    checked for its type, finiteness and range, and messages show at most a short piece of it."""
+    target = text_field(target, "target prompt", max_chars)
     if not target:
         raise NpinvError("give a target prompt: the source prompt with the words you want changed")
     if method not in EDIT_METHODS:
-        raise NpinvError(f"unknown method {method!r}; choose one of {', '.join(EDIT_METHODS)}")
+        raise NpinvError(f"unknown method {short_repr(method)}; choose one of {', '.join(EDIT_METHODS)}")
     if controller not in CONTROLLERS:
-        raise NpinvError(f"unknown controller {controller!r}; choose one of {', '.join(CONTROLLERS)}")
-    guidance = default_guidance if guidance in (None, "") else guidance
-    guidance, cross_replace, self_replace = _number(guidance, "guidance"), _number(cross_replace, "cross-replace"), \
-        _number(self_replace, "self-replace")
+        raise NpinvError(f"unknown controller {short_repr(controller)}; choose one of {', '.join(CONTROLLERS)}")
+    guidance = default_guidance if guidance is None or guidance == "" else guidance
+    guidance, cross_replace, self_replace = number(guidance, "guidance"), number(cross_replace, "cross-replace"), \
+        number(self_replace, "self-replace")
     if not 0 <= guidance <= 30:
         raise NpinvError(f"guidance must lie in 0..30, got {guidance:g}")
     for label, value in (("cross-replace", cross_replace), ("self-replace", self_replace)):
         if not 0 <= value <= 1:
             raise NpinvError(f"{label} must be a fraction of the steps in 0..1, got {value:g}")
-    blend_source, blend_target = (blend_source or "").strip(), (blend_target or "").strip()
+    blend_source = text_field(blend_source, "blend source word", max_chars)
+    blend_target = text_field(blend_target, "blend target word", max_chars)
     if bool(blend_source) != bool(blend_target):
         raise NpinvError("local blend needs both words: one of the source prompt and one of the target prompt")
+    weights = parse_reweight(text_field(reweight, "reweight", max_chars))
+    if controller == "reweight" and not weights:  # EditSettings' own message names the command line's flag
+        raise NpinvError("the reweight controller needs at least one WORD=SCALE in Reweight (Controller settings)")
     settings = EditSettings(
         method=method, controller=controller, guidance=guidance, cross_replace=cross_replace,
         self_replace=self_replace, blend=(blend_source, blend_target) if blend_source else None,
-        reweight=parse_reweight(reweight or ""), direct=bool(direct), keep_attention_maps=bool(attention_maps))
+        reweight=weights, direct=flag(direct, "direct inversion"),
+        keep_attention_maps=flag(attention_maps, "attention maps"))
     settings.validate()
     return EditRequest(target, settings)
 
 
+REWEIGHT_LIMIT = 20.0  # |scale| of a reweighted word: generous for edits, far from a float overflow
+
+
 def parse_reweight(text: str) -> dict[str, float]:
-    """``"red=2, blue=0.5"`` -> ``{"red": 2.0, "blue": 0.5}``."""
+    """``"red=2, blue=0.5"`` -> ``{"red": 2.0, "blue": 0.5}``; each scale finite, within +-20."""
     out: dict[str, float] = {}
     for item in text.replace(",", " ").split():
         word, sep, value = item.partition("=")
         try:
             scale = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             scale = None
         if not sep or not word or scale is None:
-            raise NpinvError(f"reweight expects WORD=NUMBER items, got {item!r}")
+            raise NpinvError(f"reweight expects WORD=NUMBER items, got {short_repr(item)}")
+        if not -REWEIGHT_LIMIT <= scale <= REWEIGHT_LIMIT:  # NaN fails too
+            raise NpinvError(f"reweight scales must be finite numbers in -{REWEIGHT_LIMIT:g}..{REWEIGHT_LIMIT:g}, "
+                             f"got {short_repr(item)}")
         out[word] = scale
     return out
 
 
-def _number(value, label: str) -> float:
+# -- checks of a request's raw values (any client can send any JSON: strings, null, Infinity, NaN) --
+def short_repr(value, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters: what a message may quote of a client's value."""
     try:
-        out = float(value)
-    except (TypeError, ValueError):
-        raise NpinvError(f"{label} must be a number, got {value!r}") from None
-    if out != out:  # NaN
-        raise NpinvError(f"{label} must be a number, got NaN")
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit limit for conversion to text
+        text = f"a {type(value).__name__} too long to show"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def number(value, label: str) -> float:
+    """A finite float from a number or a numeric string; booleans, lists, NaN and infinities are refused."""
+    out = None
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            out = float(value)
+        except ValueError:  # "ten"
+            out = None
+        except OverflowError:  # an int too large for a float
+            raise NpinvError(f"{label} is far out of range, got {short_repr(value)}") from None
+    if out is None:
+        raise NpinvError(f"{label} must be a number, got {short_repr(value)}")
+    if not math.isfinite(out):
+        raise NpinvError(f"{label} must be a finite number, got {short_repr(value)}")
     return out
+
+
+def whole_number(value, label: str, low: int, high: int) -> int:
+    """An integer in ``low..high`` (a float or numeric string with an integer value counts)."""
+    try:
+        out = number(value, label)
+    except NpinvError:
+        out = None
+    if out is None or not out.is_integer() or not low <= out <= high:
+        raise NpinvError(f"{label} must be a whole number in {low}..{high}, got {short_repr(value)}")
+    return int(out)
+
+
+def text_field(value, label: str, max_chars: int) -> str:
+    """A form's text, stripped: None is empty; anything but a string, or a string over ``max_chars``,
+    is refused with a message that gives its length, never its text."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise NpinvError(f"the {label} must be text, got {short_repr(value)}")
+    value = value.strip()
+    if len(value) > max_chars:
+        raise NpinvError(f"the {label} is {len(value):,} characters long; this server accepts at most {max_chars:,}")
+    return value
+
+
+def flag(value, label: str) -> bool:
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise NpinvError(f"{label} must be true or false, got {short_repr(value)}")
+    return value
+
+
+def parse_offset(value) -> int | None:
+    """The timestep offset as the page sends it ("default", "0" or "1") or as a number: None, 0 or 1."""
+    if value is None or value in ("", "default"):
+        return None
+    try:
+        return whole_number(value, "offset", 0, 1)
+    except NpinvError:
+        raise NpinvError(f"offset must be 0, 1 or default, got {short_repr(value)}") from None
 
 
 @dataclasses.dataclass
@@ -318,8 +399,9 @@ class Engine:
         return self.model.edit_guidance
 
     def edit_request(self, target: str, **form) -> EditRequest:
-        """:func:`parse_edit_request` with this model's editing guidance as the default."""
-        return parse_edit_request(target, default_guidance=self.edit_guidance, **form)
+        """:func:`parse_edit_request` with this model's editing guidance and this server's prompt limit."""
+        return parse_edit_request(target, default_guidance=self.edit_guidance, max_chars=self.limits.max_prompt_chars,
+                                  **form)
 
     def new_cache(self) -> InversionCache:
         return InversionCache(self.limits.cache_entries, int(self.limits.cache_mb * 2**20))
@@ -334,7 +416,7 @@ class Engine:
                progress: bool = False) -> InvertReport:
         """Invert an upload (or take it from the session's cache) and reconstruct it with NPI."""
         start = time.perf_counter()
-        prompt, steps = self._check(prompt, steps, offset)
+        prompt, steps, offset = self._check(prompt, steps, offset)
         with self._model_call() as caught:
             upload = read_upload(path, self.model, name=name, resize=resize, max_pixels=self.limits.max_pixels)
             read_s = time.perf_counter() - start
@@ -355,7 +437,7 @@ class Engine:
              stage: Stage | None = None, progress: bool = False) -> EditReport:
         """Edit an upload toward ``request``, inverting it first only if this session has not yet."""
         start = time.perf_counter()
-        prompt, steps = self._check(prompt, steps, offset)
+        prompt, steps, offset = self._check(prompt, steps, offset)
         with self._model_call() as caught:
             upload = read_upload(path, self.model, name=name, resize=resize, max_pixels=self.limits.max_pixels)
             read_s = time.perf_counter() - start
@@ -379,24 +461,18 @@ class Engine:
         return EditReport(tensor_to_image(upload.image), outcome, edit_file, inv_file, timings, caught)
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _check(self, prompt: str, steps, offset) -> tuple[str, int]:
-        prompt = (prompt or "").strip()
+    def _check(self, prompt: str, steps, offset) -> tuple[str, int, int | None]:
+        """The request's source prompt, steps and offset, checked whatever JSON a client sent."""
+        prompt = text_field(prompt, "source prompt", self.limits.max_prompt_chars)
         if not prompt:
             raise NpinvError("give a source prompt that describes the image")
-        try:
-            steps_i = int(steps)
-        except (TypeError, ValueError):
-            raise NpinvError(f"steps must be a whole number, got {steps!r}") from None
-        if steps_i != steps or not 1 <= steps_i <= self.limits.max_steps:
-            raise NpinvError(f"steps must be a whole number in 1..{self.limits.max_steps}, got {steps}")
-        if offset not in (None, 0, 1):
-            raise NpinvError(f"offset must be 0, 1 or the model's default, got {offset!r}")
-        return prompt, steps_i
+        return prompt, whole_number(steps, "steps", 1, self.limits.max_steps), parse_offset(offset)
 
     @contextlib.contextmanager
     def _model_call(self) -> Iterator[list[str]]:
-        """Hold the model; collect its one-line warnings (unknown words, truncated prompts) for the page."""
-        with self.lock, warnings.catch_warnings(record=True) as records:
+        """Hold the model; collect its one-line warnings (unknown words, truncated prompts) for the page,
+        and keep the pipeline from logging the cut-off end of a long prompt (see :class:`QuietTruncation`)."""
+        with self.lock, warnings.catch_warnings(record=True) as records, QuietTruncation.on(self.model):
             warnings.simplefilter("always")
             messages: list[str] = []
             try:
@@ -431,6 +507,34 @@ class Engine:
             with contextlib.suppress(OSError):
                 if child.is_dir() and child.stat().st_mtime < cutoff:
                     shutil.rmtree(child, ignore_errors=True)
+
+
+class QuietTruncation(logging.Filter):
+    """Drops diffusers' "The following part of your input was truncated ...: [<the cut-off text>]",
+    logged at every encoding of a prompt over the text encoder's limit: on a server that is a user's
+    text, up to the whole prompt, in the log on every request. The page already warns about the
+    truncation in one line (an :class:`~npinv.model.NpinvWarning`), and transformers' own tokenizer
+    notice ("Token indices sequence length is longer ...") is one short line, once per tokenizer."""
+
+    PREFIX = "The following part of your input was truncated"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIX)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def on(model: Model) -> Iterator[None]:
+        """Filter the loggers of the modules of the model's pipeline class (and its bases) meanwhile."""
+        loggers = [logging.getLogger(c.__module__) for c in type(model.pipe).__mro__
+                   if c.__module__.startswith("diffusers.")]
+        quiet = QuietTruncation()
+        for logger in loggers:
+            logger.addFilter(quiet)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(quiet)
 
 
 def _stage(stage: Stage | None, text: str) -> None:

@@ -1,0 +1,372 @@
+"""Every bad input and fault, across the commands: exit 2, one line, nothing written, nothing changed.
+
+One table, one test. Each case builds its inputs in ``in/`` (and sometimes patches a writer to fail
+as a full disk would), runs the CLI in-process, and checks with ``test_cli._assert_clean_error``:
+exit code 2, stderr exactly one ``npinv: error:`` line with no traceback, and the whole folder as it
+was (no output, no ``.*.tmp``, the inputs and the pre-existing ``out/existing.png`` unchanged in
+bytes and mtime).
+
+Cases other helpers own live with their features:
+- edit-batch killed (SIGKILL) mid-write, and its folder lock: tests/test_batch.py;
+- the web app's bad requests and uploads: tests/test_webapp.py;
+- file modes and the umask of written files: tests/test_io.py.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from npinv.scenes import Scene
+from test_cli import _assert_clean_error, run, snapshot
+
+SRC = "a red circle on a blue background"
+TGT = "a red square on a blue background"
+
+
+@dataclasses.dataclass
+class Env:
+    """A case's world: inputs in ``in/``, outputs in ``out/`` (which holds ``existing.png``)."""
+
+    root: Path
+    model: str
+    good_inversion: Path
+    monkeypatch: pytest.MonkeyPatch
+
+    @property
+    def image(self) -> Path:
+        return self.root / "in" / "input.png"
+
+    @property
+    def out(self) -> Path:
+        return self.root / "out"
+
+    @property
+    def existing(self) -> Path:
+        return self.out / "existing.png"
+
+    def file(self, name: str, data: bytes | str) -> Path:
+        path = self.root / "in" / name
+        path.write_bytes(data.encode() if isinstance(data, str) else data)
+        return path
+
+    def model_copy(self, change: Callable[[Path], None]) -> str:
+        """A copy of the tiny model with ``change`` applied to it."""
+        folder = self.root / "in" / "model"
+        shutil.copytree(self.model, folder)
+        change(folder)
+        return str(folder)
+
+    def inversion(self, meta: Callable[[dict], None] | None = None, tensors: Callable[[dict], None] | None = None,
+                  name: str = "inv.safetensors") -> Path:
+        """A copy of a good inversion file, its metadata or tensors changed."""
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        with safe_open(str(self.good_inversion), "pt") as fh:
+            m = json.loads(fh.metadata()["npinv"])
+            t = {k: fh.get_tensor(k) for k in fh.keys()}
+        if meta:
+            meta(m)
+        if tensors:
+            tensors(t)
+        path = self.root / "in" / name
+        save_file(t, str(path), metadata={"npinv": json.dumps(m)})
+        return path
+
+    def fail_writes(self, target, name: str, err: int, after: int = 0) -> None:
+        """Make ``target.name`` raise ``OSError(err)`` (a full disk, ...) from its ``after + 1``-th call."""
+        real = getattr(target, name)
+        calls = {"n": 0}
+
+        def failing(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > after:
+                raise OSError(err, os.strerror(err))
+            return real(*args, **kwargs)
+
+        self.monkeypatch.setattr(target, name, failing)
+
+    def video(self, frames: int = 2) -> Path:
+        av = pytest.importorskip("av")
+        path = self.root / "in" / "clip.mp4"
+        with av.open(str(path), "w") as container:
+            stream = container.add_stream("libx264", rate=24)
+            stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
+            for t in range(frames):
+                frame = av.VideoFrame.from_image(Scene("circle", "red", "blue", 0.45, cx=0.4 + 0.1 * t).render(32))
+                frame.pts = t
+                for packet in stream.encode(frame):
+                    container.mux(packet)
+            for packet in stream.encode(None):
+                container.mux(packet)
+        return path
+
+
+# -- command lines (the flags after ``extra`` win: argparse keeps the last) -------------------------------
+def reconstruct(e: Env, *extra, image=None, out=None, prompt=SRC, model=None) -> list:
+    return ["reconstruct", image or e.image, "--prompt", prompt, "--steps", "2", "--model", model or e.model,
+            "--out", out or e.existing, *extra]
+
+
+def edit(e: Env, *extra, image=None, out=None, source=SRC, target=TGT, model=None) -> list:
+    src = [] if source is None else ["--source", source]
+    return ["edit", image or e.image, *src, "--target", target, "--steps", "2", "--model", model or e.model,
+            "--out", out or e.existing, *extra]
+
+
+def edit_inv(e: Env, inversion, *extra) -> list:
+    return ["edit", e.image, "--inversion", inversion, "--target", TGT, "--model", e.model, "--out", e.existing,
+            *extra]
+
+
+def generate(e: Env, *extra, prompt=SRC) -> list:
+    return ["generate", "--prompt", prompt, "--steps", "2", "--model", e.model, "--out", e.existing, *extra]
+
+
+def edit_video(e: Env, *extra, video=None, out=None, source=SRC, target=TGT) -> list:
+    return ["edit-video", video or e.video(), "--source", source, "--target", target, "--steps", "2",
+            "--model", e.model, "--out", out or e.out / "edited.mp4", *extra]
+
+
+def edit_batch(e: Env, rows: list | str, *extra, out=None) -> list:
+    text = rows if isinstance(rows, str) else "".join(json.dumps(r) + "\n" for r in rows)
+    manifest = e.file("manifest.jsonl", text)
+    return ["edit-batch", manifest, "--steps", "2", "--model", e.model, "--out", out or e.out / "batch", *extra]
+
+
+ROW = {"image": "input.png", "source": SRC, "target": TGT}
+
+
+def _truncated_png(e: Env) -> Path:
+    Image.effect_noise((64, 64), 40).convert("RGB").save(e.root / "in" / "full.png")
+    return e.file("cut.png", (e.root / "in" / "full.png").read_bytes()[:200])
+
+
+def _unwritable(e: Env) -> list:
+    locked = e.root / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.access(locked, os.W_OK):
+        pytest.skip("this user (root?) can write a 0555 folder anyway")
+    return reconstruct(e, out=locked / "out.png")
+
+
+def _nan_weights(folder: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    path = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(str(path))
+    weights["conv_out.bias"][0] = float("nan")
+    save_file(weights, str(path))
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir()
+    return path
+
+
+def _json_bad(path: Path) -> None:
+    path.write_text('{"_class_name": "StableDiffusionPipeline",')
+
+
+def _scheduler_steps(folder: Path) -> None:
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(path.read_text().replace('"num_train_timesteps": 1000', '"num_train_timesteps": -5'))
+
+
+def _disk_full_second_edit(e: Env) -> list:
+    e.fail_writes(Image.Image, "save", errno.ENOSPC, after=1)  # the first edit written, the second fails
+    return edit(e, "--target", "a blue circle on a blue background", out=e.out / "two.png")
+
+
+def _disk_full_inversion(e: Env) -> list:
+    import safetensors.torch
+
+    e.fail_writes(safetensors.torch, "save_file", errno.ENOSPC)  # the image is staged; the inversion fails
+    return reconstruct(e, "--save-inversion", e.out / "inv.safetensors", out=e.out / "rec.png")
+
+
+def _disk_full_video(e: Env) -> list:
+    argv = edit_video(e)
+    from npinv.video import VideoWriter
+
+    e.fail_writes(VideoWriter, "write", errno.ENOSPC, after=1)
+    return argv
+
+
+# (name, build the command line, what the one line must contain[, paths that may appear: not outputs])
+CASES: list[tuple] = [
+    # images
+    ("image-not-an-image", lambda e: reconstruct(e, image=e.file("notes.png", "hello")), "not an image"),
+    ("image-truncated-png", lambda e: reconstruct(e, image=_truncated_png(e)), "cannot read image"),
+    ("image-0-bytes", lambda e: reconstruct(e, image=e.file("empty.png", b"")), "is empty"),
+    ("image-is-a-folder", lambda e: reconstruct(e, image=e.root / "in"), "is a folder, not an image"),
+    ("image-missing", lambda e: edit(e, image=e.root / "in" / "nope.png"), "no such file"),
+    # prompts
+    ("prompt-empty", lambda e: reconstruct(e, prompt=""), "--prompt is empty"),
+    ("prompt-whitespace-target", lambda e: edit(e, target="   "), "--target is empty"),
+    ("prompt-empty-generate", lambda e: generate(e, prompt=""), "--prompt is empty"),
+    ("prompt-empty-video-source", lambda e: edit_video(e, source=" \t"), "--source is empty"),
+    ("prompt-over-long", lambda e: edit(e, "--blend", "circle", "red",
+                                        target="a circle on a blue background " + "very " * 80 + "red"),
+     "77-token limit"),
+    # numbers
+    ("guidance-nan", lambda e: reconstruct(e, "--guidance", "nan"), "expected a finite number, got 'nan'"),
+    ("guidance-inf", lambda e: edit(e, "--guidance", "inf"), "expected a finite number, got 'inf'"),
+    ("guidance-negative", lambda e: reconstruct(e, "--guidance", "-1"), "--guidance must be a finite number >= 0"),
+    ("blend-threshold-nan", lambda e: edit(e, "--blend", "circle", "square", "--blend-threshold", "nan"),
+     "--blend-threshold: expected a finite number"),
+    ("reweight-inf", lambda e: edit(e, "--controller", "reweight", "--reweight", "red=inf"), "--reweight expects"),
+    ("cross-replace-nan", lambda e: edit(e, "--cross-replace", "nan"), "--cross-replace expects"),
+    ("self-replace-size-inf", lambda e: edit(e, "--self-replace-size", "inf"), "--self-replace-size"),
+    ("seed-huge", lambda e: generate(e, "--seed", "99999999999999999999"), "--seed must lie in 0..18446744073709551615"),
+    ("seed-negative", lambda e: generate(e, "--seed", "-1"), "--seed must lie in 0.."),
+    ("size-65-reconstruct", lambda e: reconstruct(e, "--size", "65"), "--size 65 must be a multiple of 8"),
+    ("size-65-generate", lambda e: generate(e, "--size", "65"), "--size 65 must be a multiple of 8"),
+    ("size-65-edit-fit", lambda e: edit(e, "--size", "65", "--resize", "fit"), "--size 65 must be a multiple of 8"),
+    ("size-65-edit-video", lambda e: edit_video(e, "--size", "65"), "--size 65 must be a multiple of 8"),
+    ("size-65-edit-batch", lambda e: edit_batch(e, [ROW], "--size", "65"), "--size 65 must be a multiple of 8"),
+    ("steps-0", lambda e: reconstruct(e, "--steps", "0"), "--steps must lie in 1..1000"),
+    ("steps-1000-offset-1", lambda e: reconstruct(e, "--steps", "1000"), "use offset 0 (--offset 0)"),
+    ("steps-1001-edit", lambda e: edit(e, "--steps", "1001"), "--steps must lie in 1..1000"),
+    ("batch-size-0", lambda e: edit_batch(e, [ROW], "--batch-size", "0"), "--batch-size must be at least 1"),
+    ("max-frames-0", lambda e: edit_video(e, "--max-frames", "0"), "--max-frames must be at least 1"),
+    # paths
+    ("out-missing-folder", lambda e: reconstruct(e, out=e.out / "nope" / "o.png"), "output folder does not exist"),
+    ("out-is-input", lambda e: reconstruct(e, out=e.image), "is the input file"),
+    ("out-unwritable-folder", _unwritable, "not writable"),
+    ("out-wrong-suffix", lambda e: reconstruct(e, out=e.out / "o.txt"), "unsupported output image type"),
+    ("out-name-too-long", lambda e: reconstruct(e, out=e.out / ("n" * 250 + ".png")), "file name too long"),
+    ("out-is-a-folder", lambda e: generate(e, "--out", _mkdir(e.out / "folder.png")), "output path is a folder"),
+    ("save-inversion-png", lambda e: reconstruct(e, "--save-inversion", e.out / "inv.png"), "must end in .safetensors"),
+    ("save-attention-is-file", lambda e: edit(e, "--save-attention", e.existing), "is not a folder"),
+    ("video-out-wrong-suffix", lambda e: edit_video(e, out=e.out / "edited.gif"), "unsupported output video type"),
+    ("batch-out-is-file", lambda e: edit_batch(e, [ROW], out=e.existing), "exists and is not a folder"),
+    # inversion files
+    ("inversion-missing", lambda e: edit_inv(e, e.root / "in" / "nope.safetensors"), "no such inversion file"),
+    ("inversion-truncated", lambda e: edit_inv(e, e.file("cut.safetensors", e.good_inversion.read_bytes()[:300])),
+     "not a readable inversion file"),
+    ("inversion-not-safetensors", lambda e: edit_inv(e, e.file("text.safetensors", "hello")),
+     "not a readable inversion file"),
+    ("inversion-not-npinv", lambda e: edit_inv(e, _plain_safetensors(e)), "is not an npinv inversion file"),
+    ("inversion-wrong-model", lambda e: edit_inv(e, e.inversion(meta=lambda m: m["model"].update(fingerprint="0"))),
+     "made with model"),
+    ("inversion-steps-vs-trajectory", lambda e: edit_inv(e, e.inversion(meta=lambda m: m["schedule"].update(steps=50)),
+                                                         "--direct"), "the metadata says 50 steps, so 51 latents"),
+    ("inversion-negatives-count", lambda e: edit_inv(e, e.inversion(tensors=_drop_negative)), "negatives"),
+    ("inversion-latent-vs-size", lambda e: edit_inv(e, e.inversion(meta=lambda m: m.update(image_size=[40, 40]))),
+     "latents cannot be of a 40x40 image"),
+    ("inversion-other-offset", lambda e: edit_inv(e, e.good_inversion, "--offset", "0"),
+     "the inversion was made with offset 1; asked for --offset 0"),
+    ("inversion-other-source", lambda e: edit_inv(e, e.good_inversion, "--source", "a dog"), "source prompt"),
+    # model folders
+    ("model-missing-unet", lambda e: reconstruct(e, model=e.model_copy(lambda f: shutil.rmtree(f / "unet"))),
+     "the folder has no unet/"),
+    ("model-index-broken-json", lambda e: reconstruct(e, model=e.model_copy(lambda f: _json_bad(f / "model_index.json"))),
+     "model_index.json: not valid JSON"),
+    ("model-config-broken-json", lambda e: reconstruct(e, model=e.model_copy(lambda f: _json_bad(f / "unet" / "config.json"))),
+     "config.json: not valid JSON"),
+    ("model-scheduler-negative-timesteps", lambda e: reconstruct(e, model=e.model_copy(_scheduler_steps)),
+     "num_train_timesteps must be a positive whole number, got -5"),
+    ("model-pickle-without-allow", lambda e: reconstruct(e, model=e.file("weights.ckpt", b"\x80\x04")),
+     "pickle checkpoint"),
+    # NaN weights in fp32: said as such, without the half-precision advice (--dtype) of an fp16 overflow
+    ("model-nan-weights-fp32", lambda e: reconstruct(e, model=e.model_copy(_nan_weights)),
+     "in float32: the model's weights or the inputs hold NaN"),
+    ("model-no-such-file", lambda e: reconstruct(e, model=e.root / "in" / "nothing.safetensors"), "no such model"),
+    ("model-hub-offline", lambda e: reconstruct(e, model="npinv-test/not-cached"), "not in the local Hugging Face cache"),
+    # manifests (edit-batch): a bad row stops everything, with its line number
+    ("manifest-missing", lambda e: ["edit-batch", e.root / "in" / "none.jsonl", "--out", e.out / "batch"],
+     "no such manifest"),
+    ("manifest-not-json", lambda e: edit_batch(e, json.dumps(ROW) + "\n{oops\n"), "manifest.jsonl:2: not valid JSON"),
+    ("manifest-row-missing-image", lambda e: edit_batch(e, [ROW, {**ROW, "image": "gone.png"}]), "manifest.jsonl:2"),
+    ("manifest-row-blank-target", lambda e: edit_batch(e, [{**ROW, "target": "  "}]), "non-empty"),
+    ("manifest-row-nan-guidance", lambda e: edit_batch(e, '{"image": "input.png", "source": "a cat", '
+                                                         '"target": "a dog", "guidance": NaN}\n'), "'guidance' must be"),
+    ("manifest-row-size-65", lambda e: edit_batch(e, [{**ROW, "size": 65}]), "'size' must be a multiple of 8"),
+    ("manifest-row-steps-1000", lambda e: edit_batch(e, [ROW, {**ROW, "steps": 1000}]), "line 2: 1000 steps"),
+    # videos
+    ("video-not-a-video", lambda e: edit_video(e, video=e.file("clip.mp4", "not a video")), "not a video file"),
+    ("video-is-an-image", lambda e: edit_video(e, video=e.image), "is an image, not a video"),
+    # disk full and other OS faults while writing (a patched writer fails as the OS would)
+    ("disk-full-reconstruct", lambda e: (e.fail_writes(Image.Image, "save", errno.ENOSPC), reconstruct(e))[1],
+     "cannot write " + "{existing}: no space left on device"),
+    ("disk-full-second-edit", _disk_full_second_edit, "no space left on device"),
+    ("disk-full-inversion", _disk_full_inversion, "inv.safetensors: no space left on device"),
+    ("disk-quota-generate", lambda e: (e.fail_writes(Image.Image, "save", errno.EDQUOT), generate(e))[1],
+     "disk quota exceeded"),
+    ("read-only-fs-generate", lambda e: (e.fail_writes(Image.Image, "save", errno.EROFS), generate(e))[1],
+     "read-only file system"),
+    ("disk-full-edit-video", _disk_full_video, "edited.mp4: no space left on device"),
+    # edit-batch keeps finished edits by design (a rerun resumes); here none finished: no image, no
+    # results row, only its empty folders and the results merge lock (tests/test_batch.py owns the lock).
+    ("disk-full-edit-batch", lambda e: (e.fail_writes(Image.Image, "save", errno.ENOSPC), edit_batch(e, [ROW]))[1],
+     "00001-0-input.png: no space left on device", {"out/batch", "out/batch/edits", "out/batch/.results.lock"}),
+    # devices
+    ("device-unknown", lambda e: reconstruct(e, "--device", "tpu9"), "unknown device 'tpu9'"),
+    ("device-absent-cuda", lambda e: generate(e, "--device", "cuda:99"), "--device cuda:99"),
+]
+# Not here (their owners test them with their features): edit-batch killed mid-write and its folder
+# lock (tests/test_batch.py), the web app's requests (tests/test_webapp.py), file modes and the
+# umask (tests/test_io.py).
+
+
+def _plain_safetensors(e: Env) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    path = e.root / "in" / "plain.safetensors"
+    save_file({"x": torch.zeros(2)}, str(path))
+    return path
+
+
+def _drop_negative(t: dict) -> None:
+    t["negatives.hidden"] = t["negatives.hidden"][:1]
+
+
+@pytest.fixture(scope="module")
+def good_inversion(tmp_path_factory, sd_model) -> Path:
+    """An NTI inversion (so it holds negatives) of the input picture, 2 steps."""
+    from npinv.inversion import ddim_inversion, reconstruct
+    from npinv.io import image_to_tensor
+
+    image = image_to_tensor(Scene("circle", "red", "blue", 0.5).render(32))
+    inv = reconstruct(sd_model, ddim_inversion(sd_model, image, SRC, steps=2), "nti", 7.5, nti_inner_steps=2).inversion
+    return inv.save(tmp_path_factory.mktemp("inv") / "good.safetensors")
+
+
+def test_table_is_big_and_unique():
+    names = [case[0] for case in CASES]
+    assert len(names) == len(set(names)) and len(names) >= 40
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_exit_2_one_line_nothing_written(capsys, tmp_path, monkeypatch, sd_folder, good_inversion, case):
+    name, build, match, *rest = case
+    may_add = frozenset(rest[0]) if rest else frozenset()
+    (tmp_path / "in").mkdir()
+    (tmp_path / "out").mkdir()
+    Scene("circle", "red", "blue", 0.5).render(32).save(tmp_path / "in" / "input.png")
+    Image.new("RGB", (32, 32), "white").save(tmp_path / "out" / "existing.png")
+    old = 1_000_000_000 * 1_600_000_000  # an old mtime, so a rewrite with the same bytes still shows
+    for path in (tmp_path / "in" / "input.png", tmp_path / "out" / "existing.png"):
+        os.utime(path, ns=(old, old))
+    env = Env(tmp_path, str(sd_folder), good_inversion, monkeypatch)
+    try:
+        argv = [str(a) for a in build(env)]
+        before = snapshot(tmp_path)
+        code, _, stderr = run(capsys, *argv)
+    finally:
+        locked = tmp_path / "locked"
+        if locked.exists():
+            locked.chmod(0o755)
+    _assert_clean_error(code, stderr, tmp_path, before, match.format(existing=env.existing), may_add=may_add)

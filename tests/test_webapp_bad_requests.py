@@ -1,0 +1,298 @@
+"""Bad requests to the web app, as any client can send them (raw JSON: Infinity, NaN, strings, null,
+100,000-character prompts): each is one short line in the page, never a traceback or a prompt in
+the server's log. First through the app's own handlers (what Gradio calls), then over HTTP."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import socket
+from pathlib import Path
+
+import gradio as gr
+import httpx
+import pytest
+import torch
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from npinv.demo import bundled_examples
+from npinv.errors import NpinvError
+from npinv.webapp.app import ServeOptions, build_app, launch, page_message
+from npinv.webapp.engine import Engine, Limits, QuietTruncation, short_repr
+
+EXAMPLE = bundled_examples()[0]  # a red circle on a blue background
+TARGET = "a green circle on a blue background"
+HUGE = ("a red circle on a blue background " * 3000)[:99_999] + "."  # 100,000 characters
+LONG = "a red circle on a blue background " * 26  # 883 characters: under the app's cap, far over 32 tokens
+LOG_BUDGET = 600  # characters a bad request may add to the server's log (at most transformers' one notice)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model():
+    from npinv import load_model
+
+    return load_model(None, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def engine(model, tmp_path_factory):
+    engine = Engine(model, Limits(max_pixels=1_000_000, max_upload_mb=1, max_steps=50),
+                    files_dir=tmp_path_factory.mktemp("files"))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def handlers(engine, tmp_path_factory):
+    """The page's invert and edit handlers as Gradio calls them, and an upload record they accept."""
+    uploads = tmp_path_factory.mktemp("uploads")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("GRADIO_TEMP_DIR", str(uploads))
+        demo = build_app(engine, ServeOptions(examples=False))
+    image = {"path": str(shutil.copy(EXAMPLE["path"], uploads / "red_circle.png")), "orig_name": "red_circle.png"}
+    fns = {f.api_name: f.fn for f in demo.fns.values()}
+    return fns["invert"], fns["edit"], image
+
+
+@pytest.fixture(scope="module")
+def server(engine):
+    options = ServeOptions(port=free_port(), queue_size=8, examples=False)
+    demo = build_app(engine, options)
+    url = launch(demo, engine, options)
+    yield url
+    demo.close()
+
+
+class _Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))  # with its traceback, if it has one
+
+
+@pytest.fixture
+def server_log(capfd):
+    """What the server's process writes meanwhile: its stdout and stderr, and every log record,
+    including diffusers' and transformers' (their loggers do not propagate to the root)."""
+    handler = _Lines()
+    loggers = [logging.getLogger(), logging.getLogger("diffusers"), logging.getLogger("transformers")]
+    for logger in loggers:
+        logger.addHandler(handler)
+
+    def read() -> str:
+        out, err = capfd.readouterr()
+        text = "\n".join([*handler.lines, out, err]).strip()
+        handler.lines.clear()
+        return text
+
+    yield read
+    for logger in loggers:
+        logger.removeHandler(handler)
+
+
+def assert_quiet(log: str) -> None:
+    assert "Traceback" not in log and "internal error" not in log, log
+    assert "blue background a red circle" not in log, log[:500]  # no prompt echoed
+    assert len(log) <= LOG_BUDGET, log[:500]
+
+
+def assert_one_line(message: str, match: str) -> None:
+    assert match in message, message
+    assert "\n" not in message and len(message) <= 200 and "--" not in message, message
+    assert "Traceback" not in message and "internal error" not in message, message
+
+
+# -- the page's handlers, as Gradio calls them ----------------------------------------------------
+INVERT_CASES = [  # (field, value, the message's start)
+    *[("steps", v, "steps must be a whole number in 1..50") for v in
+      (float("inf"), float("-inf"), float("nan"), "Infinity", "NaN", 10**400, 10**5000, 2.5, 0, 51, True, None, "ten", [4],
+       {"value": 4}, "4" * 100_000)],
+    *[("offset", v, "offset must be 0, 1 or default") for v in
+      (float("inf"), float("nan"), 0.5, 2, -1, True, "2", [0], "x" * 100_000)],
+    *[("resize", v, "unknown resize mode") for v in ("stretch", 5, None, ["crop"], "x" * 100_000)],
+    ("source_prompt", HUGE, "the source prompt is 100,000 characters long; this server accepts at most 1,000"),
+    ("source_prompt", 42, "the source prompt must be text"),
+    ("source_prompt", ["a", "red", "circle"], "the source prompt must be text"),
+    ("source_prompt", None, "give a source prompt"),
+]
+
+EDIT_CASES = [
+    *[("guidance", v, "guidance must be a finite number") for v in
+      (float("inf"), float("-inf"), float("nan"), "Infinity", "NaN", "1e400")],
+    ("guidance", 10**400, "guidance is far out of range, got 1000"),
+    *[("guidance", v, "guidance must be a number") for v in (True, [2.5], "lots", "x" * 100_000)],
+    ("guidance", 31, "guidance must lie in 0..30"),
+    ("guidance", -0.5, "guidance must lie in 0..30"),
+    *[("cross_replace", v, "cross-replace must be a finite number") for v in (float("nan"), float("inf"))],
+    ("cross_replace", 1.5, "cross-replace must be a fraction of the steps in 0..1"),
+    ("self_replace", float("-inf"), "self-replace must be a finite number"),
+    *[("reweight", v, "reweight scales must be finite numbers in -20..20") for v in
+      ("green=nan", "green=inf", "green=-inf", "green=1e400", "green=50")],
+    ("reweight", 5, "the reweight must be text"),
+    ("reweight", "green=" + "9" * 100_000, "the reweight is 100,006 characters long"),
+    ("controller", "reweight", "the reweight controller needs at least one WORD=SCALE in Reweight"),
+    ("direct", "yes", "direct inversion must be true or false"),
+    ("direct", 1, "direct inversion must be true or false"),
+    ("attention_maps", "no", "attention maps must be true or false"),
+    ("method", None, "unknown method None"),
+    ("method", "x" * 100_000, "unknown method 'xxxx"),
+    ("controller", ["refine"], "unknown controller ['refine']"),
+    ("target_prompt", HUGE, "the target prompt is 100,000 characters long; this server accepts at most 1,000"),
+    ("target_prompt", 7, "the target prompt must be text"),
+    ("blend_source", HUGE, "the blend source word is 100,000 characters long"),
+    ("blend_target", {"word": "green"}, "the blend target word must be text"),
+    ("steps", float("inf"), "steps must be a whole number in 1..50, got inf"),  # the edit checks them too
+    ("offset", float("nan"), "offset must be 0, 1 or default, got nan"),
+]
+
+
+def case_id(value) -> str:
+    return value[:24] if isinstance(value, str) else short_repr(value, 24)
+
+
+def edit_form(image, **changes) -> dict:
+    form = dict(image=image, source_prompt=EXAMPLE["prompt"], steps=2, offset="default", resize="crop",
+                target_prompt=TARGET, method="npi", controller="replace", guidance=2.5, cross_replace=0.8,
+                self_replace=0.6, blend_source="", blend_target="", reweight="", direct=False, attention_maps=False)
+    return form | changes
+
+
+@pytest.mark.parametrize("field,value,match", INVERT_CASES, ids=case_id)
+def test_invert_handler_refuses_bad_values_in_one_line(handlers, engine, caplog, field, value, match):
+    invert, _, image = handlers
+    form = dict(image=image, source_prompt=EXAMPLE["prompt"], steps=2, offset="default", resize="crop") | {field: value}
+    with pytest.raises(gr.Error) as err:
+        invert(*form.values(), engine.new_cache())
+    assert_one_line(err.value.message, match)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("field,value,match", EDIT_CASES, ids=case_id)
+def test_edit_handler_refuses_bad_values_in_one_line(handlers, engine, caplog, field, value, match):
+    _, edit, image = handlers
+    cache = engine.new_cache()
+    with pytest.raises(gr.Error) as err:
+        edit(*edit_form(image, **{field: value}).values(), cache)
+    assert_one_line(err.value.message, match)
+    assert len(cache) == 0  # refused before the model ran
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+def test_numbers_as_the_api_may_send_them_are_accepted(engine):
+    cache = engine.new_cache()
+    report = engine.invert(cache, EXAMPLE["path"], EXAMPLE["prompt"], steps="2", offset="1")
+    assert report.timings.steps == 2 and len(cache) == 1
+    again = engine.invert(cache, EXAMPLE["path"], EXAMPLE["prompt"], steps=2.0, offset=1)
+    assert again.timings.inversion_cached  # the same key: 2, "2" and 2.0 are one request
+    request = engine.edit_request(TARGET, controller="replace", guidance="2.5", cross_replace="0.8", reweight="green=2")
+    assert request.settings.guidance == 2.5 and request.settings.reweight == {"green": 2.0}
+
+
+def test_a_long_prompt_is_not_echoed_into_the_log(engine, server_log):
+    """A prompt over the text encoder's limit (but under the app's cap): the page gets one warning,
+    the log at most transformers' one short notice, never the prompt's cut-off text (diffusers
+    logs it at every encoding)."""
+    server_log()
+    report = engine.invert(engine.new_cache(), EXAMPLE["path"], LONG, steps=2)
+    assert any("over the tokenizer's limit" in w for w in report.warnings)
+    edit = engine.edit(engine.new_cache(), EXAMPLE["path"], LONG, engine.edit_request(LONG + " green"), steps=2)
+    assert any("over the tokenizer's limit" in w for w in edit.warnings)
+    assert_quiet(server_log())
+    pipeline_logger = logging.getLogger(type(engine.model.pipe).__module__)
+    assert not [f for f in pipeline_logger.filters if isinstance(f, QuietTruncation)]  # only while the model runs
+
+
+# -- messages written for the command line, as the page shows them ---------------------------------
+HALF_PRECISION = [  # npinv.model's messages for a half-precision overflow, written for the command line
+    "the decoded image has non-finite values in float16 (a half-precision overflow); rerun with --dtype fp32 (or bf16)",
+    "the UNet's output at timestep 981 has non-finite values in bfloat16 (a half-precision overflow); "
+    "rerun with --dtype fp32",
+]
+
+
+def test_cli_flags_in_shared_messages_become_the_page_controls(model):
+    with pytest.raises(NpinvError) as decoded:
+        model.decode(torch.full((1, 4, 8, 8), float("nan")))
+    with pytest.raises(NpinvError) as unet:
+        model.unet_output(torch.full((1, 4, 8, 8), float("nan")), 500, model.encode_prompt(EXAMPLE["prompt"]))
+    for text in (str(decoded.value), str(unet.value), *HALF_PRECISION):
+        shown = page_message(text)
+        assert "--" not in shown and "\n" not in shown, shown
+    for text in HALF_PRECISION:
+        assert page_message(text).endswith("(a half-precision overflow); try a lower guidance or another image "
+                                           "(or ask the server's operator to serve the model in fp32)")
+    swap = page_message("replace needs prompts with equal word counts (7 vs 8): 'a' -> 'b'; use the refine controller")
+    assert swap.endswith("; choose refine (words added) under Attention control (it aligns prompts of any length)")
+    assert page_message("the reweight controller needs at least one --reweight WORD=SCALE") == \
+        "the reweight controller needs at least one WORD=SCALE in Reweight (Controller settings)"
+    assert page_message("bad thing; use --some-new-flag 3") == "bad thing; use the server's some-new-flag setting 3"
+    long = page_message("x" * 5000 + "\n; choose refine")
+    assert len(long) <= 500 and "\n" not in long and long.endswith("; choose refine")
+
+
+# -- over HTTP: gradio_client and raw JSON ---------------------------------------------------------
+def _call(url: str, api: str, body: str) -> str:
+    """POST a raw JSON body (Python's json writes Infinity and NaN; gradio_client refuses to) and read the answer."""
+    response = httpx.post(f"{url}gradio_api/call/{api}", content=body, headers={"content-type": "application/json"},
+                          timeout=30)
+    assert response.status_code == 200, response.text
+    return httpx.get(f"{url}gradio_api/call/{api}/{response.json()['event_id']}", timeout=60).text
+
+
+def test_raw_json_infinity_and_nan_are_one_line_errors(server, server_log):
+    server_log()
+    upload = httpx.post(f"{server}gradio_api/upload", timeout=30,
+                        files={"files": ("red_circle.png", Path(EXAMPLE["path"]).read_bytes(), "image/png")}).json()[0]
+    image = f'{{"path": "{upload}", "meta": {{"_type": "gradio.FileData"}}, "orig_name": "red_circle.png"}}'
+    prompt = f'"{EXAMPLE["prompt"]}"'
+    edit_tail = f'"{TARGET}", "npi", "replace", {{g}}, {{c}}, 0.6, "", "", "", false, false'
+    for api, body, match in [
+        ("invert", f'[{image}, {prompt}, Infinity, "default", "crop"]', "steps must be a whole number in 1..50, got inf"),
+        ("invert", f'[{image}, {prompt}, NaN, "default", "crop"]', "steps must be a whole number in 1..50, got nan"),
+        ("invert", f'[{image}, {prompt}, 1e999, "default", "crop"]', "steps must be a whole number in 1..50, got inf"),
+        ("invert", f'[{image}, {prompt}, 2, -Infinity, "crop"]', "offset must be 0, 1 or default, got -inf"),
+        ("edit", f'[{image}, {prompt}, 2, "default", "crop", {edit_tail.format(g="NaN", c=0.8)}]',
+         "guidance must be a finite number, got nan"),
+        ("edit", f'[{image}, {prompt}, 2, "default", "crop", {edit_tail.format(g=2.5, c="Infinity")}]',
+         "cross-replace must be a finite number, got inf"),
+    ]:
+        answer = _call(server, api, f'{{"data": {body}}}')
+        assert "event: error" in answer and match in answer, (body, answer)
+        assert "internal error" not in answer and "Traceback" not in answer, answer
+    assert_quiet(server_log())
+
+
+def test_gradio_client_bad_numbers_and_huge_prompts(server, tmp_path, server_log):
+    server_log()
+    c = Client(server, verbose=False, analytics_enabled=False, download_files=str(tmp_path))
+    image = handle_file(EXAMPLE["path"])
+    cases = [
+        (dict(api_name="/invert", source_prompt=EXAMPLE["prompt"], steps="Infinity"), "steps must be a whole number"),
+        (dict(api_name="/invert", source_prompt=HUGE, steps=2), "the source prompt is 100,000 characters long"),
+        (dict(api_name="/edit", source_prompt=EXAMPLE["prompt"], steps=2, target_prompt=HUGE),
+         "the target prompt is 100,000 characters long"),
+        (dict(api_name="/edit", source_prompt=EXAMPLE["prompt"], steps=2, target_prompt=TARGET, guidance="NaN"),
+         "guidance must be a finite number, got 'NaN'"),
+        (dict(api_name="/edit", source_prompt=EXAMPLE["prompt"], steps=2, controller="replace",
+              target_prompt="a big green circle on a blue background"),
+         "; choose refine (words added) under Attention control"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(AppError) as err:
+            c.predict(image=image, **kwargs)
+        message = str(err.value)
+        assert match in message and len(message) <= 300 and "--" not in message, message
+        assert "blue background a red circle" not in message
+    # Over the text encoder's limit but under the cap: it runs, and the log stays short all the same.
+    shown = c.predict(image=image, source_prompt=LONG, steps=2, api_name="/invert")
+    assert shown[-1].startswith("**Inverted**")
+    assert_quiet(server_log())
