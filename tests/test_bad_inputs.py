@@ -27,6 +27,7 @@ from PIL import Image
 
 from npinv.scenes import Scene
 from test_cli import _assert_clean_error, run, snapshot
+from videos import make_video
 
 SRC = "a red circle on a blue background"
 TGT = "a red square on a blue background"
@@ -96,19 +97,8 @@ class Env:
         self.monkeypatch.setattr(target, name, failing)
 
     def video(self, frames: int = 2) -> Path:
-        av = pytest.importorskip("av")
-        path = self.root / "in" / "clip.mp4"
-        with av.open(str(path), "w") as container:
-            stream = container.add_stream("libx264", rate=24)
-            stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-            for t in range(frames):
-                frame = av.VideoFrame.from_image(Scene("circle", "red", "blue", 0.45, cx=0.4 + 0.1 * t).render(32))
-                frame.pts = t
-                for packet in stream.encode(frame):
-                    container.mux(packet)
-            for packet in stream.encode(None):
-                container.mux(packet)
-        return path
+        pytest.importorskip("av")
+        return make_video(self.root / "in" / "clip.mp4", frames, rate=24)
 
 
 # -- command lines (the flags after ``extra`` win: argparse keeps the last) -------------------------------
@@ -189,9 +179,7 @@ def _disk_full_second_edit(e: Env) -> list:
 
 
 def _disk_full_inversion(e: Env) -> list:
-    import safetensors.torch
-
-    e.fail_writes(safetensors.torch, "save_file", errno.ENOSPC)  # the image is staged; the inversion fails
+    e.fail_writes(Path, "write_bytes", errno.ENOSPC)  # the image is staged; the inversion's bytes fail
     return reconstruct(e, "--save-inversion", e.out / "inv.safetensors", out=e.out / "rec.png")
 
 

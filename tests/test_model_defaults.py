@@ -14,6 +14,7 @@ from npinv.cli import build_parser, main
 from npinv.errors import NpinvError
 from npinv.model import DEFAULT_EDIT_GUIDANCE, SETTINGS_FILE, embedded_model_path, load_model, model_edit_guidance
 from npinv.scenes import Scene
+from videos import make_video
 
 SOURCE = "a red circle on a blue background"
 TARGET = "a green circle on a blue background"
@@ -194,18 +195,8 @@ def test_edit_batch_with_a_broken_file_exits_2_with_one_line(capsys, tmp_path, s
 
 
 def test_edit_video_uses_the_declared_guidance(capsys, tmp_path, declared):
-    av = pytest.importorskip("av")
-    video = tmp_path / "in.mp4"
-    with av.open(str(video), "w") as container:
-        stream = container.add_stream("libx264", rate=8, options={"crf": "10"})
-        stream.width, stream.height, stream.pix_fmt = 32, 32, "yuv420p"
-        for t in range(2):
-            frame = av.VideoFrame.from_image(Scene("circle", "red", "blue", 0.45, cx=0.4 + 0.1 * t).render(32))
-            frame.pts = t
-            for packet in stream.encode(frame):
-                container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
+    pytest.importorskip("av")
+    video = make_video(tmp_path / "in.mp4", frames=2, rate=8)
     for extra, want in (((), 3.0), (("--guidance", 4), 4.0)):
         code, stdout, stderr = run(capsys, "edit-video", video, "--source", SOURCE, "--target", TARGET, "--steps", 2,
                                    "--model", declared, "--out", tmp_path / f"out{want:g}.mp4", "--json", *extra)

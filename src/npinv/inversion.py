@@ -88,7 +88,7 @@ class Inversion:
     # -- persistence: one .safetensors file whose metadata holds the JSON settings ---------------
     def save(self, path: str | Path, *, stage: Stage | None = None) -> Path:
         """Write the inversion atomically (or into ``stage``'s temporary, see :func:`npinv.io.staged_outputs`)."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         path = check_inversion_path(path, "inversion path")
 
@@ -103,12 +103,15 @@ class Inversion:
             "dtype": self.dtype, "nti": self.nti,
         }
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+        # Serialised here and written by Python, so that a full disk is an OSError with its errno
+        # (safetensors' own writer reports it as a SafetensorError with the errno in its text).
+        data = save(tensors, metadata={"npinv": json.dumps(meta)})
         with writing(path):
             if stage is not None:
-                save_file(tensors, str(stage(path)), metadata={"npinv": json.dumps(meta)})
+                stage(path).write_bytes(data)
             else:
                 with atomic_path(path) as tmp:
-                    save_file(tensors, str(tmp), metadata={"npinv": json.dumps(meta)})
+                    tmp.write_bytes(data)
         return path
 
     @classmethod
