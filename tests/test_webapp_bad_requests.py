@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import socket
 from pathlib import Path
 
 import gradio as gr
@@ -19,34 +18,14 @@ from gradio_client.exceptions import AppError
 from npinv.demo import bundled_examples
 from npinv.errors import NpinvError
 from npinv.webapp.app import ServeOptions, build_app, launch, page_message
-from npinv.webapp.engine import Engine, Limits, QuietTruncation, short_repr
+from npinv.webapp.engine import QuietTruncation, short_repr
+from test_webapp import engine, free_port, model  # noqa: F401  (the app tests' server fixtures)
 
 EXAMPLE = bundled_examples()[0]  # a red circle on a blue background
 TARGET = "a green circle on a blue background"
 HUGE = ("a red circle on a blue background " * 3000)[:99_999] + "."  # 100,000 characters
 LONG = "a red circle on a blue background " * 26  # 883 characters: under the app's cap, far over 32 tokens
 LOG_BUDGET = 600  # characters a bad request may add to the server's log (at most transformers' one notice)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def model():
-    from npinv import load_model
-
-    return load_model(None, device="cpu")
-
-
-@pytest.fixture(scope="module")
-def engine(model, tmp_path_factory):
-    engine = Engine(model, Limits(max_pixels=1_000_000, max_upload_mb=1, max_steps=50),
-                    files_dir=tmp_path_factory.mktemp("files"))
-    yield engine
-    engine.close()
 
 
 @pytest.fixture(scope="module")
