@@ -17,14 +17,23 @@ MIN_SIZE, MAX_SIZE = 8, 4096
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
 
 
+def short_repr(value: Any, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters: what a message may quote of a user's value."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit limit for conversion to text
+        text = f"a {type(value).__name__} too long to show"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def finite(value: Any, what: str) -> float:
     """``value`` as a float; NaN, infinities, booleans and non-numbers are refused."""
     if isinstance(value, bool):
-        raise NpinvError(f"{what} must be a number, got {value!r}")
+        raise NpinvError(f"{what} must be a number, got {short_repr(value)}")
     try:
         out = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise NpinvError(f"{what} must be a number, got {value!r}") from None
+        raise NpinvError(f"{what} must be a number, got {short_repr(value)}") from None
     if not math.isfinite(out):
         raise NpinvError(f"{what} must be a finite number, got {out}")
     return out
@@ -48,15 +57,15 @@ def check_prompt(text: Any, what: str = "prompt") -> str:
 
 def check_seed(seed: Any, what: str = "seed") -> int:
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise NpinvError(f"{what} must be a whole number, got {seed!r}")
+        raise NpinvError(f"{what} must be a whole number, got {short_repr(seed)}")
     if not 0 <= seed <= MAX_SEED:
-        raise NpinvError(f"{what} must lie in 0..{MAX_SEED} (2**64 - 1), got {seed}")
+        raise NpinvError(f"{what} must lie in 0..{MAX_SEED} (2**64 - 1), got {short_repr(seed)}")
     return seed
 
 
 def check_steps(steps: Any, what: str = "steps", most: int = 1000) -> int:
     if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= most:
-        raise NpinvError(f"{what} must lie in 1..{most}, got {steps}")
+        raise NpinvError(f"{what} must lie in 1..{most}, got {short_repr(steps)}")
     return steps
 
 
@@ -66,7 +75,7 @@ def check_size(size: Any, multiple: int = SIZE_MULTIPLE, what: str = "size") -> 
     if size is None:
         return None
     if isinstance(size, bool) or not isinstance(size, int):
-        raise NpinvError(f"{what} must be a whole number of pixels, got {size!r}")
+        raise NpinvError(f"{what} must be a whole number of pixels, got {short_repr(size)}")
     if not MIN_SIZE <= size <= MAX_SIZE:
         raise NpinvError(f"{what} must lie in {MIN_SIZE}..{MAX_SIZE}, got {size}")
     multiple = max(SIZE_MULTIPLE, int(multiple))

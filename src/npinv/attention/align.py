@@ -13,6 +13,7 @@ import dataclasses
 import numpy as np
 import torch
 
+from npinv.checks import short_repr
 from npinv.errors import NpinvError
 
 Window = tuple[float, float]
@@ -56,7 +57,7 @@ def replace_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
     if len(src) != len(tgt):
         raise NpinvError(
             f"replace needs prompts with equal word counts ({len(src)} vs {len(tgt)}): "
-            f"{_short(source)} -> {_short(target)}; use the refine controller")
+            f"{short_repr(source, 60)} -> {short_repr(target, 60)}; use the refine controller")
     k = tokenizer.model_max_length
     last = last_word_position(tokenizer)
     m = torch.zeros(k, k)
@@ -150,16 +151,12 @@ def find_word(tokenizer, prompt: str, word: str, what: str = "blend") -> list[in
     spans = word_spans(tokenizer, prompt)
     hits = [spans[i] for i, x in enumerate(words) if x == word]
     if not hits:
-        raise NpinvError(f"{what} word {_short(word, 40)} is not in the prompt {_short(prompt)}")
+        raise NpinvError(f"{what} word {short_repr(word)} is not in the prompt {short_repr(prompt, 60)}")
     last = last_word_position(tokenizer)
     if any(p > last for span in hits for p in span):
         raise NpinvError(f"{what} word {word!r} falls past the {tokenizer.model_max_length}-token limit of the prompt "
-                         f"{_short(prompt)}; shorten the prompt")
+                         f"{short_repr(prompt, 60)}; shorten the prompt")
     return [p for span in hits for p in span]
-
-
-def _short(text: str, n: int = 60) -> str:
-    return repr(text if len(text) <= n else text[: n - 3] + "...")
 
 
 def reweight_vector(tokenizer, prompt: str, weights: dict[str, float]) -> torch.Tensor:

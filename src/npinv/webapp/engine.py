@@ -26,6 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from npinv.attention.maps import heat_image, word_maps
+from npinv.checks import short_repr
 from npinv.editing import CONTROLLERS, EDIT_METHODS, EditSettings, edit
 from npinv.errors import NpinvError
 from npinv.inversion import Inversion, ddim_inversion
@@ -229,15 +230,6 @@ def parse_reweight(text: str) -> dict[str, float]:
 
 
 # -- checks of a request's raw values (any client can send any JSON: strings, null, Infinity, NaN) --
-def short_repr(value, limit: int = 40) -> str:
-    """``repr(value)`` cut to ``limit`` characters: what a message may quote of a client's value."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int past Python's 4300-digit limit for conversion to text
-        text = f"a {type(value).__name__} too long to show"
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def number(value, label: str) -> float:
     """A finite float from a number or a numeric string; booleans, lists, NaN and infinities are refused."""
     out = None
