@@ -208,24 +208,24 @@ CASES: list[tuple] = [
                                         target="a circle on a blue background " + "very " * 80 + "red"),
      "77-token limit"),
     # numbers
-    ("guidance-nan", lambda e: reconstruct(e, "--guidance", "nan"), "expected a finite number, got 'nan'"),
-    ("guidance-inf", lambda e: edit(e, "--guidance", "inf"), "expected a finite number, got 'inf'"),
-    ("guidance-negative", lambda e: reconstruct(e, "--guidance", "-1"), "--guidance must be a finite number >= 0"),
+    ("guidance-nan", lambda e: reconstruct(e, "--guidance", "nan"), "guidance must be a number in 0..30, got nan"),
+    ("guidance-inf", lambda e: edit(e, "--guidance", "inf"), "guidance must be a number in 0..30 (or none), got inf"),
+    ("guidance-negative", lambda e: reconstruct(e, "--guidance", "-1"), "guidance must be a number in 0..30, got -1.0"),
     ("blend-threshold-nan", lambda e: edit(e, "--blend", "circle", "square", "--blend-threshold", "nan"),
-     "--blend-threshold: expected a finite number"),
-    ("reweight-inf", lambda e: edit(e, "--controller", "reweight", "--reweight", "red=inf"), "--reweight expects"),
-    ("cross-replace-nan", lambda e: edit(e, "--cross-replace", "nan"), "--cross-replace expects"),
-    ("self-replace-size-inf", lambda e: edit(e, "--self-replace-size", "inf"), "--self-replace-size"),
+     "blend-threshold must be a number in 0..1, got nan"),
+    ("reweight-inf", lambda e: edit(e, "--controller", "reweight", "--reweight", "red=inf"), "reweight must be WORD=NUMBER items"),
+    ("cross-replace-nan", lambda e: edit(e, "--cross-replace", "nan"), "cross-replace must be a fraction in 0..1"),
+    ("self-replace-size-inf", lambda e: edit(e, "self-replace-size must be a number in (0, 1], got inf", "inf"), "self-replace-size must be a number in (0, 1], got inf"),
     ("seed-huge", lambda e: generate(e, "--seed", "99999999999999999999"), "--seed must lie in 0..18446744073709551615"),
     ("seed-negative", lambda e: generate(e, "--seed", "-1"), "--seed must lie in 0.."),
-    ("size-65-reconstruct", lambda e: reconstruct(e, "--size", "65"), "--size 65 must be a multiple of 8"),
-    ("size-65-generate", lambda e: generate(e, "--size", "65"), "--size 65 must be a multiple of 8"),
-    ("size-65-edit-fit", lambda e: edit(e, "--size", "65", "--resize", "fit"), "--size 65 must be a multiple of 8"),
-    ("size-65-edit-video", lambda e: edit_video(e, "--size", "65"), "--size 65 must be a multiple of 8"),
-    ("size-65-edit-batch", lambda e: edit_batch(e, [ROW], "--size", "65"), "--size 65 must be a multiple of 8"),
-    ("steps-0", lambda e: reconstruct(e, "--steps", "0"), "--steps must lie in 1..1000"),
+    ("size-65-reconstruct", lambda e: reconstruct(e, "--size", "65"), "size 65 must be a multiple of 8"),
+    ("size-65-generate", lambda e: generate(e, "--size", "65"), "size 65 must be a multiple of 8"),
+    ("size-65-edit-fit", lambda e: edit(e, "--size", "65", "--resize", "fit"), "size 65 must be a multiple of 8"),
+    ("size-65-edit-video", lambda e: edit_video(e, "--size", "65"), "size 65 must be a multiple of 8"),
+    ("size-65-edit-batch", lambda e: edit_batch(e, [ROW], "--size", "65"), "size 65 must be a multiple of 8"),
+    ("steps-0", lambda e: reconstruct(e, "--steps", "0"), "steps must be a whole number in 1..1000"),
     ("steps-1000-offset-1", lambda e: reconstruct(e, "--steps", "1000"), "use offset 0 (--offset 0)"),
-    ("steps-1001-edit", lambda e: edit(e, "--steps", "1001"), "--steps must lie in 1..1000"),
+    ("steps-1001-edit", lambda e: edit(e, "--steps", "1001"), "steps must be a whole number in 1..1000"),
     ("batch-size-0", lambda e: edit_batch(e, [ROW], "--batch-size", "0"), "--batch-size must be at least 1"),
     ("max-frames-0", lambda e: edit_video(e, "--max-frames", "0"), "--max-frames must be at least 1"),
     # paths
@@ -279,8 +279,8 @@ CASES: list[tuple] = [
     ("manifest-row-missing-image", lambda e: edit_batch(e, [ROW, {**ROW, "image": "gone.png"}]), "manifest.jsonl:2"),
     ("manifest-row-blank-target", lambda e: edit_batch(e, [{**ROW, "target": "  "}]), "non-empty"),
     ("manifest-row-nan-guidance", lambda e: edit_batch(e, '{"image": "input.png", "source": "a cat", '
-                                                         '"target": "a dog", "guidance": NaN}\n'), "'guidance' must be"),
-    ("manifest-row-size-65", lambda e: edit_batch(e, [{**ROW, "size": 65}]), "'size' must be a multiple of 8"),
+                                                         '"target": "a dog", "guidance": NaN}\n'), "manifest.jsonl:1: guidance must be a number in 0..30 (or none), got nan"),
+    ("manifest-row-size-65", lambda e: edit_batch(e, [{**ROW, "size": 65}]), "manifest.jsonl:1: size 65 must be a multiple of 8"),
     ("manifest-row-steps-1000", lambda e: edit_batch(e, [ROW, {**ROW, "steps": 1000}]), "line 2: 1000 steps"),
     # videos
     ("video-not-a-video", lambda e: edit_video(e, video=e.file("clip.mp4", "not a video")), "not a video file"),
@@ -324,7 +324,8 @@ def _drop_negative(t: dict) -> None:
 @pytest.fixture(scope="module")
 def good_inversion(tmp_path_factory, sd_model) -> Path:
     """An NTI inversion (so it holds negatives) of the input picture, 2 steps."""
-    from npinv.inversion import ddim_inversion, reconstruct
+    from npinv.inversion import ddim_inversion
+    from npinv.methods import reconstruct
     from npinv.io import image_to_tensor
 
     image = image_to_tensor(Scene("circle", "red", "blue", 0.5).render(32))

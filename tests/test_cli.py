@@ -93,11 +93,11 @@ def _assert_clean_error(code: int, stderr: str, folder: Path, before: set[str] |
     ("no-folder", "does not exist"),
     ("folder-is-file", "does not exist"),
     ("bad-suffix", "unsupported output image type"),
-    ("method", "invalid choice"),
+    ("method", "method must be one of npi, proxnpi"),
     ("model", "no such model"),
     ("unknown-model", "unknown model"),
     ("pickle", "pickle checkpoint"),
-    ("steps", "--steps"),
+    ("steps", "steps must be a whole number in 1..1000, got 0"),
 ])
 def test_bad_input_one_line_exit_2_nothing_written(capsys, tmp_path, sd_folder, image_file, case, match):
     image, out = str(image_file), str(tmp_path / "out.png")
@@ -196,7 +196,7 @@ def test_edit_writes_edits_grid_and_json(capsys, tmp_path, sd_folder, image_file
     (["--target", "a red square on a blue background", "--reweight", "square"], "WORD=NUMBER"),
     (["--target", "a red square on a blue background", "--self-replace", "0.9,0.1"], "self-replace"),
     (["--target", "a red square on a blue background", "--cross-replace", "0.9,0.1"], "cross-replace"),
-    (["--target", "a red square on a blue background", "--cross-replace", "most"], "--cross-replace expects"),
+    (["--target", "a red square on a blue background", "--cross-replace", "most"], "cross-replace must be a fraction in 0..1 or a window START,END"),
     (["--target", "a red square on a blue background", "--self-replace-size", "0"], "self-replace-size"),
     (["--target", "a red square on a blue background", "--blend-start", "1.5"], "blend-start"),
     (["--target", "a red square on a blue background", "--blend-res", "0"], "blend-res"),

@@ -15,6 +15,7 @@ from npinv.attention.align import (
     word_spans,
 )
 from npinv.attention.control import CrossEdit
+from npinv.attention.controllers import AttentionEdit, Reweighting
 from npinv.attention.processor import ControlledAttnProcessor, controlled_attention, layer_infos
 from npinv.editing import EditSettings, edit
 from npinv.errors import NpinvError
@@ -77,7 +78,7 @@ def test_reweight_scales_only_chosen_tokens(tok):
     v = reweight_vector(tok, "a red circle", {"red": 2.0})
     assert v[2] == 2.0 and (v[torch.arange(len(v)) != 2] == 1).all()
     base = torch.rand(2, 6, tok.model_max_length)
-    edit_ = CrossEdit(alpha=torch.ones(STEPS, 1, tok.model_max_length), reweight=v[None])
+    edit_ = CrossEdit(alpha=torch.ones(STEPS, 1, tok.model_max_length), edit=Reweighting(AttentionEdit(), v[None]))
     out = edit_.apply(base, base[None].clone(), 0)[0]
     assert torch.allclose(out[..., 2], 2 * base[..., 2])
     keep = torch.arange(len(v)) != 2
@@ -181,7 +182,7 @@ def test_bad_edit_settings(sd_model, inversion):
         edit(sd_model, inversion, ["a red square on a blue background"], EditSettings(blend=("dog", "square")))
     with pytest.raises(NpinvError, match="equal word counts"):
         edit(sd_model, inversion, ["a big red square on a blue background"], EditSettings(controller="replace"))
-    with pytest.raises(NpinvError, match="unknown method"):
+    with pytest.raises(NpinvError, match="method must be one of npi, proxnpi, proxnpi-noig, nti, ddim, got 'magic'"):
         edit(sd_model, inversion, ["x"], EditSettings(method="magic"))
 
 

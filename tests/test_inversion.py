@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from npinv import Inversion, ddim_inversion, load_model, reconstruct
-from npinv.pipeline import load_input, run_reconstruction
+from npinv.service import invert_one, prepare_file, reconstruct_inverted
+from npinv.settings import InvertSettings, ReconstructSettings
 
 STEPS = 6
 
@@ -94,10 +95,12 @@ def test_inversion_refuses_another_model_or_settings(sd_model, sd_v_folder, pict
 
 
 def test_report_counts_inversion_and_sampling(sd_model, image_file):
-    image = load_input(image_file, sd_model)
-    report = run_reconstruction(sd_model, image, "a red circle", "npi", steps=STEPS, guidance=7.5)
-    assert report.unet_calls == 2 * STEPS
-    assert report.psnr > 0 and 0 < report.ssim <= 1 and report.seconds > 0
+    settings = InvertSettings(steps=STEPS)
+    inverted = invert_one(sd_model, prepare_file(image_file, sd_model, settings), "a red circle", settings)
+    report = reconstruct_inverted(sd_model, inverted, ReconstructSettings("npi", 7.5))
+    assert report.cost.unet_calls == 2 * STEPS and report.invert_cost.unet_calls == STEPS
+    assert report.cost.unet_rows == 2 * STEPS
+    assert report.psnr > 0 and 0 < report.ssim <= 1 and report.cost.seconds > report.invert_cost.seconds > 0
 
 
 @pytest.mark.parametrize("dtype", ["bf16", "fp16"])

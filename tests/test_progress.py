@@ -66,7 +66,7 @@ def test_generate_estimates_a_long_run_after_its_first_step(tmp_path, capsys, mo
     assert code == 0 and err == ""
     # The estimate is the first step's time times the steps.
     from npinv import load_model
-    from npinv.pipeline import generate as sample_image
+    from npinv.service import generate as sample_image
 
     seen = []
     model = load_model(str(sd_folder), device="cpu")

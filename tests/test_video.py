@@ -86,13 +86,14 @@ def test_frames_match_npinv_edit_and_batching(tmp_path, sd_model, video_file):
     """Each frame is what `npinv edit` gives for it; 2 frames per UNet call give the same frames."""
     from npinv.editing import EditSettings, edit
     from npinv.inversion import ddim_inversion
+    from npinv.settings import InvertSettings
     from npinv.video import edit_video, read_frames
 
     settings = EditSettings(controller="replace")
     runs = {}
     for batch in (1, 2):
-        runs[batch] = edit_video(sd_model, video_file, tmp_path / f"b{batch}.mp4", SOURCE, TARGET, settings, steps=3,
-                                 batch_size=batch, max_frames=5, keep_frames=True)
+        runs[batch] = edit_video(sd_model, video_file, tmp_path / f"b{batch}.mp4", SOURCE, TARGET, settings,
+                                 InvertSettings(steps=3), batch_size=batch, max_frames=5, keep_frames=True)
     one, two = runs[1], runs[2]
     assert one.frames == two.frames == 5 and len(one.edited) == len(two.edited) == 5
     assert one.unet_calls == 5 * 6 and two.unet_calls == 3 * 6  # 5 frames in batches of 2: 3 calls a step
@@ -191,7 +192,7 @@ def _assert_clean_error(code: int, stderr: str, folder: Path, before: set[str], 
     ("no-folder", "does not exist"),
     ("batch-size", "--batch-size must be at least 1"),
     ("max-frames", "--max-frames must be at least 1"),
-    ("steps", "--steps"),
+    ("steps", "steps must be a whole number in 1..1000, got 0"),
     ("self-replace", "self-replace"),
     ("blend-word", "blend word 'dog'"),
 ])
@@ -248,7 +249,7 @@ def test_failure_midway_leaves_no_output(capsys, tmp_path, sd_folder, video_file
     """An error or Ctrl-C after some frames were encoded leaves neither the video nor a temporary."""
     from npinv import video
 
-    real, calls = video.edit_batch, []
+    real, calls = video.edit, []
 
     def failing(*args, **kwargs):
         calls.append(1)
@@ -256,7 +257,7 @@ def test_failure_midway_leaves_no_output(capsys, tmp_path, sd_folder, video_file
             raise failure("stop")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(video, "edit_batch", failing)
+    monkeypatch.setattr(video, "edit", failing)
     before = {p.name for p in tmp_path.iterdir()}
     code, _, _ = run(capsys, "edit-video", str(video_file), "--source", SOURCE, "--target", TARGET, "--steps", "2",
                      "--model", str(sd_folder), "--out", str(tmp_path / "out.mp4"))

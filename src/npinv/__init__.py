@@ -1,12 +1,17 @@
 """npinv: fast real-image inversion and text-guided editing with diffusion models (Negative-prompt Inversion)."""
 
+from npinv.cost import Cost
+from npinv.editing import EditResult, edit, edit_batch
 from npinv.errors import NpinvError
 from npinv.guidance import CFG
-from npinv.inversion import Inversion, Reconstruction, ddim_inversion, reconstruct
+from npinv.inversion import Inversion, ddim_inversion
+from npinv.methods import METHODS, Method, Reconstruction, reconstruct
 from npinv.model import Model, PromptEmbedding, load_model
 from npinv.sampling import Branch, sample
 from npinv.schedule import Schedule
+from npinv.settings import EditSettings, InvertSettings, ReconstructSettings
 
 __version__ = "0.1.0"
-__all__ = ["CFG", "Branch", "Inversion", "Model", "NpinvError", "PromptEmbedding", "Reconstruction", "Schedule",
-           "ddim_inversion", "load_model", "reconstruct", "sample", "__version__"]
+__all__ = ["CFG", "METHODS", "Branch", "Cost", "EditResult", "EditSettings", "Inversion", "InvertSettings", "Method",
+           "Model", "NpinvError", "PromptEmbedding", "ReconstructSettings", "Reconstruction", "Schedule",
+           "ddim_inversion", "edit", "edit_batch", "load_model", "reconstruct", "sample", "__version__"]

@@ -4,7 +4,7 @@ A manifest is JSON Lines, one object per image::
 
     {"image": "cat.png", "source": "a cat", "targets": ["a dog", "a fox"], "guidance": 2.5}
 
-(``target`` for a single one; optional ``name`` and per-row settings, see :data:`SETTING_KEYS`),
+(``target`` for a single one; optional ``name`` and any setting of :mod:`npinv.settings` by name),
 or CSV with the columns ``image,source,target`` and optional settings columns. Image paths are
 relative to the manifest. The whole manifest is checked before any model work: a bad row is
 reported with its line number and nothing runs.
@@ -22,69 +22,24 @@ import csv
 import dataclasses
 import hashlib
 import json
-import math
 import re
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from npinv.attention.align import find_word
-from npinv.editing import EDIT_METHODS, EditJob, EditSettings, _cross_edit, edit_batch
+from npinv.cache import InversionCache
+from npinv.editing import blend_tokens, cross_edit
 from npinv.errors import NpinvError
-from npinv.inversion import ddim_inversion_batch
-from npinv.io import image_to_tensor, load_image, prepare_image, remove_stale_temporaries, save_image, tensor_to_image
+from npinv.io import load_image, remove_stale_temporaries, save_image, tensor_to_image
 from npinv.model import Model
 from npinv.parallel import FolderLock, Shard, ShardedResults
+from npinv.service import InversionKey, Source, edit, invert, prepare_file
+from npinv.settings import EditSettings, InvertSettings, as_json, from_text, from_value, specs
 
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _pair(v: Any) -> bool:
-    return isinstance(v, list) and len(v) == 2 and all(map(_number, v))
-
-
-def _word_windows(v: Any) -> bool:
-    return isinstance(v, dict) and all(isinstance(k, str) and k and (_number(x) or _pair(x)) for k, x in v.items())
-
-
-def _word_numbers(v: Any) -> bool:
-    return isinstance(v, dict) and all(isinstance(k, str) and k and _number(x) for k, x in v.items())
-
-
-# Per-row settings: name -> (check, what it must be).
-SETTING_KEYS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "method": (lambda v: v in EDIT_METHODS, "one of " + ", ".join(EDIT_METHODS)),
-    "controller": (lambda v: v in ("replace", "refine", "reweight", "none"), "replace, refine, reweight or none"),
-    "guidance": (_number, "a number"),
-    "steps": (lambda v: isinstance(v, int) and not isinstance(v, bool) and 1 <= v <= 1000, "an integer 1..1000"),
-    "offset": (lambda v: v in (None, 0, 1), "0, 1 or null"),
-    "cross_replace": (lambda v: _number(v) or _pair(v) or _word_windows(v),
-                      "a fraction, [start, end] or {word: fraction or [start, end]}"),
-    "self_replace": (lambda v: _number(v) or _pair(v), "a fraction or [start, end]"),
-    "self_replace_size": (lambda v: _number(v) and 0 < v <= 1, "a fraction in (0, 1]"),
-    "blend": (lambda v: v is None or (isinstance(v, list) and len(v) == 2 and all(isinstance(w, str) and w for w in v)),
-              "[source word, target word] or null"),
-    "blend_threshold": (_number, "a number"),
-    "blend_start": (lambda v: _number(v) and 0 <= v <= 1, "a fraction in [0, 1]"),
-    "blend_res": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and v >= 1),
-                  "a positive integer or null"),
-    "reweight": (_word_numbers, "{word: scale}"),
-    "direct": (lambda v: isinstance(v, bool), "true or false"),
-    "size": (lambda v: v is None or (isinstance(v, int) and not isinstance(v, bool) and 8 <= v <= 4096 and v % 8 == 0),
-             "a multiple of 8 in 8..4096, or null"),
-    "resize": (lambda v: v in ("crop", "fit"), "crop or fit"),
-}
 ROW_KEYS = {"image", "source", "target", "targets", "name"}
-DEFAULTS: dict[str, Any] = {"method": "npi", "controller": "refine", "guidance": 7.5, "steps": 50, "offset": None,
-                            "cross_replace": 0.8, "self_replace": 0.6, "self_replace_size": 0.5, "blend": None,
-                            "blend_threshold": 0.3, "blend_start": 0.2, "blend_res": None, "reweight": {},
-                            "direct": False, "size": None, "resize": "crop"}
-INVERSION_KEYS = ("steps", "offset", "size", "resize")
+EDIT_KEYS = tuple(f.name for f, _ in specs(EditSettings))
+INVERT_KEYS = tuple(f.name for f, _ in specs(InvertSettings))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,27 +48,10 @@ class ManifestRow:
     image: Path
     source: str
     targets: tuple[str, ...]
-    settings: dict[str, Any]
+    edit: EditSettings
+    invert: InvertSettings
     name: str
     image_sha256: str
-
-
-
-def edit_settings(s: dict[str, Any]) -> EditSettings:
-    """The editing settings of a row's settings (the rest shape the inversion)."""
-    cross = s["cross_replace"]
-    window = s["self_replace"]
-    return EditSettings(
-        method=s["method"], controller=s["controller"], guidance=float(s["guidance"]),
-        cross_replace=({w: _window(x) for w, x in {"default_": DEFAULTS["cross_replace"], **cross}.items()}
-                       if isinstance(cross, dict) else _window(cross)),
-        self_replace=_window(window), self_replace_size=float(s["self_replace_size"]),
-        blend=(s["blend"][0], s["blend"][1]) if s["blend"] else None, blend_threshold=float(s["blend_threshold"]),
-        blend_start=float(s["blend_start"]), blend_res=s["blend_res"], reweight=dict(s["reweight"]), direct=s["direct"])
-
-
-def _window(v: float | list[float] | tuple[float, float]) -> float | tuple[float, float]:
-    return (float(v[0]), float(v[1])) if isinstance(v, (list, tuple)) else float(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,21 +82,25 @@ class BatchReport:
 
 
 # -- the manifest -------------------------------------------------------------------------------
-def read_manifest(path: str | Path, defaults: dict[str, Any] | None = None) -> list[ManifestRow]:
-    """Parse and check a whole manifest; the first bad row raises with its line number."""
+def read_manifest(path: str | Path, edit_defaults: EditSettings | None = None,
+                  invert_defaults: InvertSettings | None = None) -> list[ManifestRow]:
+    """Parse and check a whole manifest; the first bad row raises with its line number. A row's
+    settings override the defaults (the command line's flags), key by key."""
     path = Path(path)
     if not path.is_file():
         raise NpinvError(f"no such manifest: {path}")
-    defaults = {**DEFAULTS, **(defaults or {})}
+    edit_defaults = edit_defaults or EditSettings()
+    invert_defaults = invert_defaults or InvertSettings()
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise NpinvError(f"{path}: cannot read the manifest ({exc})") from None
-    raw = _csv_rows(text) if path.suffix.lower() == ".csv" else _jsonl_rows(path, text)
+    is_csv = path.suffix.lower() == ".csv"
+    raw = _csv_rows(text) if is_csv else _jsonl_rows(path, text)
     rows, errors = [], []
     for line, obj in raw:
         try:
-            rows.append(_check_row(obj, line, path.parent, defaults))
+            rows.append(_check_row(obj, line, path.parent, edit_defaults, invert_defaults, text=is_csv))
         except NpinvError as exc:
             errors.append(f"{path.name}:{line}: {exc}")
     if errors:
@@ -182,47 +124,30 @@ def _jsonl_rows(path: Path, text: str) -> list[tuple[int, Any]]:
 
 
 def _csv_rows(text: str) -> list[tuple[int, Any]]:
+    """CSV cells are text, read by each setting's own text rule (as the command line's flags)."""
     reader = csv.DictReader(text.splitlines())
     out = []
     for row in reader:
-        line = reader.line_num
         obj: dict[str, Any] = {}
         for key, value in row.items():
             if key is None:
                 obj["__extra__"] = value
             elif value not in (None, ""):
-                obj[key] = _csv_value(key, value)
-        out.append((line, obj))
+                obj[key] = value
+        out.append((reader.line_num, obj))
     return out
 
 
-def _csv_value(key: str, value: str) -> Any:
-    """CSV cells are text: numbers, booleans and word lists take their manifest types."""
-    if key in ("guidance", "blend_threshold", "cross_replace", "self_replace", "self_replace_size", "blend_start"):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    if key in ("steps", "size", "offset", "blend_res"):
-        try:
-            return int(value)
-        except ValueError:
-            return value
-    if key == "direct":
-        return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}.get(value.lower(), value)
-    if key == "blend":
-        return value.split()
-    return value
-
-
-def _check_row(obj: Any, line: int, base: Path, defaults: dict[str, Any]) -> ManifestRow:
+def _check_row(obj: Any, line: int, base: Path, edit_defaults: EditSettings, invert_defaults: InvertSettings, *,
+               text: bool = False) -> ManifestRow:
     if not isinstance(obj, dict):
         raise NpinvError("a row must be a JSON object")
     if "__extra__" in obj:
         raise NpinvError("more cells than columns")
-    unknown = sorted(set(obj) - ROW_KEYS - set(SETTING_KEYS))
+    known = ROW_KEYS | set(EDIT_KEYS) | set(INVERT_KEYS)
+    unknown = sorted(set(obj) - known)
     if unknown:
-        raise NpinvError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(ROW_KEYS | set(SETTING_KEYS)))})")
+        raise NpinvError(f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
     for key in ("image", "source"):
         if not isinstance(obj.get(key), str) or not obj[key].strip():
             raise NpinvError(f"{key!r} must be a non-empty string")
@@ -231,20 +156,24 @@ def _check_row(obj: Any, line: int, base: Path, defaults: dict[str, Any]) -> Man
     targets = obj["targets"] if "targets" in obj else [obj["target"]]
     if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t.strip() for t in targets):
         raise NpinvError("'targets' must be a non-empty list of non-empty strings")
-    settings = dict(defaults)
-    for key, (check, what) in SETTING_KEYS.items():
-        if key in obj:
-            if not check(obj[key]):
-                raise NpinvError(f"{key!r} must be {what}, got {obj[key]!r}")
-            settings[key] = obj[key]
+    edit_values = {k: v for k, v in obj.items() if k in EDIT_KEYS}
+    cross = edit_values.get("cross_replace")
+    if isinstance(cross, dict):  # {word: window, "default_": window}: per-word windows, as the reference writes them
+        words = dict(cross)
+        edit_values.pop("cross_replace")
+        if "default_" in words:
+            edit_values["cross_replace"] = words.pop("default_")
+        edit_values["cross_replace_words"] = words
+    read = from_text if text else from_value
+    edit_settings = read(EditSettings, edit_values, edit_defaults)
+    invert_settings = read(InvertSettings, {k: v for k, v in obj.items() if k in INVERT_KEYS}, invert_defaults)
     image = Path(obj["image"]).expanduser()
     image = image if image.is_absolute() else base / image
     load_image(image)  # a bad image fails here, before any model work
-    edit_settings(settings).validate()
     name = obj.get("name") or image.stem
     if not isinstance(name, str):
         raise NpinvError("'name' must be a string")
-    return ManifestRow(line, image, obj["source"], tuple(targets), settings, _safe_name(name),
+    return ManifestRow(line, image, obj["source"], tuple(targets), edit_settings, invert_settings, _safe_name(name),
                        hashlib.sha256(image.read_bytes()).hexdigest())
 
 
@@ -257,13 +186,10 @@ def check_words(model: Model, rows: list[ManifestRow]) -> None:
     the first failing row raises with its line number, still before any UNet call."""
     tok = model.pipe.tokenizer
     for row in rows:
-        settings = edit_settings(row.settings)
         try:
-            _cross_edit(tok, row.source, list(row.targets), row.settings["steps"], settings)
-            if settings.blend is not None:
-                find_word(tok, row.source, settings.blend[0])
-                for t in row.targets:
-                    find_word(tok, t, settings.blend[1])
+            cross_edit(tok, row.source, list(row.targets), row.invert.steps, row.edit)
+            if row.edit.blend is not None:
+                blend_tokens(tok, row.source, list(row.targets), row.edit.blend)
         except NpinvError as exc:
             raise NpinvError(f"line {row.line}: {exc}") from None
 
@@ -277,15 +203,15 @@ def check_schedules(rows: list[ManifestRow], scheduler_config: Any, size_multipl
 
     grids: dict[tuple, str | None] = {}
     for row in rows:
-        s = row.settings
+        s = row.invert
         try:
-            check_size(s["size"], size_multiple)
+            check_size(s.size, size_multiple)
             if scheduler_config is None:
                 continue
-            key = (s["steps"], s["offset"])
+            key = (s.steps, s.offset)
             if key not in grids:
                 try:
-                    Schedule.from_scheduler_config(scheduler_config, s["steps"], s["offset"])
+                    Schedule.from_scheduler_config(scheduler_config, s.steps, s.offset)
                     grids[key] = None
                 except NpinvError as exc:
                     grids[key] = str(exc)
@@ -300,18 +226,19 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def inversion_key(row: ManifestRow) -> str:
-    return _digest(row.image_sha256, row.source, *(row.settings[k] for k in INVERSION_KEYS))
+def inversion_key(row: ManifestRow, model: Model) -> str:
+    """The service's key of the row's inversion (:class:`npinv.service.InversionKey`), as text."""
+    return _digest(dataclasses.astuple(InversionKey.of_file(model, row.image_sha256, row.source, row.invert)))
 
 
 def settings_key(row: ManifestRow) -> str:
-    return _digest({k: v for k, v in row.settings.items() if k not in INVERSION_KEYS})
+    return _digest(as_json(row.edit))
 
 
 def plan(rows: list[ManifestRow], out: Path, model: Model) -> list[EditItem]:
     items = []
     for row in rows:
-        inv_key, set_key = inversion_key(row), settings_key(row)
+        inv_key, set_key = inversion_key(row, model), settings_key(row)
         for k, target in enumerate(row.targets):
             key = f"L{row.line}T{k}:" + _digest(inv_key, set_key, target, model.fingerprint)
             items.append(EditItem(row, k, key, out / "edits" / f"{row.line:05d}-{k}-{row.name}.png", inv_key, set_key))
@@ -383,16 +310,10 @@ def _finished(item: EditItem, results: ShardedResults) -> bool:
     return item.key in results and item.output.is_file()
 
 
-def _prepared(row: ManifestRow, model: Model) -> torch.Tensor:
-    img = prepare_image(load_image(row.image), row.settings["size"] or model.resolution, mode=row.settings["resize"],
-                        multiple=max(8, model.vae_scale_factor))
-    return image_to_tensor(img)
-
-
 @dataclasses.dataclass
 class _Source:
     items: list[EditItem]  # every edit of this image that runs now
-    image: torch.Tensor
+    source: Source
 
 
 def _chunks(pending: dict[str, list[EditItem]], model: Model, batch_size: int):
@@ -400,22 +321,23 @@ def _chunks(pending: dict[str, list[EditItem]], model: Model, batch_size: int):
     buckets: dict[tuple, list[_Source]] = {}
     for its in pending.values():
         row = its[0].row
-        image = _prepared(row, model)
-        shape_key = (row.settings["steps"], row.settings["offset"], tuple(image.shape))
+        source = prepare_file(row.image, model, row.invert)
+        shape_key = (row.invert.steps, row.invert.offset, tuple(source.image.shape))
         bucket = buckets.setdefault(shape_key, [])
-        bucket.append(_Source(its, image))
+        bucket.append(_Source(its, source))
         if len(bucket) == batch_size:
             yield buckets.pop(shape_key)
     yield from (b for b in buckets.values() if b)
 
 
 def _run_chunk(model: Model, chunk: list[_Source], results: ShardedResults, progress) -> int:
-    t0 = time.perf_counter()
     row = chunk[0].items[0].row
-    inversions = ddim_inversion_batch(model, torch.cat([src.image for src in chunk]),
-                                      [src.items[0].row.source for src in chunk], steps=row.settings["steps"],
-                                      offset=row.settings["offset"])
-    invert_s = time.perf_counter() - t0
+    # The chunk's inversions, and a method's variants of them (NTI's negatives serve every setting
+    # with the same guidance), live in one cache for the chunk.
+    cache = InversionCache(max_entries=4 * len(chunk) + 4, max_bytes=2**62)
+    inverted = invert(model, [src.source for src in chunk], [src.items[0].row.source for src in chunk], row.invert,
+                      cache=cache)
+    invert_cost = inverted[0].cost
     # One edit call per setting, over every image of the chunk that has edits with it.
     calls: dict[str, list[tuple[int, list[EditItem]]]] = {}
     for n, src in enumerate(chunk):
@@ -427,28 +349,29 @@ def _run_chunk(model: Model, chunk: list[_Source], results: ShardedResults, prog
     n_edits = sum(len(src.items) for src in chunk)
     count = 0
     for jobs in calls.values():
-        settings = edit_settings(jobs[0][1][0].row.settings)
-        t1 = time.perf_counter()
-        edited = edit_batch(model, [EditJob(inversions[n], [it.target for it in its]) for n, its in jobs], settings)
-        edit_s = time.perf_counter() - t1
+        settings = jobs[0][1][0].row.edit
+        edited = edit(model, [(inverted[n], [it.target for it in its]) for n, its in jobs], settings, cache=cache)
+        edit_s = edited[0].edit_cost.seconds
         call_edits = sum(len(its) for _, its in jobs)
-        for (n, its), result in zip(jobs, edited, strict=True):
-            inversions[n] = result.inversion  # NTI's optimised negatives serve the next setting too
+        for (_, its), result in zip(jobs, edited, strict=True):
             for j, it in enumerate(its):
                 if _finished(it, results):
                     continue
                 remove_stale_temporaries(it.output)  # a killed run's half-written copy; this process owns the output
                 save_image(tensor_to_image(result.images[j : j + 1]), it.output)
-                s = it.row.settings
+                s = result.settings
                 results.add({
                     "key": it.key, "line": it.row.line, "target_index": it.k, "image": str(it.row.image),
                     "source": it.row.source, "target": it.target, "output": str(it.output),
-                    "seconds": invert_s / n_edits + edit_s / call_edits,
-                    "invert_seconds": invert_s / len(chunk), "edit_seconds": edit_s / call_edits,
-                    "batch_images": len(jobs), "method": s["method"], "controller": s["controller"],
-                    "guidance": s["guidance"], "steps": s["steps"], "direct": s["direct"], "rank": results.shard.rank})
+                    "seconds": invert_cost.seconds / n_edits + edit_s / call_edits,
+                    "invert_seconds": invert_cost.seconds / len(chunk), "edit_seconds": edit_s / call_edits,
+                    "batch_images": len(jobs), "method": s.method, "controller": s.controller,
+                    "guidance": s.guidance, "steps": it.row.invert.steps, "direct": s.direct,
+                    # The inversion and edit calls this edit was part of (shared with the images batched with it).
+                    "unet_calls": result.cost.unet_calls, "unet_rows": result.cost.unet_rows,
+                    "rank": results.shard.rank})
                 count += 1
         if progress:
             progress(f"{call_edits} edit(s) of {len(jobs)} image(s) in {edit_s:.1f} s "
-                     f"(inversion of {len(chunk)} image(s): {invert_s:.1f} s)")
+                     f"(inversion of {len(chunk)} image(s): {invert_cost.seconds:.1f} s)")
     return count

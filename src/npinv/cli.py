@@ -41,84 +41,67 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
 
 
-def _schedule_args(p: argparse.ArgumentParser, guidance: float = 7.5) -> None:
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance", type=_number, default=guidance, help=f"guidance scale w (default {guidance})")
-    p.add_argument("--offset", type=int, default=None, choices=[0, 1],
-                   help="timestep offset: 0 as published code, 1 as the SD config (default: the model's config)")
+LIST_KINDS = ("WordWindows", "WordNumbers")
 
 
-def _edit_args(p: argparse.ArgumentParser, *, steps_default: int | None = 50) -> None:
-    """The editing settings every edit command takes (edit, edit-batch, edit-video)."""
-    p.add_argument("--method", default="npi", choices=["npi", "proxnpi", "proxnpi-noig", "nti", "ddim"],
-                   help="proxnpi: proximal guidance with inversion guidance; proxnpi-noig: without it")
-    p.add_argument("--controller", default="refine", choices=["replace", "refine", "reweight", "none"])
-    p.add_argument("--cross-replace", default="0.8",
-                   help="fraction of steps (or START,END window) with cross-attention replaced (default 0.8)")
-    p.add_argument("--cross-replace-word", action="append", default=[], metavar="WORD=FRACTION",
-                   help="per-word cross-replace fraction in the target prompt")
-    p.add_argument("--self-replace", default="0.6", help="fraction (or START,END window) of self-attention replacement")
-    p.add_argument("--self-replace-size", type=_number, default=0.5,
-                   help="replace self-attention in layers whose maps are at most this fraction of the latent side "
-                        "(default 0.5: 32x32 at 512 px, as google/prompt-to-prompt; 0.25: diffusers' community pipeline)")
-    p.add_argument("--blend", nargs=2, metavar=("SRC_WORD", "TGT_WORD"), help="local blend: edit only near these words")
-    p.add_argument("--blend-threshold", type=_number, default=0.3)
-    p.add_argument("--blend-start", type=_number, default=0.2, help="local blend acts from this fraction of the steps "
-                   "(default 0.2, as the null-text notebook)")
-    p.add_argument("--blend-res", type=int, default=None, metavar="CELLS",
-                   help="read local blend's masks from the cross-attention maps whose longer side is closest to this "
-                        "(default 16: SD's 16x16 layers at 512 px)")
-    p.add_argument("--reweight", action="append", default=[], metavar="WORD=SCALE",
-                   help="scale a target word's cross-attention")
-    p.add_argument("--direct", action="store_true", help="direct inversion: pin the source branch to the trajectory")
-    p.add_argument("--steps", type=int, default=steps_default,
-                   help="DDIM steps (default 50" + (", or the inversion's)" if steps_default is None else ")"))
-    # None: resolved by _edit_settings to the model folder's npinv.json "edit_guidance", else 7.5.
-    p.add_argument("--guidance", type=_number, default=None,
-                   help="guidance scale w (default: the model's recommended editing guidance, else 7.5)")
-    p.add_argument("--offset", type=int, default=None, choices=[0, 1],
-                   help="timestep offset: 0 as published code, 1 as the SD config (default: the model's config)")
-    p.add_argument("--size", type=int, default=None, help="side in pixels for the model (default: the model's)")
-    p.add_argument("--resize", default="crop", choices=["crop", "fit"],
-                   help="crop: centre square crop; fit: keep aspect, sides multiples of 8")
+def _setting_flags(p: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ...] = (),
+                   defaults: dict | None = None) -> None:
+    """One flag per setting of ``cls`` (see :mod:`npinv.settings`), its help and default from the
+    schema. Unset flags stay absent from the parsed namespace: :func:`_settings` reads the given ones
+    through the schema, so a bad value gets the message a manifest row or the web app gets."""
+    from npinv.settings import Choice, Flag, WordPair, default_of, flag_name, specs
+
+    for f, spec in specs(cls):
+        if f.name in skip:
+            continue
+        names = [f"--{flag_name(f.name)}", *(f"--{a}" for a in spec.aliases)]
+        default = (defaults or {}).get(f.name, default_of(f))
+        shown = "" if default in (None, {}, False) or "default" in spec.help else f" (default {default})"
+        kind = spec.kind
+        common = {"dest": f.name, "default": argparse.SUPPRESS, "help": spec.help + shown}
+        if isinstance(kind, Flag):
+            p.add_argument(*names, action="store_true", **common)
+        elif isinstance(kind, WordPair):
+            p.add_argument(*names, nargs=2, metavar=("SRC_WORD", "TGT_WORD"), **common)
+        elif type(kind).__name__ in LIST_KINDS:
+            p.add_argument(*names, action="append", metavar=spec.metavar, **common)
+        elif isinstance(kind, Choice):
+            choices = [str(c) for c in kind.choices()]
+            p.add_argument(*names, metavar="{" + ",".join(choices) + "}", **common)
+        else:
+            p.add_argument(*names, metavar=spec.metavar, **common)
 
 
-def _edit_settings(args, **extra):
-    """EditSettings from the flags of :func:`_edit_args`, checked. Without ``--guidance`` the guidance is
-    the one the model declares (read from its folder before the slow load), and ``args.guidance`` is set
-    to it, so reports and edit-batch's resume keys carry the number actually used."""
-    from npinv.editing import EditSettings
-    from npinv.model import model_edit_guidance
+def _settings(args, cls: type, base=None):
+    """The settings of ``cls`` from the flags given (others keep ``base``'s values or the defaults)."""
+    from npinv.settings import from_text, specs
 
-    if args.guidance is None:
-        args.guidance = model_edit_guidance(args.model)
-    cross: float | tuple[float, float] | dict = _window(args.cross_replace, "--cross-replace")
-    if args.cross_replace_word:
-        cross = {"default_": cross, **_pairs(args.cross_replace_word, "--cross-replace-word")}
-    settings = EditSettings(
-        method=args.method, controller=args.controller, guidance=args.guidance, cross_replace=cross,
-        self_replace=_window(args.self_replace, "--self-replace"), self_replace_size=args.self_replace_size,
-        blend=tuple(args.blend) if args.blend else None, blend_threshold=args.blend_threshold,
-        blend_start=args.blend_start, blend_res=args.blend_res, reweight=_pairs(args.reweight, "--reweight"),
-        direct=args.direct,
-        **extra)
-    settings.validate()
-    return settings
+    given = {}
+    for f, _ in specs(cls):
+        if hasattr(args, f.name):
+            value = getattr(args, f.name)
+            given[f.name] = " ".join(value) if isinstance(value, list) else value
+    return from_text(cls, given, base)
+
+
+def _invert_settings(args, **base):
+    from npinv.settings import InvertSettings
+
+    return _settings(args, InvertSettings, InvertSettings(**base) if base else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from npinv.settings import EditSettings, InvertSettings, ReconstructSettings
+
     parser = _Parser(prog="npinv", description="Fast real-image inversion and editing with diffusion models.")
     parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("reconstruct", help="invert an image and reconstruct it with NPI, NTI or DDIM")
+    p = sub.add_parser("reconstruct", help="invert an image and reconstruct it with a method (NPI by default)")
     p.add_argument("image")
     p.add_argument("--prompt", required=True, help="the source prompt describing the image")
-    p.add_argument("--method", default="npi", choices=["npi", "nti", "ddim"])
-    _schedule_args(p)
-    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: the model's)")
-    p.add_argument("--resize", default="crop", choices=["crop", "fit"],
-                   help="crop: centre square crop; fit: keep aspect, sides multiples of 8")
+    _setting_flags(p, ReconstructSettings)
+    _setting_flags(p, InvertSettings)
     p.add_argument("--save-inversion", default=None, help="write the inversion (.safetensors) for later edits")
     p.add_argument("--out", required=True, help="reconstruction image path (.png, .jpg, .webp)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -128,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--source", default=None, help="prompt describing the input (optional with --inversion)")
     p.add_argument("--target", action="append", required=True, help="edited prompt; repeat for several edits")
-    _edit_args(p, steps_default=None)
+    _setting_flags(p, EditSettings)
+    _setting_flags(p, InvertSettings)  # --steps without --inversion: 50; with it: the inversion's
     p.add_argument("--inversion", default=None, help="reuse a saved inversion (.safetensors) instead of inverting")
     p.add_argument("--save-inversion", default=None, help="write the inversion for later edits")
     p.add_argument("--save-attention", default=None, metavar="DIR", help="write per-word cross-attention heat maps")
@@ -140,7 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", help='JSONL rows {"image", "source", "targets", ...settings} or CSV image,source,target')
     p.add_argument("--out", required=True, help="output folder: edits/, results.jsonl (reruns resume)")
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet call where settings and sizes agree")
-    _edit_args(p)
+    _setting_flags(p, EditSettings)  # each row's defaults; a row's own keys override them
+    _setting_flags(p, InvertSettings)
     p.add_argument("--json", action="store_true")
     _model_args(p)
 
@@ -152,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("video", help="input video (anything FFmpeg reads: .mp4, .mov, .mkv, .webm, .avi, .gif, ...)")
     p.add_argument("--source", required=True, help="prompt describing every frame of the input")
     p.add_argument("--target", required=True, help="edited prompt")
-    _edit_args(p)
+    _setting_flags(p, EditSettings)
+    _setting_flags(p, InvertSettings)
     p.add_argument("--batch-size", type=int, default=1, help="frames edited per UNet call (default 1)")
     p.add_argument("--max-frames", type=int, default=None, help="edit only the first N frames")
     p.add_argument("--keep-size", action="store_true",
@@ -166,8 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="text-to-image sampling")
     p.add_argument("--prompt", required=True)
     p.add_argument("--seed", type=int, default=0)
-    _schedule_args(p)
-    p.add_argument("--size", type=int, default=None)
+    _setting_flags(p, ReconstructSettings, skip=("method",))
+    _setting_flags(p, InvertSettings, skip=("resize",))
     p.add_argument("--out", required=True)
     p.add_argument("--json", action="store_true")
     _model_args(p)
@@ -250,58 +236,36 @@ def _load(args):
 def cmd_reconstruct(args) -> int:
     from npinv.inversion import check_inversion_path
     from npinv.io import check_output_path, load_image, save_image, staged_outputs, tensor_to_image
-    from npinv.pipeline import load_input, run_reconstruction
+    from npinv.service import invert_one, prepare_file, reconstruct_inverted
+    from npinv.settings import ReconstructSettings
 
     out = check_output_path(args.out, inputs=(args.image,))
     if args.save_inversion:
         check_inversion_path(args.save_inversion)
         check_output_path(args.save_inversion, inputs=(args.image, args.out), image=False)
     _check_prompts(prompt=args.prompt)
+    settings = _settings(args, ReconstructSettings)
+    inv_settings = _invert_settings(args)
     load_image(args.image)  # bad input fails before the (slow) model load
-    _check_schedule(args)
+    _check_before_load(args, inv_settings)
     model = _load(args)
-    image = load_input(args.image, model, args.size, args.resize)
-    report = run_reconstruction(model, image, args.prompt, args.method, steps=args.steps, guidance=args.guidance,
-                                offset=args.offset, progress=not args.quiet)
+    source = prepare_file(args.image, model, inv_settings)
+    inverted = invert_one(model, source, args.prompt, inv_settings, progress=not args.quiet)
+    report = reconstruct_inverted(model, inverted, settings, progress=not args.quiet)
     with staged_outputs() as stage:  # all or nothing: a full disk leaves neither file
         save_image(tensor_to_image(report.reconstruction.image), out, stage=stage)
         if args.save_inversion:
             report.reconstruction.inversion.save(args.save_inversion, stage=stage)
     row = report.summary() | {"out": str(out), "model": model.name, "dtype": args.dtype,
-                              "size": list(image.shape[-2:])}
+                              "size": list(source.image.shape[-2:])}
     if args.save_inversion:
         row["inversion"] = args.save_inversion
     if args.json:
         print(json.dumps(row))
     else:
-        print(f"{args.method}: PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}  MSE {row['mse']:.5f}  "
+        print(f"{row['method']}: PSNR {row['psnr']:.2f} dB  SSIM {row['ssim']:.4f}  MSE {row['mse']:.5f}  "
               f"{row['seconds']:.2f} s  {row['unet_calls']} UNet calls ({row['unet_rows']} rows)  -> {out}")
     return 0
-
-
-def _pairs(items: list[str], flag: str) -> dict[str, float]:
-    out = {}
-    for item in items:
-        word, sep, value = item.partition("=")
-        try:
-            out[word] = _number(value)
-        except argparse.ArgumentTypeError:
-            raise NpinvError(f"{flag} expects WORD=NUMBER (a finite number), got {item!r}") from None
-        if not sep or not word:
-            raise NpinvError(f"{flag} expects WORD=NUMBER, got {item!r}")
-    return out
-
-
-def _window(text: str, flag: str) -> float | tuple[float, float]:
-    try:
-        parts = [_number(v) for v in text.split(",")]
-    except argparse.ArgumentTypeError:
-        raise NpinvError(f"{flag} expects a fraction or START,END, got {text!r}") from None
-    if len(parts) == 1:
-        return parts[0]
-    if len(parts) == 2:
-        return (parts[0], parts[1])
-    raise NpinvError(f"{flag} expects a fraction or START,END, got {text!r}")
 
 
 def edit_output_paths(out, count: int):
@@ -312,15 +276,28 @@ def edit_output_paths(out, count: int):
     return edits, out.with_name(f"{out.stem}_grid{out.suffix}")
 
 
+def _edit_settings(args, **extra):
+    """EditSettings from the flags, checked, with the guidance resolved before the slow load: without
+    ``--guidance``, the one the model folder declares (its npinv.json), else 7.5."""
+    import dataclasses
+
+    from npinv.model import model_edit_guidance
+    from npinv.settings import EditSettings
+
+    settings = _settings(args, EditSettings)
+    if settings.guidance is None:
+        settings = dataclasses.replace(settings, guidance=model_edit_guidance(args.model))
+    return dataclasses.replace(settings, **extra) if extra else settings
+
+
 def cmd_edit(args) -> int:
     import contextlib
-    import time
     from pathlib import Path
 
-    from npinv.editing import edit
-    from npinv.inversion import Inversion, check_inversion_path, ddim_inversion
+    from npinv.attention.maps import save_attention_maps
+    from npinv.inversion import Inversion, check_inversion_path
     from npinv.io import check_output_path, image_grid, load_image, save_image, staged_outputs, tensor_to_image
-    from npinv.pipeline import load_input
+    from npinv.service import edit_image, load_inversion, prepare_file
 
     edits, grid_path = edit_output_paths(args.out, len(args.target))
     for path in [*edits, grid_path]:
@@ -336,28 +313,25 @@ def cmd_edit(args) -> int:
     if args.inversion is None and not args.source:
         raise NpinvError("give --source (the prompt describing the input) or --inversion")
     load_image(args.image)
-    inv = Inversion.load(args.inversion) if args.inversion else None
-    if inv is not None and args.source and args.source != inv.source_prompt:
-        raise NpinvError(f"the inversion was made with source prompt {inv.source_prompt!r}, not {args.source!r}")
-    args.steps = args.steps if args.steps is not None else (inv.steps if inv else 50)
-    if inv is not None:  # the inversion's grid is the edit's: check that one, refuse another
-        inv_offset = int(inv.schedule["offset"])
-        if args.offset is not None and args.offset != inv_offset:
-            raise NpinvError(f"the inversion was made with offset {inv_offset}; asked for --offset {args.offset}")
-        args.offset = inv_offset
-    _check_schedule(args)
+    saved = Inversion.load(args.inversion) if args.inversion else None
+    if saved is not None and args.source and args.source != saved.source_prompt:
+        raise NpinvError(f"the inversion was made with source prompt {saved.source_prompt!r}, not {args.source!r}")
+    base = {} if saved is None else {"steps": saved.steps, "offset": int(saved.schedule["offset"])}
+    inv_settings = _invert_settings(args, **base)
+    if saved is not None:  # the inversion's grid is the edit's: take it, refuse another
+        if inv_settings.steps != saved.steps:
+            raise NpinvError(f"the inversion has {saved.steps} steps; asked for {inv_settings.steps}")
+        if inv_settings.offset != base["offset"]:
+            raise NpinvError(f"the inversion was made with offset {base['offset']}; asked for --offset "
+                             f"{inv_settings.offset}")
+    _check_before_load(args, inv_settings, guidance=settings.guidance)
     model = _load(args)
-    image = load_input(args.image, model, args.size, args.resize)
-    calls0, rows0 = model.counter.calls, model.counter.rows
-    start = time.perf_counter()
-    if inv is not None:
-        # Same model and image size imply the same latent size: one check covers both.
-        inv.check_compatible(model, steps=args.steps, size=tuple(image.shape[-2:]))
-    else:
-        inv = ddim_inversion(model, image, args.source, steps=args.steps, offset=args.offset, progress=not args.quiet)
-    result = edit(model, inv, args.target, settings, progress=not args.quiet)
-    seconds = time.perf_counter() - start
-    tiles = [tensor_to_image(image), tensor_to_image(result.source_image)]
+    source = prepare_file(args.image, model, inv_settings)
+    inverted = load_inversion(args.inversion, model, source, steps=inv_settings.steps) if saved is not None else None
+    edited = edit_image(model, source, args.source, args.target, settings, inv_settings, inversion=inverted,
+                        progress=not args.quiet)
+    result = edited.result
+    tiles = [tensor_to_image(source.image), tensor_to_image(result.source_image)]
     new_maps_folder = bool(args.save_attention) and not Path(args.save_attention).exists()
     try:
         with staged_outputs() as stage:  # all or nothing: a full disk half-way leaves no edit, grid or map
@@ -365,83 +339,56 @@ def cmd_edit(args) -> int:
                 tile = tensor_to_image(result.images[k : k + 1])
                 save_image(tile, path, stage=stage)
                 tiles.append(tile)
-            save_image(image_grid([tiles], scale=max(1, 256 // image.shape[-1])), grid_path, stage=stage)
+            save_image(image_grid([tiles], scale=max(1, 256 // source.image.shape[-1])), grid_path, stage=stage)
             if args.save_inversion:
                 result.inversion.save(args.save_inversion, stage=stage)
-            maps = (save_attention_maps(model, result, inv.source_prompt, args.save_attention, stage=stage)
-                    if args.save_attention else [])
+            maps = (save_attention_maps(model, result, result.inversion.source_prompt, args.save_attention,
+                                        stage=stage) if args.save_attention else [])
     except BaseException:
         if new_maps_folder:
             with contextlib.suppress(OSError):
                 Path(args.save_attention).rmdir()  # the maps' temporaries are gone: only if empty
         raise
-    row = {"method": args.method, "controller": args.controller, "source": inv.source_prompt, "targets": args.target,
-           "steps": inv.steps, "guidance": args.guidance, "direct": args.direct, "seconds": seconds,
-           "edit_seconds": result.seconds, "unet_calls": model.counter.calls - calls0,
-           "unet_rows": model.counter.rows - rows0, "outputs": [str(p) for p in edits], "grid": str(grid_path),
-           "attention_maps": maps}
+    row = {"method": settings.method, "controller": settings.controller, "source": result.inversion.source_prompt,
+           "targets": args.target, "steps": result.inversion.steps, "guidance": settings.guidance,
+           "direct": settings.direct, "seconds": edited.cost.seconds, "edit_seconds": edited.edit_cost.seconds,
+           "unet_calls": edited.cost.unet_calls, "unet_rows": edited.cost.unet_rows,
+           "outputs": [str(p) for p in edits], "grid": str(grid_path), "attention_maps": maps}
     if args.json:
         print(json.dumps(row))
     else:
         for target, path in zip(args.target, edits, strict=True):
             print(f"{target!r} -> {path}")
-        print(f"grid (input | reconstruction | edits): {grid_path}; {seconds:.2f} s, {row['unet_calls']} UNet calls "
-              f"({row['unet_rows']} rows)")
+        print(f"grid (input | reconstruction | edits): {grid_path}; {row['seconds']:.2f} s, {row['unet_calls']} "
+              f"UNet calls ({row['unet_rows']} rows)")
     return 0
 
 
-def save_attention_maps(model, result, source_prompt: str, folder, *, stage=None) -> list[str]:
-    """One heat map PNG per word of the source and of each target prompt (into ``stage``'s
-    temporaries when given, see :func:`npinv.io.staged_outputs`)."""
-    import contextlib
-    from pathlib import Path
-
-    from npinv.attention.maps import heat_image, word_maps
-    from npinv.io import save_image, writing
-
-    folder = Path(folder)
-    created = not folder.exists()
-    with writing(folder, "create folder"):
-        folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    try:
-        for m in word_maps(model, result, source_prompt):
-            path = folder / f"{m.file_stem}.png"
-            save_image(heat_image(m.heat, scale=max(1, 256 // m.heat.shape[-1])), path, stage=stage)
-            written.append(str(path))
-    except BaseException:
-        if created and stage is None:
-            with contextlib.suppress(OSError):
-                folder.rmdir()  # only if still empty
-        raise
-    return written
-
-
 def cmd_generate(args) -> int:
-    import time
-
     from npinv.io import check_output_path, save_image, tensor_to_image
-    from npinv.pipeline import generate
     from npinv.progress import note
+    from npinv.service import generate
+    from npinv.settings import ReconstructSettings
 
     out = check_output_path(args.out)
     _check_prompts(prompt=args.prompt)
-    _check_schedule(args)  # with --seed: 0..2**64-1, as torch.Generator takes it
+    settings = _settings(args, ReconstructSettings)
+    inv_settings = _invert_settings(args)
+    _check_before_load(args, inv_settings)  # with --seed: 0..2**64-1, as torch.Generator takes it
     model = _load(args)
-    start = time.perf_counter()
-    calls = model.counter.calls
-    side = (args.size or model.resolution) // model.vae_scale_factor * model.vae_scale_factor
+    side = (inv_settings.size or model.resolution) // model.vae_scale_factor * model.vae_scale_factor
 
     def estimate(first: float, total: float) -> None:  # one line once the first step is timed, if the run is long
         if total - first >= LONG_RUN_SECONDS:
-            note(f"npinv: generate {side}x{side} px, {args.steps} steps on {model.device.type}: about "
+            note(f"npinv: generate {side}x{side} px, {inv_settings.steps} steps on {model.device.type}: about "
                  f"{_duration(total)} ({first:.1f} s for the first step)")
 
-    image = generate(model, args.prompt, seed=args.seed, guidance=args.guidance, steps=args.steps, size=args.size,
-                     offset=args.offset, progress=not args.quiet, estimate=None if args.quiet else estimate)
-    save_image(tensor_to_image(image), out)
-    row = {"prompt": args.prompt, "seed": args.seed, "steps": args.steps, "guidance": args.guidance,
-           "seconds": time.perf_counter() - start, "unet_calls": model.counter.calls - calls, "out": str(out)}
+    generated = generate(model, args.prompt, seed=args.seed, guidance=settings.guidance, steps=inv_settings.steps,
+                         size=inv_settings.size, offset=inv_settings.offset, progress=not args.quiet,
+                         estimate=None if args.quiet else estimate)
+    save_image(tensor_to_image(generated.image), out)
+    row = {"prompt": args.prompt, "seed": args.seed, "steps": inv_settings.steps, "guidance": settings.guidance,
+           "seconds": generated.cost.seconds, "unet_calls": generated.cost.unet_calls, "out": str(out)}
     print(json.dumps(row) if args.json else f"{out}  ({row['seconds']:.2f} s, {row['unet_calls']} UNet calls)")
     return 0
 
@@ -468,7 +415,9 @@ def cmd_demo(args) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NpinvError(f"--out {out} exists and is not a folder")
-    _check_schedule(args)
+    from npinv.settings import InvertSettings
+
+    _check_before_load(args, InvertSettings(steps=args.steps))
     run_demo(_load(args), out, steps=args.steps, example=args.example, progress=not args.quiet)
     return 0
 
@@ -522,16 +471,14 @@ def cmd_bench(args) -> int:
                                         allow_pickle=args.allow_pickle, progress=not args.quiet, shard=shard)
         print(reconstruct_table(summary))
         return 0
+    from npinv.attention.controllers import get_controller
     from npinv.bench.edit_shapes import edit_table, run_edit_shapes
-    from npinv.editing import CONTROLLERS, EDIT_METHODS
+    from npinv.methods import get_method
 
     if args.bench == "piebench":
         from npinv.bench.piebench import load_piebench, piebench_table, run_piebench
 
-        methods = _csv(args.methods, str, "--methods")
-        for m in methods:
-            if m not in EDIT_METHODS:
-                raise NpinvError(f"unknown method {m!r}; choose from {', '.join(EDIT_METHODS)}")
+        methods = [get_method(m).name for m in _csv(args.methods, str, "--methods")]
         load_piebench(args.data)  # a malformed data set fails before the model loads
         model = _load(args)
         summary = run_piebench(model, args.data, out, methods=methods, steps=args.steps, guidance=args.guidance,
@@ -540,15 +487,9 @@ def cmd_bench(args) -> int:
         print(piebench_table(summary))
         return 0
 
-    methods = _csv(args.methods, str, "--methods")
-    controllers = _csv(args.controllers, str, "--controllers")
+    methods = [get_method(m).name for m in _csv(args.methods, str, "--methods")]
+    controllers = [get_controller(c).name for c in _csv(args.controllers, str, "--controllers")]
     directs = _csv(args.direct, lambda v: {"no": False, "yes": True}[v], "--direct")
-    for m in methods:
-        if m not in EDIT_METHODS:
-            raise NpinvError(f"unknown method {m!r}; choose from {', '.join(EDIT_METHODS)}")
-    for c in controllers:
-        if c not in CONTROLLERS:
-            raise NpinvError(f"unknown controller {c!r}; choose from {', '.join(CONTROLLERS)}")
     model = _load(args)
     summary = run_edit_shapes(model, out, n_scenes=args.scenes, methods=methods, directs=directs,
                               controllers=controllers, guidances=_csv(args.guidance, _number, "--guidance"),
@@ -583,26 +524,23 @@ def cmd_models(args) -> int:
     return 0
 
 
-def _check_schedule(args) -> None:
-    """Every number, the device and the model's configs, before the (slow) model load: steps, guidance,
-    size, seed; the step grid against the model's scheduler (``--steps 1000`` needs ``--offset 0``);
-    the size against its VAE; a broken model folder (one line naming the file)."""
-    from npinv.checks import check_guidance, check_seed, check_size, check_steps
+def _check_before_load(args, settings=None, *, guidance=None) -> None:
+    """The device, the seed and the model's configs, before the (slow) model load: the step grid
+    against the model's scheduler (``--steps 1000`` needs ``--offset 0``), the size against its VAE,
+    a broken model folder (one line naming the file). ``settings``: the run's InvertSettings."""
+    from npinv.checks import check_seed, check_size
     from npinv.model import model_facts, parse_device
     from npinv.schedule import Schedule
 
-    check_steps(args.steps, "--steps")
-    if getattr(args, "guidance", None) is not None:
-        check_guidance(args.guidance, "--guidance")
     if getattr(args, "seed", None) is not None:
         check_seed(args.seed, "--seed")
-    size = getattr(args, "size", None)
-    check_size(size, what="--size")
     parse_device(args.device)
     facts = model_facts(args.model, args.model_config)
-    check_size(size, facts.size_multiple, "--size")
+    if settings is None:
+        return
+    check_size(settings.size, facts.size_multiple, "--size")
     if facts.scheduler is not None:
-        Schedule.from_scheduler_config(facts.scheduler, args.steps, getattr(args, "offset", None))
+        Schedule.from_scheduler_config(facts.scheduler, settings.steps, settings.offset)
 
 
 def _check_prompts(**prompts) -> None:
@@ -631,15 +569,9 @@ def cmd_edit_batch(args) -> int:
         raise NpinvError("--batch-size must be at least 1")
     check_output_folder(out)
     settings = _edit_settings(args)  # the flags are each row's defaults
-    _check_schedule(args)
-    defaults = {"method": settings.method, "controller": settings.controller, "guidance": settings.guidance,
-                "steps": args.steps, "offset": args.offset, "size": args.size, "resize": args.resize,
-                "cross_replace": json.loads(json.dumps(settings.cross_replace)),  # windows as lists, as a manifest has them
-                "self_replace": list(settings.self_window), "self_replace_size": settings.self_replace_size,
-                "blend": list(settings.blend) if settings.blend else None, "blend_threshold": settings.blend_threshold,
-                "blend_start": settings.blend_start, "blend_res": settings.blend_res, "reweight": settings.reweight,
-                "direct": settings.direct}
-    rows = read_manifest(args.manifest, defaults)  # every row checked before the model loads
+    inv_settings = _invert_settings(args)
+    _check_before_load(args, inv_settings)
+    rows = read_manifest(args.manifest, settings, inv_settings)  # every row checked before the model loads
     facts = model_facts(args.model, args.model_config)
     check_schedules(rows, facts.scheduler, facts.size_multiple)  # rows' steps, offsets and sizes vs the model
     shard = current_shard()
@@ -667,18 +599,20 @@ def cmd_edit_video(args) -> int:
     out = check_video_output(args.out, inputs=(args.video,))
     _check_prompts(source=args.source, target=args.target)
     settings = _edit_settings(args)
+    inv_settings = _invert_settings(args)
     if args.batch_size < 1:
         raise NpinvError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_frames is not None and args.max_frames < 1:
         raise NpinvError(f"--max-frames must be at least 1, got {args.max_frames}")
-    _check_schedule(args)
+    _check_before_load(args, inv_settings)
     info = probe_video(args.video)  # a bad or empty video fails before the (slow) model load
     model = _load(args)
-    result = edit_video(model, args.video, out, args.source, args.target, settings, steps=args.steps,
-                        offset=args.offset, size=args.size, resize=args.resize, batch_size=args.batch_size,
-                        max_frames=args.max_frames, keep_size=args.keep_size, progress=not args.quiet)
-    row = {"video": args.video, "source": args.source, "target": args.target, "method": args.method,
-           "controller": args.controller, "steps": args.steps, "guidance": args.guidance, "direct": args.direct,
+    result = edit_video(model, args.video, out, args.source, args.target, settings, inv_settings,
+                        batch_size=args.batch_size, max_frames=args.max_frames, keep_size=args.keep_size,
+                        progress=not args.quiet)
+    row = {"video": args.video, "source": args.source, "target": args.target, "method": settings.method,
+           "controller": settings.controller, "steps": inv_settings.steps, "guidance": settings.guidance,
+           "direct": settings.direct,
            "batch_size": args.batch_size, "model": model.name, "source_frames": info.frames} | result.summary()
     if args.json:
         print(json.dumps(row))

@@ -1,9 +1,6 @@
-"""Inversion results and the methods that turn them into inputs of the sampling loop.
-
-- ``ddim``: negatives are the null embedding (sampling at w drifts for w > 1: the problem);
-- ``npi``: negatives are the source embedding itself, so reconstruction costs one UNet row per
-  step and equals the guidance-1 DDIM round trip exactly;
-- ``nti``: negatives optimised per step (null-text inversion, Mokady et al.), as a step hook.
+"""DDIM inversion and its result, :class:`Inversion` (saved and loaded as one safetensors file),
+and null-text inversion's per-step optimisation (a step hook). The methods that turn an inversion
+into inputs of the sampling loop are in :mod:`npinv.methods`.
 """
 
 from __future__ import annotations
@@ -16,15 +13,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from npinv.checks import check_guidance, check_prompt
+from npinv.checks import check_prompt
 from npinv.errors import NpinvError
 from npinv.guidance import CFG
 from npinv.io import Stage, atomic_path, writing
 from npinv.model import Model, PromptEmbedding
-from npinv.sampling import Branch, StepHook, StepState, invert, sample
+from npinv.sampling import StepHook, StepState, invert
 from npinv.schedule import Schedule
 
-METHODS = ("npi", "nti", "ddim")
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
 
@@ -239,16 +235,6 @@ def ddim_inversion_batch(
     ]
 
 
-# -- negatives per method --------------------------------------------------------------------------
-def npi_negatives(inv: Inversion) -> list[PromptEmbedding]:
-    """Negative-prompt inversion: the source embedding is the negative at every step."""
-    return [inv.source] * inv.steps
-
-
-def ddim_negatives(inv: Inversion) -> list[PromptEmbedding]:
-    return [inv.null] * inv.steps
-
-
 class NullTextOptimisation(StepHook):
     """Null-text inversion as a hook on branch 0: before step ``i`` it optimises ``N_i`` so that the
     guided step from the current latent lands on ``z*[n-1-i]``, then hands the loop ``N_i`` and the
@@ -287,50 +273,3 @@ class NullTextOptimisation(StepHook):
         self.current = PromptEmbedding(hidden.detach(), pooled)
         branch.negatives[i] = self.current
         state.known[(0, "cond")] = eps_cond
-
-
-@dataclasses.dataclass
-class Reconstruction:
-    """A method's reconstruction of an inverted image."""
-
-    method: str
-    guidance: float
-    latent: torch.Tensor
-    image: torch.Tensor  # (1, 3, H, W) in [-1, 1]
-    unet_calls: int
-    unet_rows: int
-    inversion: Inversion
-
-
-def reconstruct(model: Model, inv: Inversion, method: str, guidance: float = 7.5, *, progress: bool = False,
-                nti_inner_steps: int = 10) -> Reconstruction:
-    """Sample from ``z*[n]`` with the source prompt and the method's negatives at scale ``guidance``.
-
-    For NTI the optimisation walk is the reconstruction, and the optimised negatives are stored
-    on the returned inversion for later edits.
-    """
-    if method not in METHODS:
-        raise NpinvError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-    check_guidance(guidance)
-    schedule = inv.schedule_for(model)
-    cfg = CFG(guidance)
-    hooks: list[StepHook] = []
-    if method == "npi":
-        negatives = npi_negatives(inv)
-    elif method == "ddim":
-        negatives = ddim_negatives(inv)
-    elif inv.negatives is not None and inv.nti and inv.nti.get("guidance") == guidance:
-        negatives = list(inv.negatives)  # reuse optimised negatives from a saved NTI inversion
-    else:
-        negatives = ddim_negatives(inv)
-        hooks.append(NullTextOptimisation(model, inv, cfg, inner_steps=nti_inner_steps))
-    branch = Branch(inv.source, list(negatives))
-    result = sample(model, inv.noise, schedule, [branch], cfg, hooks=hooks,
-                    progress=f"{method} sample" if progress else None)
-    if hooks:
-        opt = hooks[0]
-        assert isinstance(opt, NullTextOptimisation)
-        inv = dataclasses.replace(inv, negatives=branch.negatives,
-                                  nti={"guidance": guidance, "inner_steps": nti_inner_steps, "losses": opt.losses})
-    return Reconstruction(method, guidance, result.latents, model.decode(result.latents), result.unet_calls,
-                          result.unet_rows, inv)

@@ -14,6 +14,8 @@ from typing import Protocol
 
 import torch
 
+from npinv.cost import Cost, Meter
+from npinv.guidance import Guided
 from npinv.model import Model, PromptEmbedding
 from npinv.progress import Progress
 from npinv.schedule import Schedule
@@ -44,7 +46,8 @@ class StepState:
     """What hooks and controllers see and may change during step ``i``.
 
     ``known`` holds outputs already computed for ``(branch, kind)`` (a hook that needed them);
-    the loop does not compute those rows again. ``z_next`` is set after the step.
+    the loop does not compute those rows again. After the step, ``z_next`` holds the next latents
+    and ``guidance_mask`` what the guidance rule reported of where it acted (ProxNPI), for hooks.
     """
 
     i: int
@@ -55,6 +58,7 @@ class StepState:
     known: dict[tuple[int, str], torch.Tensor] = dataclasses.field(default_factory=dict)
     rows: list[Row] = dataclasses.field(default_factory=list)
     z_next: torch.Tensor | None = None
+    guidance_mask: torch.Tensor | None = None
 
 
 class StepHook:
@@ -70,7 +74,7 @@ class StepHook:
 class Guidance(Protocol):
     needs_negative: bool
 
-    def __call__(self, eps_neg: torch.Tensor, eps_cond: torch.Tensor) -> torch.Tensor: ...
+    def guide(self, eps_neg: torch.Tensor, eps_cond: torch.Tensor) -> Guided: ...
 
 
 class Controller(Protocol):
@@ -84,8 +88,15 @@ class Controller(Protocol):
 @dataclasses.dataclass
 class SampleResult:
     latents: torch.Tensor  # (B, C, h, w): each branch's final latent
-    unet_calls: int
-    unet_rows: int
+    cost: Cost
+
+    @property
+    def unet_calls(self) -> int:
+        return self.cost.unet_calls
+
+    @property
+    def unet_rows(self) -> int:
+        return self.cost.unet_rows
 
 
 def sample(
@@ -109,7 +120,7 @@ def sample(
     for b in branches:
         if len(b.negatives) != schedule.steps:
             raise ValueError(f"a branch has {len(b.negatives)} negatives for {schedule.steps} steps")
-    calls0, rows0 = model.counter.calls, model.counter.rows
+    meter = Meter(model)
     for i, t in enumerate(Progress(schedule.timesteps, desc=progress, unit="step")):
         state = StepState(i, t, z, branches, schedule)
         for hook in hooks:
@@ -131,11 +142,13 @@ def sample(
         eps_cond = torch.cat([out[(b, "cond")] for b in range(len(branches))])
         # A shared negative (NPI) or a guidance without one reuses the condition's output.
         eps_neg = torch.cat([out.get((b, "neg"), out[(b, "cond")]) for b in range(len(branches))])
-        state.z_next = schedule.denoise_step(z, guidance(eps_neg, eps_cond), i)
+        guided = guidance.guide(eps_neg, eps_cond)
+        state.guidance_mask = guided.mask
+        state.z_next = schedule.denoise_step(z, guided.eps, i)
         for hook in hooks:
             hook.after_step(state)
         z = state.z_next
-    return SampleResult(z, model.counter.calls - calls0, model.counter.rows - rows0)
+    return SampleResult(z, meter.cost)
 
 
 def _shares(branch: Branch, i: int) -> bool:

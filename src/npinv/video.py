@@ -17,7 +17,6 @@ import contextlib
 import dataclasses
 import math
 import statistics
-import time
 from collections.abc import Callable, Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
@@ -26,11 +25,12 @@ from typing import Any
 import torch
 from PIL import Image
 
-from npinv.editing import EditJob, EditSettings, edit_batch
+from npinv.cost import Meter
 from npinv.errors import NpinvError
-from npinv.inversion import ddim_inversion_batch
-from npinv.io import atomic_path, check_output_path, image_to_tensor, prepare_image, tensor_to_image, writing
+from npinv.io import atomic_path, check_output_path, tensor_to_image, writing
 from npinv.model import Model
+from npinv.service import edit, invert, prepare_picture
+from npinv.settings import EditSettings, InvertSettings
 
 # Output suffix -> (FFmpeg muxer, encoders to try in order). The first that opens is used: a build
 # may lack libx264, and a name like "h264" may resolve to a hardware encoder that cannot open here.
@@ -287,28 +287,27 @@ class EditedFrame:
     seconds: float  # inversion + edit time of its batch, divided by the batch's frame count
 
 
-def edit_frames(model: Model, frames: Iterable[Image.Image], source: str, target: str, settings: EditSettings, *,
-                steps: int = 50, offset: int | None = None, size: int | None = None, resize: str = "crop",
-                batch_size: int = 1) -> Iterator[EditedFrame]:
+def edit_frames(model: Model, frames: Iterable[Image.Image], source: str, target: str, settings: EditSettings,
+                invert_settings: InvertSettings | None = None, *, batch_size: int = 1) -> Iterator[EditedFrame]:
     """Invert and edit each frame toward ``target``, ``batch_size`` frames per UNet call.
 
     Every frame gets the same settings and is edited from its own DDIM inversion, exactly as
     ``npinv edit`` edits one image (batched frames agree with single ones up to float rounding).
     """
+    invert_settings = invert_settings or InvertSettings()
+    settings = settings.resolved(model)
     settings.validate()
+    invert_settings.validate()
     if batch_size < 1:
         raise NpinvError(f"batch size must be at least 1, got {batch_size}")
-    side = size or model.resolution
-    multiple = max(8, model.vae_scale_factor)
     index = 0
     for batch in _batched(frames, batch_size):
-        x = torch.cat([image_to_tensor(prepare_image(img, side, mode=resize, multiple=multiple)) for img in batch])
-        start = time.perf_counter()
-        inversions = ddim_inversion_batch(model, x, [source] * len(batch), steps=steps, offset=offset)
-        results = edit_batch(model, [EditJob(inv, [target]) for inv in inversions], settings)
-        share = (time.perf_counter() - start) / len(batch)
-        for k, result in enumerate(results):
-            yield EditedFrame(index, x[k : k + 1], result.images[0:1].cpu(), share)
+        sources = [prepare_picture(img, model, invert_settings, name=f"frame{index + k}") for k, img in enumerate(batch)]
+        inverted = invert(model, sources, [source] * len(batch), invert_settings)
+        edited = edit(model, [(inv, [target]) for inv in inverted], settings)
+        share = (inverted[0].cost + edited[0].edit_cost).seconds / len(batch)
+        for k, done in enumerate(edited):
+            yield EditedFrame(index, sources[k].image, done.images[0:1].cpu(), share)
             index += 1
 
 
@@ -393,9 +392,9 @@ def output_size(info: VideoInfo, model_size: tuple[int, int], *, keep_size: bool
     return max(2, w - w % 2), max(2, h - h % 2)
 
 
-def edit_video(model: Model, video: str | Path, out: str | Path, source: str, target: str, settings: EditSettings, *,
-               steps: int = 50, offset: int | None = None, size: int | None = None, resize: str = "crop",
-               batch_size: int = 1, max_frames: int | None = None, keep_size: bool = False, keep_frames: bool = False,
+def edit_video(model: Model, video: str | Path, out: str | Path, source: str, target: str, settings: EditSettings,
+               invert_settings: InvertSettings | None = None, *, batch_size: int = 1, max_frames: int | None = None,
+               keep_size: bool = False, keep_frames: bool = False,
                progress: bool = False, on_frame: Callable[[EditedFrame], None] | None = None) -> VideoEditResult:
     """Edit every frame of ``video`` (up to ``max_frames``) and write the edited video to ``out``
     at the source's frame rate, atomically. ``on_frame`` sees each edited frame as it is done."""
@@ -410,18 +409,17 @@ def edit_video(model: Model, video: str | Path, out: str | Path, source: str, ta
     src_change, edit_change = FrameChange(), FrameChange()
     per_frame: list[float] = []
     kept: list[torch.Tensor] = []
-    calls0, rows0 = model.counter.calls, model.counter.rows
-    start = time.perf_counter()
+    invert_settings = invert_settings or InvertSettings()
+    meter = Meter(model)
     frames = read_frames(video, max_frames=max_frames)
-    edits = edit_frames(model, frames, source, target, settings, steps=steps, offset=offset, size=size,
-                        resize=resize, batch_size=batch_size)
+    edits = edit_frames(model, frames, source, target, settings, invert_settings, batch_size=batch_size)
     bar = Progress(total=total, desc="edit-video", unit="frame", enabled=progress)
     try:
         first = next(edits, None)
         if first is None:
             raise NpinvError(f"{video} has no video frames")
         model_size = (first.edited.shape[-1], first.edited.shape[-2])
-        size_out = output_size(info, model_size, keep_size=keep_size, resize=resize)
+        size_out = output_size(info, model_size, keep_size=keep_size, resize=invert_settings.resize)
         # An OS error in here is the output's (a full disk): reading errors are NpinvErrors already.
         with writing(out), open_video_writer(out, info.fps, size_out) as writer:
             for done in _chain_first(first, edits):
@@ -445,10 +443,11 @@ def edit_video(model: Model, video: str | Path, out: str | Path, source: str, ta
     ratio = None
     if src_change.mean and edit_change.mean is not None:
         ratio = edit_change.mean / src_change.mean
+    cost = meter.cost
     return VideoEditResult(
         out=out, frames=writer.frames, fps=info.fps, width=size_out[0], height=size_out[1], codec=writer.codec,
-        seconds_per_frame=per_frame, seconds=time.perf_counter() - start, unet_calls=model.counter.calls - calls0,
-        unet_rows=model.counter.rows - rows0, source_change=src_change.mean, edit_change=edit_change.mean,
+        seconds_per_frame=per_frame, seconds=cost.seconds, unet_calls=cost.unet_calls,
+        unet_rows=cost.unet_rows, source_change=src_change.mean, edit_change=edit_change.mean,
         temporal_consistency=ratio if ratio is None or math.isfinite(ratio) else None,
         edited=kept if keep_frames else None)
 

@@ -11,42 +11,27 @@ word at the latent resolution (for heat maps): never the large self-attention ma
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
-from npinv.attention.align import RefineMap
 from npinv.attention.processor import LayerInfo, map_size
 from npinv.sampling import StepHook, StepState
 
 
 @dataclasses.dataclass
 class CrossEdit:
-    """How each target's cross-attention is built from the source's.
-
-    ``replace``: (T, K, K) mappers (word swap); ``refine``: per-target :class:`RefineMap`;
-    neither: the source's attention as it is (reweight alone). ``reweight``: (T, K) token scales.
-    ``alpha``: (steps, T, K) weight of the edited attention at each step (cross_replace_steps).
-    """
+    """How each target's cross-attention is built from the source's: ``edit`` (an
+    :class:`~npinv.attention.controllers.AttentionEdit`: word swap, refinement, reweighting) mixed in
+    with weight ``alpha`` (steps, T, K) at each step (cross_replace_steps)."""
 
     alpha: torch.Tensor
-    replace: torch.Tensor | None = None
-    refine: list[RefineMap] | None = None
-    reweight: torch.Tensor | None = None
+    edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
     def apply(self, base: torch.Tensor, target: torch.Tensor, step: int) -> torch.Tensor:
         """base (H, Q, K) of the source; target (T, H, Q, K); returns the targets' new attention."""
-        if self.replace is not None:
-            edited = torch.einsum("hqk,tkj->thqj", base, self.replace.to(base))
-        elif self.refine is not None:
-            edited = torch.stack([
-                base[..., m.index.to(base.device)] * m.alpha.to(base) + target[t] * (1 - m.alpha.to(base))
-                for t, m in enumerate(self.refine)
-            ])
-        else:
-            edited = base.unsqueeze(0).expand_as(target)
-        if self.reweight is not None:
-            edited = edited * self.reweight.to(base)[:, None, None, :]
+        edited = self.edit(base, target)
         a = self.alpha[min(step, len(self.alpha) - 1)].to(base)[:, None, None, :]
         return edited * a + target * (1 - a)
 

@@ -60,3 +60,30 @@ def heat_image(heat: torch.Tensor, scale: int = 1) -> Image.Image:
         rgb = np.repeat((arr[..., None] * 255).astype(np.uint8), 3, axis=-1)
     img = Image.fromarray(rgb, "RGB")
     return img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST)
+
+
+def save_attention_maps(model, result, source_prompt: str, folder, *, stage=None) -> list[str]:
+    """One heat map PNG per word of the source and of each target prompt (into ``stage``'s
+    temporaries when given, see :func:`npinv.io.staged_outputs`)."""
+    import contextlib
+    from pathlib import Path
+
+    from npinv.attention.maps import heat_image, word_maps
+    from npinv.io import save_image, writing
+
+    folder = Path(folder)
+    created = not folder.exists()
+    with writing(folder, "create folder"):
+        folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    try:
+        for m in word_maps(model, result, source_prompt):
+            path = folder / f"{m.file_stem}.png"
+            save_image(heat_image(m.heat, scale=max(1, 256 // m.heat.shape[-1])), path, stage=stage)
+            written.append(str(path))
+    except BaseException:
+        if created and stage is None:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+        raise
+    return written

@@ -1,9 +1,9 @@
-"""A bounded least-recently-used cache of inversions, one per browser session.
+"""A bounded least-recently-used cache of inversions.
 
-Each session owns its cache (the app keeps it in ``gr.State``), so nobody is ever served an
-inversion of someone else's image. The key is everything that changes the inversion: the
-uploaded file's bytes, the source prompt, the step count, the timestep offset, the resize mode
-and the model, so any change to one of them inverts again.
+The web app keeps one per browser session (in ``gr.State``), so nobody is ever served an inversion
+of someone else's image; edit-batch and the benchmarks keep one per run. Keys are
+:class:`npinv.service.InversionKey`: everything that changes an inversion, so any change to one of
+them inverts again.
 """
 
 from __future__ import annotations
@@ -12,21 +12,10 @@ import copy
 import dataclasses
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable
 from typing import Any
 
 import torch
-
-
-@dataclasses.dataclass(frozen=True)
-class CacheKey:
-    """What identifies one inversion."""
-
-    model: str  # the model's fingerprint
-    image: str  # sha256 of the uploaded file's bytes
-    prompt: str
-    steps: int
-    offset: int | None  # None: the model's configured offset
-    resize: str = "crop"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +64,7 @@ class InversionCache:
     hits: int = 0
     misses: int = 0
     evictions: int = 0
-    _entries: OrderedDict[CacheKey, _Entry] = dataclasses.field(default_factory=OrderedDict, repr=False)
+    _entries: OrderedDict[Hashable, _Entry] = dataclasses.field(default_factory=OrderedDict, repr=False)
     _lock: _Lock = dataclasses.field(default_factory=_Lock, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -84,7 +73,7 @@ class InversionCache:
         if self.max_bytes < 1:
             raise ValueError("max_bytes must be at least 1")
 
-    def get(self, key: CacheKey) -> Any | None:
+    def get(self, key: Hashable) -> Any | None:
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
@@ -94,7 +83,7 @@ class InversionCache:
             self.hits += 1
             return entry.value
 
-    def put(self, key: CacheKey, value: Any, nbytes: int | None = None) -> bool:
+    def put(self, key: Hashable, value: Any, nbytes: int | None = None) -> bool:
         """Store ``value`` (replacing an entry with the same key); evict the least recently used
         entries until both bounds hold. Returns whether the value was kept."""
         size = tensor_bytes(value) if nbytes is None else int(nbytes)
@@ -116,7 +105,7 @@ class InversionCache:
         with self._lock:
             return len(self._entries)
 
-    def keys(self) -> list[CacheKey]:
+    def keys(self) -> list[Hashable]:
         """Keys from least to most recently used."""
         with self._lock:
             return list(self._entries)

@@ -1,0 +1,220 @@
+"""Inversion methods, one object each, and the registry every front end lists them from.
+
+A method is a choice of inputs to the one sampling loop (:func:`npinv.sampling.sample`): the
+negative embedding of each branch at each step, the guidance rule and its step hooks.
+
+- ``npi``: the source embedding is the negative (one UNet row for the source branch), CFG;
+- ``proxnpi``: NPI's negatives, proximal guidance, inversion guidance below ``recon_t``;
+- ``proxnpi-noig``: the same without inversion guidance;
+- ``nti``: per-step negatives optimised while reconstructing (null-text inversion), CFG;
+- ``ddim``: the null embedding as negative, CFG (drifts for w > 1: what NPI and NTI fix).
+
+Adding a method: subclass :class:`Method`, add an instance to :data:`METHODS`, and add its rows to
+the tests of ``tests/test_methods.py``. Every front end (CLI choices, manifests, the web app's
+menu, the benchmarks) lists methods from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
+from typing import TYPE_CHECKING
+
+import torch
+
+from npinv.checks import check_guidance, short_repr
+from npinv.cost import Cost
+from npinv.errors import NpinvError
+from npinv.guidance import CFG, ProximalGuidance
+from npinv.inversion import Inversion, NullTextOptimisation
+from npinv.model import Model, PromptEmbedding
+from npinv.sampling import Branch, Guidance, StepHook, StepState, sample
+
+if TYPE_CHECKING:
+    from npinv.settings import EditSettings
+
+
+@dataclasses.dataclass(frozen=True)
+class EditGroup:
+    """One edited image in the loop's branch layout: its source branch, its target branches and its
+    inversion trajectory (what a method's hooks pull toward)."""
+
+    source: int
+    targets: list[int]
+    trajectory: torch.Tensor
+
+
+class Method:
+    """Base class: NPI's negatives with classifier-free guidance and no hooks; subclasses override."""
+
+    name = ""
+    summary = ""
+
+    def negatives(self, inv: Inversion, guidance: float) -> list[PromptEmbedding] | None:
+        """The negative at each step, or None when this inversion lacks what the method needs (NTI
+        not yet optimised at this guidance): :meth:`optimiser` then makes it while reconstructing."""
+        return [inv.source] * inv.steps
+
+    def optimiser(self, model: Model, inv: Inversion, guidance: CFG, *,
+                  inner_steps: int = 10) -> NullTextOptimisation | None:
+        return None
+
+    def guidance(self, scale: float, settings: EditSettings | None = None,
+                 groups: Sequence[EditGroup] = ()) -> Guidance:
+        return CFG(scale)
+
+    def hooks(self, settings: EditSettings, groups: Sequence[EditGroup]) -> list[StepHook]:
+        return []
+
+    def __repr__(self) -> str:
+        return f"<method {self.name}>"
+
+
+class NPI(Method):
+    name = "npi"
+    summary = "negative-prompt inversion: the source prompt is the negative"
+
+
+class DDIM(Method):
+    name = "ddim"
+    summary = "plain DDIM inversion: the null prompt is the negative"
+
+    def negatives(self, inv: Inversion, guidance: float) -> list[PromptEmbedding]:
+        return [inv.null] * inv.steps
+
+
+class NullText(Method):
+    name = "nti"
+    summary = "null-text inversion: negatives optimised per step (slow; reused at the same guidance)"
+
+    def negatives(self, inv: Inversion, guidance: float) -> list[PromptEmbedding] | None:
+        # The one reuse rule: a saved or cached NTI result serves the guidance it was optimised for.
+        if inv.negatives is not None and inv.nti and inv.nti.get("guidance") == guidance:
+            return list(inv.negatives)
+        return None
+
+    def optimiser(self, model: Model, inv: Inversion, guidance: CFG, *,
+                  inner_steps: int = 10) -> NullTextOptimisation:
+        return NullTextOptimisation(model, inv, guidance, inner_steps=inner_steps)
+
+
+class ProxNPI(Method):
+    """ProxNPI (Han et al. 2023): NPI's negatives with proximal guidance and, unless ``-noig``,
+    inversion guidance below ``recon_t``."""
+
+    def __init__(self, inversion_guidance: bool) -> None:
+        self.inversion_guidance = inversion_guidance
+        self.name = "proxnpi" if inversion_guidance else "proxnpi-noig"
+        self.summary = ("NPI with proximal guidance and inversion guidance" if inversion_guidance
+                        else "NPI with proximal guidance, without inversion guidance")
+
+    def guidance(self, scale: float, settings: EditSettings | None = None,
+                 groups: Sequence[EditGroup] = ()) -> Guidance:
+        quantile = 0.75 if settings is None else settings.prox_quantile
+        # One quantile per edited image, so that batching images changes no image's result.
+        rows = tuple((g.source, g.targets[-1] + 1) for g in groups) or None
+        return ProximalGuidance(scale, quantile, groups=rows)
+
+    def hooks(self, settings: EditSettings, groups: Sequence[EditGroup]) -> list[StepHook]:
+        if not self.inversion_guidance:
+            return []
+        return [InversionGuidance([(g.targets, g.trajectory) for g in groups], settings.recon_t, settings.recon_lr)]
+
+
+class InversionGuidance(StepHook):
+    """ProxNPI's inversion guidance: below ``recon_t`` pull each target's unedited region (outside
+    the step's proximal mask, ``state.guidance_mask``) toward its image's inversion trajectory by
+    ``recon_lr`` (1 copies it)."""
+
+    def __init__(self, groups: list[tuple[list[int], torch.Tensor]], recon_t: int, recon_lr: float) -> None:
+        self.groups = groups  # (target branches, their trajectory)
+        self.recon_t, self.recon_lr = recon_t, recon_lr
+
+    def after_step(self, state: StepState) -> None:
+        if state.t >= self.recon_t or state.guidance_mask is None:
+            return
+        k = state.schedule.steps - 1 - state.i
+        z = state.z_next
+        m = state.guidance_mask.to(z)
+        for targets, trajectory in self.groups:
+            ref = trajectory[k].to(z)
+            z[targets] = z[targets] - self.recon_lr * (z[targets] - ref) * (1 - m[targets])
+
+
+# The registry, in the order front ends list the methods. Read-only: no module-level mutable state.
+METHODS: Mapping[str, Method] = MappingProxyType(
+    {m.name: m for m in (NPI(), ProxNPI(True), ProxNPI(False), NullText(), DDIM())})
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(METHODS)
+
+
+def get_method(name: str | Method) -> Method:
+    if isinstance(name, Method):
+        return name
+    try:
+        return METHODS[name]
+    except (KeyError, TypeError):
+        raise NpinvError(f"unknown method {short_repr(name)}; choose one of {', '.join(METHODS)}") from None
+
+
+@dataclasses.dataclass
+class Reconstruction:
+    """A method's reconstruction of an inverted image, and what it cost (the inversion excluded)."""
+
+    method: str
+    guidance: float
+    latent: torch.Tensor
+    image: torch.Tensor  # (1, 3, H, W) in [-1, 1]
+    cost: Cost
+    inversion: Inversion  # with NTI's optimised negatives when the method made them
+
+    @property
+    def unet_calls(self) -> int:
+        return self.cost.unet_calls
+
+    @property
+    def unet_rows(self) -> int:
+        return self.cost.unet_rows
+
+
+def reconstruct(model: Model, inv: Inversion, method: str | Method, guidance: float = 7.5, *,
+                progress: bool = False, nti_inner_steps: int = 10) -> Reconstruction:
+    """Sample from ``z*[n]`` with the source prompt and the method's negatives at scale ``guidance``.
+
+    For NTI the optimisation walk is the reconstruction, and the optimised negatives are stored
+    on the returned inversion for later edits.
+    """
+    from npinv.cost import Meter
+
+    method = get_method(method)
+    check_guidance(guidance)
+    meter = Meter(model)
+    rule = method.guidance(guidance)
+    negatives = method.negatives(inv, guidance)
+    hooks: list[StepHook] = []
+    optimiser = None
+    if negatives is None:
+        optimiser = method.optimiser(model, inv, CFG(guidance), inner_steps=nti_inner_steps)
+        negatives, hooks = [inv.null] * inv.steps, [optimiser]
+    branch = Branch(inv.source, list(negatives))
+    result = sample(model, inv.noise, inv.schedule_for(model), [branch], rule, hooks=hooks,
+                    progress=f"{method.name} sample" if progress else None)
+    if optimiser is not None:
+        inv = dataclasses.replace(inv, negatives=branch.negatives,
+                                  nti={"guidance": guidance, "inner_steps": nti_inner_steps, "losses": optimiser.losses})
+    image = model.decode(result.latents)
+    return Reconstruction(method.name, guidance, result.latents, image, meter.cost, inv)
+
+
+def prepared_negatives(model: Model, method: Method, inv: Inversion, guidance: float) -> tuple[list, Inversion, Cost]:
+    """The method's negatives for an edit at ``guidance``; NTI optimises first if it must (its cost)."""
+    negatives = method.negatives(inv, guidance)
+    if negatives is not None:
+        return negatives, inv, Cost()
+    rec = reconstruct(model, inv, method, guidance)
+    negatives = method.negatives(rec.inversion, guidance)
+    assert negatives is not None, f"{method.name} made no negatives"
+    return negatives, rec.inversion, rec.cost

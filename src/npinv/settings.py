@@ -1,0 +1,492 @@
+"""The one settings schema: every inversion, reconstruction and edit setting with its type, default,
+bounds and help, in one place.
+
+Each setting is a dataclass field whose metadata holds a :class:`Spec` (its :class:`Kind` and help).
+The front ends are derived from the fields: ``npinv`` flags (:mod:`npinv.cli`), edit-batch manifest
+keys and CSV columns (:mod:`npinv.batch`) and the web app's controls (:mod:`npinv.webapp.app`). Values
+are read by :func:`from_text` (flags, CSV cells, text boxes) or :func:`from_value` (JSON, the Python
+API), and checked only by :meth:`Kind.check`, so a bad value gets the same one-line message
+``NAME must be WHAT, got VALUE`` from every front end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+from npinv.checks import MAX_SIZE, MIN_SIZE, SIZE_MULTIPLE, short_repr
+from npinv.errors import NpinvError
+
+# -- kinds: how a value is read from text or JSON and what it must be ------------------------------
+
+
+class Kind:
+    """A setting's type. ``what`` completes "must be ..." in messages."""
+
+    what = "a value"
+
+    def from_text(self, text: str) -> Any:
+        return text
+
+    def from_value(self, value: Any) -> Any:
+        return value
+
+    def ok(self, value: Any) -> bool:
+        return True
+
+    def to_json(self, value: Any) -> Any:
+        return value
+
+    def message(self, name: str, value: Any) -> str:
+        return f"{name} must be {self.what}, got {short_repr(value)}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Number(Kind):
+    """A finite number in ``low..high`` (``low_open``: above ``low``), whole if ``integer``;
+    ``optional``: None allowed (text ``none``, ``default`` or empty)."""
+
+    low: float
+    high: float
+    integer: bool = False
+    low_open: bool = False
+    optional: bool = False
+    multiple: int = 1
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        kind = "a whole number" if self.integer else "a number"
+        span = f"in ({self.low:g}, {self.high:g}]" if self.low_open else f"in {self.low:g}..{self.high:g}"
+        extra = f" and a multiple of {self.multiple}" if self.multiple > 1 else ""
+        return f"{kind} {span}{extra}" + (" (or none)" if self.optional else "")
+
+    def from_text(self, text: str) -> Any:
+        text = text.strip()
+        if self.optional and text.lower() in ("", "none", "null", "default"):
+            return None
+        try:
+            return int(text) if self.integer and re.fullmatch(r"[+-]?\d+", text) else float(text)
+        except ValueError:
+            return text  # refused by ok(), with the usual message
+
+    def from_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.from_text(value)
+        if self.integer and isinstance(value, float) and value.is_integer():
+            return int(value)
+        return value
+
+    def ok(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        try:
+            v = float(value)
+        except OverflowError:
+            return False
+        if not math.isfinite(v) or v > self.high or v < self.low or (self.low_open and v == self.low):
+            return False
+        return not (self.integer and value % self.multiple)
+
+    def message(self, name: str, value: Any) -> str:
+        if (self.multiple > 1 and isinstance(value, int) and not isinstance(value, bool)
+                and self.low <= value <= self.high and value % self.multiple):
+            below = max(self.multiple, value - value % self.multiple)
+            return f"{name} {value} must be a multiple of {self.multiple}; use {below} or {below + self.multiple}"
+        return super().message(name, value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice(Kind):
+    """One of ``options`` (a callable for lists that live elsewhere: the method registry)."""
+
+    options: tuple[Any, ...] | Callable[[], tuple[Any, ...]]
+    optional: bool = False
+
+    def choices(self) -> tuple[Any, ...]:
+        return self.options() if callable(self.options) else self.options
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        names = [str(c) for c in self.choices()] + (["default"] if self.optional else [])
+        return "one of " + ", ".join(names)
+
+    def from_text(self, text: str) -> Any:
+        text = text.strip()
+        if self.optional and text.lower() in ("", "none", "null", "default"):
+            return None
+        for c in self.choices():
+            if str(c) == text:
+                return c
+        return text
+
+    def from_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.from_text(value)
+        if isinstance(value, float) and value.is_integer():  # 1.0 from a JSON client for offset 1
+            return int(value)
+        return value
+
+    def ok(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
+        return not isinstance(value, bool) and any(value == c and type(value) is type(c) for c in self.choices())
+
+
+@dataclasses.dataclass(frozen=True)
+class Flag(Kind):
+    what = "true or false"
+
+    def from_text(self, text: str) -> Any:
+        return {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False, "": False}.get(
+            text.strip().lower(), text)
+
+    def from_value(self, value: Any) -> Any:
+        if value is None:
+            return False
+        return self.from_text(value) if isinstance(value, str) else value
+
+    def ok(self, value: Any) -> bool:
+        return isinstance(value, bool)
+
+
+def _fraction(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Window(Kind):
+    """A fraction ``f`` of the steps (the first f), or a window ``START,END`` of fractions."""
+
+    what = "a fraction in 0..1 or a window START,END of fractions with START <= END"
+
+    def from_text(self, text: str) -> Any:
+        parts = [p.strip() for p in text.split(",")]
+        try:
+            values = [float(p) for p in parts]
+        except ValueError:
+            return text
+        return values[0] if len(values) == 1 else tuple(values)
+
+    def from_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.from_text(value)
+        if isinstance(value, list):
+            return tuple(value)
+        return value
+
+    def ok(self, value: Any) -> bool:
+        if isinstance(value, tuple):
+            return len(value) == 2 and all(map(_fraction, value)) and value[0] <= value[1]
+        return _fraction(value)
+
+    def to_json(self, value: Any) -> Any:
+        return list(value) if isinstance(value, tuple) else value
+
+
+def _word_items(text: str) -> list[tuple[str, str]] | None:
+    """``"red=2 blue=0.5"`` (spaces or semicolons between items) -> [("red", "2"), ("blue", "0.5")]."""
+    out = []
+    for item in re.split(r"[\s;]+", text.strip()):
+        if not item:
+            continue
+        word, sep, value = item.partition("=")
+        if not sep or not word:
+            return None
+        out.append((word, value))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class WordWindows(Kind):
+    """Per-word windows of the target prompt: ``WORD=FRACTION`` or ``WORD=START,END`` items."""
+
+    what = "WORD=FRACTION or WORD=START,END items, each a fraction in 0..1 or a window of fractions"
+
+    def from_text(self, text: str) -> Any:
+        items = _word_items(text)
+        return text if items is None else {w: Window().from_text(v) for w, v in items}
+
+    def from_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.from_text(value)
+        if isinstance(value, dict):
+            return {w: Window().from_value(v) for w, v in value.items()}
+        return value
+
+    def ok(self, value: Any) -> bool:
+        return isinstance(value, dict) and all(isinstance(w, str) and w and Window().ok(v) for w, v in value.items())
+
+    def to_json(self, value: Any) -> Any:
+        return {w: Window().to_json(v) for w, v in value.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class WordNumbers(Kind):
+    """Per-word numbers in ``-limit..limit``: ``WORD=NUMBER`` items (commas also separate them)."""
+
+    limit: float = 20.0
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        return f"WORD=NUMBER items with numbers in -{self.limit:g}..{self.limit:g}"
+
+    def from_text(self, text: str) -> Any:
+        items = _word_items(text.replace(",", " "))
+        if items is None:
+            return text
+        out: dict[str, Any] = {}
+        for word, value in items:
+            try:
+                out[word] = float(value)
+            except ValueError:
+                out[word] = value
+        return out
+
+    def from_value(self, value: Any) -> Any:
+        return self.from_text(value) if isinstance(value, str) else value
+
+    def ok(self, value: Any) -> bool:
+        return isinstance(value, dict) and all(
+            isinstance(w, str) and w and isinstance(v, (int, float)) and not isinstance(v, bool)
+            and math.isfinite(v) and -self.limit <= v <= self.limit for w, v in value.items())
+
+
+@dataclasses.dataclass(frozen=True)
+class WordPair(Kind):
+    """Two words (a source prompt's and a target prompt's), or none."""
+
+    what = "two words, SOURCE_WORD TARGET_WORD (or none)"
+
+    def from_text(self, text: str) -> Any:
+        words = text.replace(",", " ").split()
+        return None if not words or words == ["none"] else tuple(words)
+
+    def from_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.from_text(value)
+        if isinstance(value, list):
+            return tuple(value)
+        return value
+
+    def ok(self, value: Any) -> bool:
+        return value is None or (isinstance(value, tuple) and len(value) == 2
+                                 and all(isinstance(w, str) and w.strip() and not any(c.isspace() for c in w)
+                                         for w in value))
+
+    def to_json(self, value: Any) -> Any:
+        return None if value is None else list(value)
+
+
+# -- the schema ------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """What the front ends need of one setting besides its name and default."""
+
+    kind: Kind
+    help: str
+    label: str = ""  # the web app's control label (default: the help's first clause)
+    metavar: str | None = None
+    web: bool = True  # offered by the web app's form
+    advanced: bool = False  # the web app shows it under "More settings"
+    aliases: tuple[str, ...] = ()  # older flag names the CLI still takes
+
+
+def setting(default: Any, kind: Kind, help: str, **spec: Any) -> Any:
+    factory = {"default_factory": type(default)} if isinstance(default, dict) else {"default": default}
+    return dataclasses.field(**factory, metadata={"spec": Spec(kind, help, **spec)})
+
+
+def flag_name(name: str) -> str:
+    """``cross_replace`` -> ``cross-replace``: the flag (after ``--``) and the name messages use."""
+    return name.replace("_", "-")
+
+
+T = TypeVar("T")
+
+
+def specs(cls: type) -> Iterator[tuple[dataclasses.Field, Spec]]:
+    """The schema's fields of a settings class (fields without a Spec are not user settings)."""
+    for f in dataclasses.fields(cls):
+        if "spec" in f.metadata:
+            yield f, f.metadata["spec"]
+
+
+def default_of(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def check_value(name: str, kind: Kind, value: Any) -> Any:
+    """The one check of every setting: the same message from every front end."""
+    if not kind.ok(value):
+        raise NpinvError(kind.message(flag_name(name), value))
+    return value
+
+
+def check_fields(obj: Any) -> None:
+    for f, spec in specs(type(obj)):
+        check_value(f.name, spec.kind, getattr(obj, f.name))
+
+
+def from_value(cls: type[T], values: dict[str, Any], base: T | None = None) -> T:
+    """``cls`` from JSON-like ``values`` (a manifest row, the web app's form, the API), over ``base``
+    (or the defaults); unknown names are refused; every value is checked."""
+    return _build(cls, values, base, text=False)
+
+
+def from_text(cls: type[T], values: dict[str, str], base: T | None = None) -> T:
+    """``cls`` from text values (command-line flags, CSV cells)."""
+    return _build(cls, values, base, text=True)
+
+
+def _build(cls: type[T], values: dict[str, Any], base: Any, text: bool) -> T:
+    fields = {f.name: spec for f, spec in specs(cls)}
+    unknown = [k for k in values if k not in fields]
+    if unknown:
+        raise NpinvError(f"unknown setting {short_repr(unknown[0])} (known: {', '.join(fields)})")
+    out = {}
+    for name, value in values.items():
+        kind = fields[name].kind
+        if text and isinstance(value, str):
+            value = kind.from_text(value)
+        else:
+            value = kind.from_value(value)
+        out[name] = check_value(name, kind, value)
+    obj = cls() if base is None else base
+    obj = dataclasses.replace(obj, **out)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        validate()
+    return obj
+
+
+def as_json(obj: Any) -> dict[str, Any]:
+    """The schema's values of a settings object as JSON-ready values (resume keys, reports)."""
+    return {f.name: spec.kind.to_json(getattr(obj, f.name)) for f, spec in specs(type(obj))}
+
+
+# -- the settings --------------------------------------------------------------------------------
+def _method_names() -> tuple[str, ...]:
+    from npinv.methods import method_names
+
+    return method_names()
+
+
+def _controller_names() -> tuple[str, ...]:
+    from npinv.attention.controllers import controller_names
+
+    return controller_names()
+
+
+@dataclasses.dataclass(frozen=True)
+class InvertSettings:
+    """How an image becomes an inversion: the step grid and how the image is sized."""
+
+    steps: int = setting(50, Number(1, 1000, integer=True), "DDIM steps", label="DDIM steps")
+    offset: int | None = setting(None, Choice((0, 1), optional=True),
+                                 "timestep offset: 0 as published code, 1 as the SD config (default: the model's config)",
+                                 label="Timestep offset")
+    size: int | None = setting(None, Number(MIN_SIZE, MAX_SIZE, integer=True, optional=True, multiple=SIZE_MULTIPLE),
+                               "side in pixels for the model (default: the model's)", web=False)
+    resize: str = setting("crop", Choice(("crop", "fit")),
+                          "crop: centre square crop; fit: keep aspect, sides multiples of 8",
+                          label="Resize (crop: centre square)")
+
+    def validate(self) -> None:
+        check_fields(self)
+
+    def key(self) -> tuple:
+        return (self.steps, self.offset, self.size, self.resize)
+
+
+@dataclasses.dataclass(frozen=True)
+class ReconstructSettings:
+    """How an inversion is reconstructed."""
+
+    method: str = setting("npi", Choice(_method_names), "inversion method")
+    guidance: float = setting(7.5, Number(0, 30), "guidance scale w (default 7.5)")
+
+    def validate(self) -> None:
+        check_fields(self)
+
+
+GUIDANCE_HELP = "guidance scale w (default: the model's recommended editing guidance, else 7.5)"
+
+
+@dataclasses.dataclass(frozen=True)
+class EditSettings:
+    """Everything that shapes an edit besides the prompts and the inversion."""
+
+    method: str = setting("npi", Choice(_method_names), "inversion method (proxnpi: proximal guidance with "
+                          "inversion guidance; proxnpi-noig: without it)", label="Method")
+    controller: str = setting("refine", Choice(_controller_names),
+                              "attention control: replace (word swap), refine (add or change words), reweight, none",
+                              label="Attention control")
+    # None: the model's recommended editing guidance (its folder's npinv.json), else 7.5; see resolved().
+    guidance: float | None = setting(None, Number(0, 30, optional=True), GUIDANCE_HELP, label="Guidance")
+    cross_replace: float | tuple[float, float] = setting(
+        0.8, Window(), "fraction of steps (or START,END window) with cross-attention replaced (default 0.8)",
+        label="Cross-attention replace (fraction or START,END)", metavar="F|START,END")
+    cross_replace_words: dict[str, float | tuple[float, float]] = setting(
+        {}, WordWindows(), "per-word cross-replace windows of target words, WORD=F or WORD=START,END",
+        label="Per-word cross-replace (WORD=F ...)", metavar="WORD=F", advanced=True, aliases=("cross-replace-word",))
+    self_replace: float | tuple[float, float] = setting(
+        0.6, Window(), "fraction of steps (or START,END window) with self-attention replaced (default 0.6)",
+        label="Self-attention replace (fraction or START,END)", metavar="F|START,END")
+    # Self-attention is replaced in layers whose query maps are at most this fraction of the latent's side:
+    # 0.5 is 32x32 at 512 px, as google/prompt-to-prompt (diffusers' community pipeline: 0.25).
+    self_replace_size: float = setting(
+        0.5, Number(0, 1, low_open=True), "replace self-attention in layers whose maps are at most this fraction "
+        "of the latent side (0.5: 32x32 at 512 px, as google/prompt-to-prompt)",
+        label="Self-replace layers (fraction of the latent side)", advanced=True)
+    blend: tuple[str, str] | None = setting(None, WordPair(), "local blend: edit only near these words",
+                                            label="Local blend: SOURCE_WORD TARGET_WORD", metavar="SRC TGT")
+    blend_threshold: float = setting(0.3, Number(0, 1), "local blend's mask threshold (default 0.3)",
+                                     label="Blend threshold", advanced=True)
+    blend_start: float = setting(0.2, Number(0, 1), "local blend acts from this fraction of the steps "
+                                 "(default 0.2, as the null-text notebook)", label="Blend start", advanced=True)
+    # Side (longer, in cells) of the cross-attention maps local blend reads; None: those closest to 16 cells.
+    blend_res: int | None = setting(None, Number(1, 4096, integer=True, optional=True),
+                                    "read local blend's masks from the cross-attention maps whose longer side is "
+                                    "closest to this many cells (default 16: SD's 16x16 layers at 512 px)",
+                                    label="Blend map side (cells; empty: 16)", metavar="CELLS", advanced=True)
+    reweight: dict[str, float] = setting({}, WordNumbers(), "scale a target word's cross-attention, WORD=SCALE",
+                                         label="Reweight (WORD=SCALE ...)", metavar="WORD=SCALE")
+    direct: bool = setting(False, Flag(), "direct inversion: pin the source branch to the trajectory",
+                           label="Direct inversion (pin the source branch)")
+    prox_quantile: float = setting(0.75, Number(0, 1), "ProxNPI: quantile of |guidance| kept as the edit (0.75)",
+                                   label="ProxNPI quantile", advanced=True)
+    recon_t: int = setting(400, Number(0, 1000, integer=True),
+                           "ProxNPI: inversion guidance acts below this timestep (default 400)",
+                           label="ProxNPI inversion-guidance timestep", advanced=True)
+    recon_lr: float = setting(1.0, Number(0, 1), "ProxNPI: inversion guidance's pull (1 copies the trajectory)",
+                              label="ProxNPI inversion-guidance strength", advanced=True)
+    # An output choice, not a setting: record per-word maps at the latent resolution for heat maps.
+    keep_attention_maps: bool = False
+
+    def validate(self) -> None:
+        check_fields(self)
+        if self.controller == "reweight" and not self.reweight:
+            raise NpinvError("the reweight controller needs at least one reweight WORD=SCALE")
+
+    def resolved(self, model: Any) -> EditSettings:
+        """With the guidance the model recommends when none is set."""
+        return self if self.guidance is not None else dataclasses.replace(self, guidance=model.edit_guidance)
+
+    @property
+    def cross_windows(self) -> float | tuple[float, float] | dict[str, Any]:
+        """Cross-replace as :func:`npinv.attention.align.cross_replace_alpha` takes it."""
+        if not self.cross_replace_words:
+            return self.cross_replace
+        return {"default_": self.cross_replace, **self.cross_replace_words}
+
+    @property
+    def self_window(self) -> tuple[float, float]:
+        w = self.self_replace
+        return (0.0, float(w)) if not isinstance(w, tuple) else (float(w[0]), float(w[1]))
