@@ -1,4 +1,4 @@
-"""The ``npinv`` command line: thin parsing over :mod:`npinv.pipeline`.
+"""The ``npinv`` command line: parsing (flags derived from :mod:`npinv.settings`) and printing over :mod:`npinv.service`.
 
 User errors print one line ``npinv: error: ...`` and exit with code 2; nothing is written then.
 """

@@ -1,7 +1,7 @@
 """The DDIM schedule as data: the timestep grid and the deterministic (eta = 0) forward and
 inverse steps, in fp32 whatever dtype the UNet runs in.
 
-Conventions (see METHOD.md): leading spacing ``t_i = i * D + offset`` with ``D = T // n``;
+Conventions (see docs/method.md): leading spacing ``t_i = i * D + offset`` with ``D = T // n``;
 denoising step ``i`` goes from level ``t_i`` to ``t_i - D`` (``final_alpha`` below zero);
 inversion step ``i`` goes from ``t_i - D`` up to ``t_i`` with the model evaluated at the
 destination ``t_i``, as prompt-to-prompt and diffusers' ``DDIMInverseScheduler`` do. A v-prediction

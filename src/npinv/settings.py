@@ -77,6 +77,11 @@ class Number(Kind):
             return self.from_text(value)
         if self.integer and isinstance(value, float) and value.is_integer():
             return int(value)
+        if not self.integer and isinstance(value, int) and not isinstance(value, bool):
+            try:
+                return float(value)  # JSON's 3 is the command line's 3.0
+            except OverflowError:
+                return value
         return value
 
     def ok(self, value: Any) -> bool:

@@ -102,7 +102,7 @@ def controlled_attention(unet, hook: AttentionHook, *, self_min_downscale: float
     """Route the cross-attention layers, and the self-attention layers whose queries are downscaled at
     least ``self_min_downscale`` times from the latent, through ``hook``; restore every processor after.
 
-    METHOD.md replaces self-attention up to 32x32 queries at 512 px (latent 64x64): downscale 2.
+    google/prompt-to-prompt replaces self-attention up to 32x32 queries at 512 px (latent 64x64): downscale 2.
     """
     original = dict(unet.attn_processors)
     infos = layer_infos(unet)
