@@ -128,3 +128,27 @@ def test_the_run_flags_are_each_rows_defaults(tmp_path, picture, sd_folder):
     row = read_manifest(manifest, EditSettings(cross_replace=0.4))[0]
     assert row.edit.cross_replace == 0.4 and row.edit.cross_replace_words == {"green": (0.2, 0.5)}
     assert row.edit.cross_windows == {"default_": 0.4, "green": (0.2, 0.5)}
+
+
+@pytest.fixture(scope="module")
+def engine(sd_model):
+    from npinv.webapp.engine import Engine
+
+    engine = Engine(sd_model)
+    yield engine
+    engine.close()
+
+
+WEB_CASES = [c for c in CASES if c[1] != "size"]  # the page has no size: an upload is sized to the model
+
+
+@pytest.mark.parametrize("cls,name,kind,value", WEB_CASES, ids=[f"{c[1]}={c[3]}" for c in WEB_CASES])
+def test_web_app_gives_the_schema_message(engine, cls, name, kind, value):
+    """The web app's handler reads a form value (any JSON a client sends) through the same schema."""
+    message = expected(cls, name, kind, value)
+    with pytest.raises(NpinvError) as err:
+        if cls is EditSettings:
+            engine.edit_request(TARGET, **{name: value})
+        else:
+            engine.invert_settings(**{name: value})
+    assert str(err.value) == message

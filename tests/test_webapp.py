@@ -3,8 +3,10 @@ port driven over HTTP by ``gradio_client`` (several clients at once), then the c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,8 +25,10 @@ from PIL import Image
 from npinv.demo import bundled_examples
 from npinv.errors import NpinvError
 from npinv.inversion import Inversion
+from npinv.service import prepare_file
+from npinv.settings import EditSettings, InvertSettings, flag_name, from_value, specs
 from npinv.webapp.app import ServeOptions, build_app, is_loopback, launch
-from npinv.webapp.engine import Engine, Limits, parse_edit_request, parse_reweight, read_upload
+from npinv.webapp.engine import FORM_FIELDS, Engine, Limits, parse_edit_request, read_upload
 
 STEPS = 10  # the embedded 64x64 model: about 0.1 s a step on one core
 EXAMPLE = bundled_examples()[0]  # a red circle on a blue background
@@ -114,25 +118,31 @@ def test_decompression_bomb_is_refused(model, tmp_path, monkeypatch):
 
 def test_upload_is_prepared_for_the_model(model, tmp_path):
     path = tmp_path / "wide.png"
-    Image.new("RGB", (300, 100), "red").save(path)
-    crop = read_upload(path, model)
-    assert tuple(crop.image.shape) == (1, 3, 64, 64) and crop.original_size == (300, 100)
-    fit = read_upload(path, model, resize="fit")
+    Image.effect_noise((300, 100), 60).convert("RGB").save(path)
+    crop = read_upload(path, model, name="wide.png")
+    assert tuple(crop.image.shape) == (1, 3, 64, 64) and crop.name == "wide.png"
+    fit = read_upload(path, model, InvertSettings(resize="fit"))
     assert tuple(fit.image.shape[-2:]) == (24, 64)  # aspect kept, sides multiples of 8
     (tmp_path / "copy.png").write_bytes(path.read_bytes())
     assert read_upload(tmp_path / "copy.png", model).digest == crop.digest  # the key is the bytes, not the name
+    for settings, upload in ((InvertSettings(), crop), (InvertSettings(resize="fit"), fit)):
+        cli = prepare_file(path, model, settings)  # what the command line gets for the same file
+        assert cli.digest == upload.digest and cli.image.equal(upload.image)
 
 
 def test_engine_inverts_once_per_key(engine, tmp_path):
     cache = engine.new_cache()
     first = engine.invert(cache, EXAMPLE["path"], EXAMPLE["prompt"], steps=4)
     assert not first.timings.inversion_cached and first.timings.unet_calls == 8  # 4 inversion + 4 NPI sampling
+    assert first.timings.unet_rows == 8  # one row a step each: NPI's source branch is its own negative
     assert first.psnr > 15 and first.input_image.size == first.reconstruction.size == (64, 64)
     assert Inversion.load(first.inversion_file).steps == 4
-    request = parse_edit_request(EXAMPLE["edits"][0], controller="replace")
+    request = parse_edit_request(EXAMPLE["edits"][0], {"controller": "replace"})
     again = engine.edit(cache, EXAMPLE["path"], EXAMPLE["prompt"], request, steps=4)
     assert again.timings.inversion_cached and again.timings.invert_seconds == 0.0
     assert again.timings.unet_calls == 4  # the edit only: one batched call a step
+    assert again.timings.unet_rows == 4 * 3  # the source branch's row and the target's two
+    assert again.result.cost.unet_calls == 4 and again.result.edit_cost.unet_calls == 4
     for change in ({"steps": 5}, {"offset": 0}, {"resize": "fit"}):
         report = engine.edit(cache, EXAMPLE["path"], EXAMPLE["prompt"], request, **({"steps": 4} | change))
         assert not report.timings.inversion_cached, change
@@ -143,9 +153,9 @@ def test_engine_inverts_once_per_key(engine, tmp_path):
 
 def test_nti_edit_keeps_its_optimised_negatives(engine):
     cache = engine.new_cache()
-    request = parse_edit_request(EXAMPLE["edits"][0], method="nti", controller="replace", guidance=7.5)
+    request = parse_edit_request(EXAMPLE["edits"][0], {"method": "nti", "controller": "replace", "guidance": 7.5})
     first = engine.edit(cache, EXAMPLE["path"], EXAMPLE["prompt"], request, steps=3)
-    assert first.outcome.inversion.negatives is not None
+    assert first.result.inversion.negatives is not None and first.result.prepare_cost.unet_calls > 0
     second = engine.edit(cache, EXAMPLE["path"], EXAMPLE["prompt"], request, steps=3)
     assert second.timings.inversion_cached and second.timings.unet_calls == 3  # no optimisation this time
     assert Inversion.load(second.inversion_file).negatives is not None
@@ -160,30 +170,71 @@ def test_example_rows_swap_the_changed_word():
     from npinv.webapp.app import example_rows
 
     row = example_rows()[0]
-    assert row == [EXAMPLE["path"], EXAMPLE["prompt"], "a green circle on a blue background", "replace", 2.5, "red",
-                   "green"]
+    assert row == [EXAMPLE["path"], EXAMPLE["prompt"], "a green circle on a blue background", "replace", 2.5,
+                   "red green"]
+    request = parse_edit_request(row[2], {"controller": row[3], "guidance": row[4], "blend": row[5]})
+    assert request.settings.blend == ("red", "green")  # the example fills the form with values it takes
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"target": " "}, "give a target prompt"),
-    ({"method": "magic"}, "unknown method"),
-    ({"controller": "magic"}, "unknown controller"),
-    ({"guidance": "lots"}, "guidance must be a number"),
-    ({"guidance": 50}, "guidance must lie in 0..30"),
-    ({"cross_replace": 1.5}, "cross-replace must be a fraction"),
-    ({"blend_source": "red"}, "local blend needs both words"),
-    ({"reweight": "green"}, "WORD=NUMBER"),
-    ({"controller": "reweight"}, "at least one"),
+@pytest.mark.parametrize("form,message", [
+    ({"method": "magic"}, "method must be one of npi, proxnpi, proxnpi-noig, nti, ddim, got 'magic'"),
+    ({"controller": "magic"}, "controller must be one of refine, replace, reweight, none, got 'magic'"),
+    ({"guidance": "lots"}, "guidance must be a number in 0..30 (or none), got 'lots'"),
+    ({"guidance": 40}, "guidance must be a number in 0..30 (or none), got 40"),
+    ({"cross_replace": 1.5}, "cross-replace must be a fraction in 0..1 or a window START,END of fractions with "
+                             "START <= END, got 1.5"),
+    ({"blend": "red"}, "blend must be two words, SOURCE_WORD TARGET_WORD (or none), got ('red',)"),
+    ({"reweight": "green"}, "reweight must be WORD=NUMBER items with numbers in -20..20, got 'green'"),
+    ({"controller": "reweight"}, "the reweight controller needs at least one reweight WORD=SCALE"),
+    ({"colour": "red"}, "unknown setting 'colour'"),
 ])
-def test_edit_request_errors(kwargs, match):
-    kwargs = {"target": "a green circle on a blue background"} | kwargs
-    with pytest.raises(NpinvError, match=match):
-        parse_edit_request(**kwargs)
+def test_edit_request_errors_are_the_schemas(form, message):
+    with pytest.raises(NpinvError) as err:
+        parse_edit_request("a green circle on a blue background", form)
+    assert str(err.value).startswith(message), str(err.value)
+    if "colour" not in form:  # the very message the schema gives the command line and manifests
+        with pytest.raises(NpinvError) as schema:
+            from_value(EditSettings, form)
+        assert str(err.value) == str(schema.value)
 
 
-def test_parse_reweight():
-    assert parse_reweight("green=2, blue=0.5") == {"green": 2.0, "blue": 0.5}
-    assert parse_reweight("") == {}
+@pytest.mark.parametrize("target", [" ", None, ""])
+def test_edit_request_needs_a_target(target):
+    with pytest.raises(NpinvError, match="give a target prompt"):
+        parse_edit_request(target)
+
+
+def test_edit_request_reads_the_forms_text_as_the_schema_does():
+    form = {"reweight": "green=2, blue=0.5", "blend": "red green", "cross_replace": "0.2,0.9",
+            "cross_replace_words": "green=0.5", "self_replace": 0.4, "direct": True, "blend_res": "",
+            "controller": "reweight", "method": "proxnpi", "recon_t": 300.0, "keep_attention_maps": True}
+    settings = parse_edit_request("a green circle", form | {"guidance": ""}, default_guidance=3.0).settings
+    assert settings.reweight == {"green": 2.0, "blue": 0.5} and settings.blend == ("red", "green")
+    assert settings.cross_replace == (0.2, 0.9) and settings.cross_replace_words == {"green": 0.5}
+    assert settings.blend_res is None and settings.recon_t == 300 and settings.keep_attention_maps
+    schema = from_value(EditSettings, {k: v for k, v in form.items() if k != "keep_attention_maps"})
+    assert settings == dataclasses.replace(schema, guidance=3.0, keep_attention_maps=True)
+    assert parse_edit_request("a green circle").settings == EditSettings(guidance=7.5)  # the schema's defaults
+
+
+def test_the_edit_form_is_derived_from_the_schema(engine):
+    import gradio as gr
+
+    demo = build_app(engine, ServeOptions(examples=False))
+    by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
+    more = by_id["npinv-more-settings"]
+    for f, spec in specs(EditSettings):
+        control = by_id[f"npinv-{flag_name(f.name)}"]
+        assert control.label == spec.label, f.name
+        inside = [more.children, *(getattr(c, "children", []) for c in more.children)]
+        assert spec.advanced == any(control in children for children in inside), f.name
+    assert by_id["npinv-controller"].value == "refine"  # the schema's default
+    assert [c[1] for c in by_id["npinv-method"].choices] == ["npi", "proxnpi", "proxnpi-noig", "nti", "ddim"]
+    assert isinstance(by_id["npinv-blend"], gr.Textbox) and isinstance(by_id["npinv-direct"], gr.Checkbox)
+    assert isinstance(by_id["npinv-blend-threshold"], gr.Slider) and by_id["npinv-cross-replace"].value == "0.8"
+    edit = next(d for d in demo.fns.values() if d.api_name == "edit")
+    assert edit.input_parameter_names == ["image", "source_prompt", "steps", "offset", "resize", "target_prompt",
+                                          "session", *FORM_FIELDS]
 
 
 def test_limits_and_options_refuse_nonsense():
@@ -210,11 +261,12 @@ def test_invert_then_edit_twice_served_from_the_cache(server, tmp_path):
 
     edit_args = {"image": handle_file(EXAMPLE["path"]), "source_prompt": EXAMPLE["prompt"], "steps": STEPS,
                  "target_prompt": "a green circle on a blue background", "controller": "replace", "guidance": 2.5,
-                 "blend_source": "red", "blend_target": "green", "attention_maps": True}
+                 "blend": "red green", "keep_attention_maps": True}
     out = c.predict(**edit_args, api_name="/edit")
     shown, edited, rec, psnr2, maps, timings, edit_file, inv_file, status = out
     assert timings["inversion_cached"] is True and timings["invert_seconds"] == 0.0
     assert timings["unet_calls"] == STEPS  # no inversion: only the batched edit calls
+    assert timings["unet_rows"] == 3 * STEPS
     assert "inversion cached" in status
     edited_px = np.asarray(Image.open(edited).convert("RGB"), dtype=float)
     input_px = np.asarray(Image.open(shown).convert("RGB"), dtype=float)
@@ -227,8 +279,8 @@ def test_invert_then_edit_twice_served_from_the_cache(server, tmp_path):
     captions = [m["caption"] for m in maps]
     assert len(maps) == 14 and "source: red" in captions and "target: green" in captions
 
-    out = c.predict(**(edit_args | {"target_prompt": "a red square on a blue background", "blend_source": "circle",
-                                    "blend_target": "square", "attention_maps": False}), api_name="/edit")
+    out = c.predict(**(edit_args | {"target_prompt": "a red square on a blue background", "blend": "circle square",
+                                    "keep_attention_maps": False}), api_name="/edit")
     assert out[5]["inversion_cached"] is True and out[5]["cache_hits"] == 2
     assert out[4] == []  # no attention maps asked for
 
@@ -254,7 +306,7 @@ def test_bad_requests_give_readable_errors(server, tmp_path):
                         ((handle_file(EXAMPLE["path"]), "  "), "give a source prompt")]:
         with pytest.raises(AppError, match=match):
             c.predict(*args, STEPS, api_name="/invert")
-    with pytest.raises(AppError, match="steps must be a whole number in 1..50"):
+    with pytest.raises(AppError, match=re.escape("steps must be a whole number in 1..50 on this server, got 500")):
         c.predict(handle_file(EXAMPLE["path"]), EXAMPLE["prompt"], 500, api_name="/invert")
     with pytest.raises(AppError, match="equal word counts"):
         c.predict(image=handle_file(EXAMPLE["path"]), source_prompt=EXAMPLE["prompt"], steps=STEPS,
@@ -330,11 +382,15 @@ def test_queue_is_bounded(engine, tmp_path):
         demo.close()
 
 
-def test_page_and_config(server):
+def test_page_and_config(server, tmp_path):
     assert httpx.get(server, timeout=30).status_code == 200
     config = httpx.get(f"{server}config", timeout=30).json()
     assert config["title"] == "npinv: invert once, edit many"
     assert {d.get("api_name") for d in config["dependencies"]} >= {"invert", "edit"}
+    # The edit endpoint's parameters are the form's: EditSettings' field names, for any client.
+    api = client(server, tmp_path).view_api(return_format="dict", print_info=False)
+    names = [p["parameter_name"] for p in api["named_endpoints"]["/edit"]["parameters"]]
+    assert names == ["image", "source_prompt", "steps", "offset", "resize", "target_prompt", *FORM_FIELDS]
 
 
 # -- the command ---------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ the server's log. First through the app's own handlers (what Gradio calls), then
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -15,10 +16,11 @@ import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
+from npinv.checks import short_repr
 from npinv.demo import bundled_examples
 from npinv.errors import NpinvError
 from npinv.webapp.app import ServeOptions, build_app, launch, page_message
-from npinv.webapp.engine import QuietTruncation, short_repr
+from npinv.webapp.engine import FORM_FIELDS, QuietTruncation
 from test_webapp import engine, free_port, model  # noqa: F401  (the app tests' server fixtures)
 
 EXAMPLE = bundled_examples()[0]  # a red circle on a blue background
@@ -91,13 +93,26 @@ def assert_one_line(message: str, match: str) -> None:
 
 
 # -- the page's handlers, as Gradio calls them ----------------------------------------------------
+# The settings' messages are the schema's (npinv.settings), the same on the command line and in manifests.
+STEPS = "steps must be a whole number in 1..1000, got "
+OFFSET = "offset must be one of 0, 1, default, got "
+RESIZE = "resize must be one of crop, fit, got "
+GUIDANCE = "guidance must be a number in 0..30 (or none), got "
+WINDOW = "must be a fraction in 0..1 or a window START,END of fractions with START <= END, got "
+REWEIGHT = "reweight must be WORD=NUMBER items with numbers in -20..20, got "
+BLEND = "blend must be two words, SOURCE_WORD TARGET_WORD (or none), got "
+
 INVERT_CASES = [  # (field, value, the message's start)
-    *[("steps", v, "steps must be a whole number in 1..50") for v in
-      (float("inf"), float("-inf"), float("nan"), "Infinity", "NaN", 10**400, 10**5000, 2.5, 0, 51, True, None, "ten", [4],
-       {"value": 4}, "4" * 100_000)],
-    *[("offset", v, "offset must be 0, 1 or default") for v in
-      (float("inf"), float("nan"), 0.5, 2, -1, True, "2", [0], "x" * 100_000)],
-    *[("resize", v, "unknown resize mode") for v in ("stretch", 5, None, ["crop"], "x" * 100_000)],
+    *[("steps", v, STEPS + short_repr(v)) for v in
+      (float("inf"), float("-inf"), float("nan"), 2.5, 0, 1001, True, None, [4], {"value": 4})],
+    *[("steps", v, STEPS + m) for v, m in (("Infinity", "inf"), ("NaN", "nan"), ("ten", "'ten'"), (10**400, "1000"),
+                                            (10**5000, "a int too long"))],
+    ("steps", 51, "steps must be a whole number in 1..50 on this server, got 51"),  # the server's own limit
+    ("steps", "4" * 100_000, "steps is 100,000 characters long; this server accepts at most 1,000"),
+    *[("offset", v, OFFSET + short_repr(v)) for v in (float("inf"), float("nan"), 0.5, 2, -1, True, "2", [0])],
+    ("offset", "x" * 100_000, "offset is 100,000 characters long"),
+    *[("resize", v, RESIZE + short_repr(v)) for v in ("stretch", 5, None, ["crop"])],
+    ("resize", "x" * 100_000, "resize is 100,000 characters long"),
     ("source_prompt", HUGE, "the source prompt is 100,000 characters long; this server accepts at most 1,000"),
     ("source_prompt", 42, "the source prompt must be text"),
     ("source_prompt", ["a", "red", "circle"], "the source prompt must be text"),
@@ -105,32 +120,37 @@ INVERT_CASES = [  # (field, value, the message's start)
 ]
 
 EDIT_CASES = [
-    *[("guidance", v, "guidance must be a finite number") for v in
-      (float("inf"), float("-inf"), float("nan"), "Infinity", "NaN", "1e400")],
-    ("guidance", 10**400, "guidance is far out of range, got 1000"),
-    *[("guidance", v, "guidance must be a number") for v in (True, [2.5], "lots", "x" * 100_000)],
-    ("guidance", 31, "guidance must lie in 0..30"),
-    ("guidance", -0.5, "guidance must lie in 0..30"),
-    *[("cross_replace", v, "cross-replace must be a finite number") for v in (float("nan"), float("inf"))],
-    ("cross_replace", 1.5, "cross-replace must be a fraction of the steps in 0..1"),
-    ("self_replace", float("-inf"), "self-replace must be a finite number"),
-    *[("reweight", v, "reweight scales must be finite numbers in -20..20") for v in
-      ("green=nan", "green=inf", "green=-inf", "green=1e400", "green=50")],
-    ("reweight", 5, "the reweight must be text"),
-    ("reweight", "green=" + "9" * 100_000, "the reweight is 100,006 characters long"),
-    ("controller", "reweight", "the reweight controller needs at least one WORD=SCALE in Reweight"),
-    ("direct", "yes", "direct inversion must be true or false"),
-    ("direct", 1, "direct inversion must be true or false"),
-    ("attention_maps", "no", "attention maps must be true or false"),
-    ("method", None, "unknown method None"),
-    ("method", "x" * 100_000, "unknown method 'xxxx"),
-    ("controller", ["refine"], "unknown controller ['refine']"),
+    *[("guidance", v, GUIDANCE + m) for v, m in
+      ((float("inf"), "inf"), (float("-inf"), "-inf"), (float("nan"), "nan"), ("Infinity", "inf"), ("NaN", "nan"),
+       ("1e400", "inf"), (10**400, "1000"), (True, "True"), ([2.5], "[2.5]"), ("lots", "'lots'"), (31, "31"),
+       (-0.5, "-0.5"))],
+    ("guidance", "x" * 100_000, "guidance is 100,000 characters long"),
+    *[("cross_replace", v, "cross-replace " + WINDOW + m) for v, m in
+      ((float("nan"), "nan"), (float("inf"), "inf"), (1.5, "1.5"), ("0.9,0.2", "(0.9, 0.2)"), ("", "''"))],
+    ("self_replace", float("-inf"), "self-replace " + WINDOW + "-inf"),
+    ("cross_replace_words", "green=2", "cross-replace-words must be WORD=FRACTION or WORD=START,END items"),
+    ("self_replace_size", 0, "self-replace-size must be a number in (0, 1], got 0"),
+    ("blend_res", 0.5, "blend-res must be a whole number in 1..4096 (or none), got 0.5"),
+    ("recon_t", "soon", "recon-t must be a whole number in 0..1000, got 'soon'"),
+    *[("reweight", v, REWEIGHT + m) for v, m in
+      (("green=nan", "{'green': nan}"), ("green=inf", "{'green': inf}"), ("green=-inf", "{'green': -inf}"),
+       ("green=1e400", "{'green': inf}"), ("green=50", "{'green': 50.0}"), ("green", "'green'"), (5, "5"))],
+    ("reweight", "green=" + "9" * 100_000, "reweight is 100,006 characters long"),
+    ("reweight", ["green=2"] * 2000, "reweight is too long; this server accepts at most 1,000 characters"),
+    ("controller", "reweight", "the reweight controller needs at least one WORD=SCALE in the Reweight box"),
+    ("direct", "maybe", "direct must be true or false, got 'maybe'"),
+    ("direct", 1, "direct must be true or false, got 1"),
+    ("keep_attention_maps", "maybe", "keep-attention-maps must be true or false, got 'maybe'"),
+    ("method", None, "method must be one of npi, proxnpi, proxnpi-noig, nti, ddim, got None"),
+    ("method", "x" * 100_000, "method is 100,000 characters long"),
+    ("controller", ["refine"], "controller must be one of refine, replace, reweight, none, got ['refine']"),
     ("target_prompt", HUGE, "the target prompt is 100,000 characters long; this server accepts at most 1,000"),
     ("target_prompt", 7, "the target prompt must be text"),
-    ("blend_source", HUGE, "the blend source word is 100,000 characters long"),
-    ("blend_target", {"word": "green"}, "the blend target word must be text"),
-    ("steps", float("inf"), "steps must be a whole number in 1..50, got inf"),  # the edit checks them too
-    ("offset", float("nan"), "offset must be 0, 1 or default, got nan"),
+    ("blend", HUGE, "blend is 100,000 characters long"),
+    ("blend", {"word": "green"}, BLEND + "{'word': 'green'}"),
+    ("blend", "red", BLEND + "('red',)"),
+    ("steps", float("inf"), STEPS + "inf"),  # the edit checks them too
+    ("offset", float("nan"), OFFSET + "nan"),
 ]
 
 
@@ -138,11 +158,17 @@ def case_id(value) -> str:
     return value[:24] if isinstance(value, str) else short_repr(value, 24)
 
 
-def edit_form(image, **changes) -> dict:
-    form = dict(image=image, source_prompt=EXAMPLE["prompt"], steps=2, offset="default", resize="crop",
-                target_prompt=TARGET, method="npi", controller="replace", guidance=2.5, cross_replace=0.8,
-                self_replace=0.6, blend_source="", blend_target="", reweight="", direct=False, attention_maps=False)
-    return form | changes
+POSITIONAL = dict(source_prompt=EXAMPLE["prompt"], steps=2, offset="default", resize="crop", target_prompt=TARGET)
+FORM = dict(method="npi", controller="replace", guidance=2.5, cross_replace="0.8", self_replace="0.6", blend="",
+            reweight="", direct=False, keep_attention_maps=False)
+
+
+def call_edit(edit, image, cache, **changes):
+    """The edit handler as Gradio calls it: the upload and prompts positionally, the form by field name."""
+    positional, form = dict(POSITIONAL), dict(FORM)
+    for name, value in changes.items():
+        (positional if name in positional else form)[name] = value
+    return edit(image, *positional.values(), cache, **form)
 
 
 @pytest.mark.parametrize("field,value,match", INVERT_CASES, ids=case_id)
@@ -160,7 +186,7 @@ def test_edit_handler_refuses_bad_values_in_one_line(handlers, engine, caplog, f
     _, edit, image = handlers
     cache = engine.new_cache()
     with pytest.raises(gr.Error) as err:
-        edit(*edit_form(image, **{field: value}).values(), cache)
+        call_edit(edit, image, cache, **{field: value})
     assert_one_line(err.value.message, match)
     assert len(cache) == 0  # refused before the model ran
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
@@ -172,8 +198,18 @@ def test_numbers_as_the_api_may_send_them_are_accepted(engine):
     assert report.timings.steps == 2 and len(cache) == 1
     again = engine.invert(cache, EXAMPLE["path"], EXAMPLE["prompt"], steps=2.0, offset=1)
     assert again.timings.inversion_cached  # the same key: 2, "2" and 2.0 are one request
-    request = engine.edit_request(TARGET, controller="replace", guidance="2.5", cross_replace="0.8", reweight="green=2")
+    request = engine.edit_request(TARGET, controller="replace", guidance="2.5", cross_replace="0.8", reweight="green=2",
+                                  blend="red green", direct="false", blend_res=16.0)
     assert request.settings.guidance == 2.5 and request.settings.reweight == {"green": 2.0}
+    assert request.settings.blend == ("red", "green") and request.settings.direct is False
+    assert request.settings.blend_res == 16
+
+
+def test_a_good_form_through_the_handler_edits(handlers, engine):
+    _, edit, image = handlers
+    cache = engine.new_cache()
+    out = call_edit(edit, image, cache, blend="red green", guidance=None)  # None: the model's guidance
+    assert out[-2].startswith("**Edited**") and len(cache) == 1
 
 
 def test_a_long_prompt_is_not_echoed_into_the_log(engine, server_log):
@@ -210,9 +246,11 @@ def test_cli_flags_in_shared_messages_become_the_page_controls(model):
         assert page_message(text).endswith("(a half-precision overflow); try a lower guidance or another image "
                                            "(or ask the server's operator to serve the model in fp32)")
     swap = page_message("replace needs prompts with equal word counts (7 vs 8): 'a' -> 'b'; use the refine controller")
-    assert swap.endswith("; choose refine (words added) under Attention control (it aligns prompts of any length)")
-    assert page_message("the reweight controller needs at least one --reweight WORD=SCALE") == \
-        "the reweight controller needs at least one WORD=SCALE in Reweight (Controller settings)"
+    assert swap.endswith("; choose refine under Attention control (it aligns prompts of any length)")
+    for text in ("the reweight controller needs at least one --reweight WORD=SCALE",
+                 "the reweight controller needs at least one reweight WORD=SCALE"):  # the schema's
+        assert page_message(text) == \
+            "the reweight controller needs at least one WORD=SCALE in the Reweight box (Controller settings)"
     assert page_message("bad thing; use --some-new-flag 3") == "bad thing; use the server's some-new-flag setting 3"
     long = page_message("x" * 5000 + "\n; choose refine")
     assert len(long) <= 500 and "\n" not in long and long.endswith("; choose refine")
@@ -231,20 +269,29 @@ def test_raw_json_infinity_and_nan_are_one_line_errors(server, server_log):
     server_log()
     upload = httpx.post(f"{server}gradio_api/upload", timeout=30,
                         files={"files": ("red_circle.png", Path(EXAMPLE["path"]).read_bytes(), "image/png")}).json()[0]
-    image = f'{{"path": "{upload}", "meta": {{"_type": "gradio.FileData"}}, "orig_name": "red_circle.png"}}'
-    prompt = f'"{EXAMPLE["prompt"]}"'
-    edit_tail = f'"{TARGET}", "npi", "replace", {{g}}, {{c}}, 0.6, "", "", "", false, false'
-    for api, body, match in [
-        ("invert", f'[{image}, {prompt}, Infinity, "default", "crop"]', "steps must be a whole number in 1..50, got inf"),
-        ("invert", f'[{image}, {prompt}, NaN, "default", "crop"]', "steps must be a whole number in 1..50, got nan"),
-        ("invert", f'[{image}, {prompt}, 1e999, "default", "crop"]', "steps must be a whole number in 1..50, got inf"),
-        ("invert", f'[{image}, {prompt}, 2, -Infinity, "crop"]', "offset must be 0, 1 or default, got -inf"),
-        ("edit", f'[{image}, {prompt}, 2, "default", "crop", {edit_tail.format(g="NaN", c=0.8)}]',
-         "guidance must be a finite number, got nan"),
-        ("edit", f'[{image}, {prompt}, 2, "default", "crop", {edit_tail.format(g=2.5, c="Infinity")}]',
-         "cross-replace must be a finite number, got inf"),
+    image = {"path": upload, "meta": {"_type": "gradio.FileData"}, "orig_name": "red_circle.png"}
+    invert = [image, EXAMPLE["prompt"], 2, "default", "crop"]
+    form = {"method": "npi", "controller": "replace", "guidance": 2.5, "cross_replace": "0.8",
+            "cross_replace_words": "", "self_replace": "0.6", "self_replace_size": 0.5, "blend": "",
+            "blend_threshold": 0.3, "blend_start": 0.2, "blend_res": None, "reweight": "", "direct": False,
+            "prox_quantile": 0.75, "recon_t": 400, "recon_lr": 1.0, "keep_attention_maps": False}
+    assert list(form) == list(FORM_FIELDS)  # the API's order: the schema's
+
+    def edit(**changes) -> list:
+        return [*invert, TARGET, *(form | changes).values()]
+
+    inf, nan = float("inf"), float("nan")  # json.dumps writes them as Infinity and NaN
+    for api, data, match in [
+        ("invert", [image, EXAMPLE["prompt"], inf, "default", "crop"], "steps must be a whole number in 1..1000, got inf"),
+        ("invert", [image, EXAMPLE["prompt"], nan, "default", "crop"], "steps must be a whole number in 1..1000, got nan"),
+        ("invert", [image, EXAMPLE["prompt"], 2, -inf, "crop"], "offset must be one of 0, 1, default, got -inf"),
+        ("edit", edit(guidance=nan), "guidance must be a number in 0..30 (or none), got nan"),
+        ("edit", edit(cross_replace=inf), "cross-replace must be a fraction in 0..1 or a window"),
+        ("edit", edit(blend_res=-inf), "blend-res must be a whole number in 1..4096 (or none), got -inf"),
+        ("invert", [image, EXAMPLE["prompt"], "1e999", "default", "crop"], "steps must be a whole number in 1..1000, got inf"),
     ]:
-        answer = _call(server, api, f'{{"data": {body}}}')
+        body = json.dumps({"data": data}).replace('"1e999"', "1e999")  # a number too large for a float
+        answer = _call(server, api, body)
         assert "event: error" in answer and match in answer, (body, answer)
         assert "internal error" not in answer and "Traceback" not in answer, answer
     assert_quiet(server_log())
@@ -260,10 +307,12 @@ def test_gradio_client_bad_numbers_and_huge_prompts(server, tmp_path, server_log
         (dict(api_name="/edit", source_prompt=EXAMPLE["prompt"], steps=2, target_prompt=HUGE),
          "the target prompt is 100,000 characters long"),
         (dict(api_name="/edit", source_prompt=EXAMPLE["prompt"], steps=2, target_prompt=TARGET, guidance="NaN"),
-         "guidance must be a finite number, got 'NaN'"),
+         "guidance must be a number in 0..30 (or none), got nan"),
+        (dict(api_name="/edit", source_prompt=EXAMPLE["prompt"], steps=2, target_prompt=TARGET, blend="red"),
+         "blend must be two words"),
         (dict(api_name="/edit", source_prompt=EXAMPLE["prompt"], steps=2, controller="replace",
               target_prompt="a big green circle on a blue background"),
-         "; choose refine (words added) under Attention control"),
+         "; choose refine under Attention control"),
     ]
     for kwargs, match in cases:
         with pytest.raises(AppError) as err:

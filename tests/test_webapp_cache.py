@@ -9,11 +9,12 @@ import threading
 import pytest
 import torch
 
-from npinv.webapp.cache import CacheKey, InversionCache, tensor_bytes
+from npinv.cache import InversionCache, tensor_bytes
+from npinv.service import InversionKey
 
 
-def key(n: int = 0, **changes) -> CacheKey:
-    base = CacheKey(model="m", image=f"img{n}", prompt="a red circle", steps=10, offset=None, resize="crop")
+def key(n: int = 0, **changes) -> InversionKey:
+    base = InversionKey(model="m", image=f"img{n}", prompt="a red circle", steps=10, offset=None, resize="crop")
     return dataclasses.replace(base, **changes)
 
 

@@ -85,7 +85,7 @@ class InversionKey:
         return cls(model.fingerprint, digest, prompt, settings.steps, settings.offset, settings.resize, settings.size)
 
     def variant(self, method: str, guidance: float) -> InversionKey:
-        return dataclasses.replace(self, prepared=f"{method}@{guidance!r}")
+        return dataclasses.replace(self, prepared=f"{method}@{float(guidance)!r}")
 
 
 @dataclasses.dataclass

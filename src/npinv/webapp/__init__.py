@@ -1,8 +1,9 @@
 """``npinv serve``: invert once and edit many in the browser (Gradio).
 
-- :mod:`npinv.webapp.cache`: the bounded per-session inversion cache;
-- :mod:`npinv.webapp.engine`: model-facing functions and the server's :class:`Engine` (no Gradio);
-- :mod:`npinv.webapp.app`: the Gradio Blocks page and :func:`launch`.
+- :mod:`npinv.webapp.engine`: the request checks and the server's :class:`Engine` (no Gradio), over
+  :mod:`npinv.service` with a per-session :class:`npinv.cache.InversionCache`;
+- :mod:`npinv.webapp.app`: the Gradio Blocks page (its edit form derived from :mod:`npinv.settings`)
+  and :func:`launch`.
 """
 
 import os

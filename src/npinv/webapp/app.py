@@ -24,16 +24,27 @@ from typing import Any
 
 import gradio as gr
 
+from npinv.cache import InversionCache
 from npinv.errors import NpinvError
-from npinv.webapp.cache import InversionCache
-from npinv.webapp.engine import Engine
+from npinv.settings import (
+    Choice,
+    EditSettings,
+    Flag,
+    InvertSettings,
+    Number,
+    Spec,
+    Window,
+    WordNumbers,
+    WordPair,
+    WordWindows,
+    default_of,
+    flag_name,
+    specs,
+)
+from npinv.webapp.engine import FORM_FIELDS, MAPS_FIELD, Engine
 
 log = logging.getLogger("npinv.webapp")
 
-METHOD_CHOICES = [("NPI", "npi"), ("ProxNPI", "proxnpi"), ("ProxNPI without inversion guidance", "proxnpi-noig"),
-                  ("NTI (slow: optimises per step)", "nti"), ("DDIM (null prompt, drifts)", "ddim")]
-CONTROLLER_CHOICES = [("replace (word swap)", "replace"), ("refine (words added)", "refine"),
-                      ("reweight", "reweight"), ("none", "none")]
 OFFSET_CHOICES = [("model default", "default"), ("0 (published code)", "0"), ("1 (SD config)", "1")]
 # Small model outputs (64x64 for the embedded model) are shown filling their frames, pixels kept sharp.
 CSS = ".npinv-pixels img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
@@ -58,17 +69,21 @@ class ServeOptions:
                 raise NpinvError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
 
 
-def _control(label: str, choices: list[tuple[str, str]], value: str) -> str:
-    """How the page names a choice: 'refine (words added)' under 'Attention control'."""
-    return f"{dict((v, k) for k, v in choices)[value]} under {label}"
+def _spec(cls: type, name: str) -> Spec:
+    return next(spec for f, spec in specs(cls) if f.name == name)
+
+
+def _label(name: str, spec: Spec) -> str:
+    return spec.label or flag_name(name)
 
 
 # Messages written for the command line (shared with it) name its flags; the page names its own
 # controls instead. Any other flag left in a message (a new one) becomes "the server's ... setting".
 PAGE_WORDING = [
     (re.compile(r"; use the refine controller$"),
-     f"; choose {_control('Attention control', CONTROLLER_CHOICES, 'refine')} (it aligns prompts of any length)"),
-    (re.compile(r"at least one --reweight WORD=SCALE"), "at least one WORD=SCALE in Reweight (Controller settings)"),
+     f"; choose refine under {_label('controller', _spec(EditSettings, 'controller'))} "
+     "(it aligns prompts of any length)"),
+    (re.compile(r"at least one (?:--)?reweight WORD=SCALE"), "at least one WORD=SCALE in the Reweight box (Controller settings)"),
     (re.compile(r"; rerun with --dtype fp32( \(or bf16\))?"),
      "; try a lower guidance or another image (or ask the server's operator to serve the model in fp32)"),
     (re.compile(r"(?<![\w-])--([a-z][\w-]*)"), r"the server's \1 setting"),
@@ -145,8 +160,9 @@ def _show_warnings(messages: list[str]) -> None:
 
 
 def example_rows(guidance: float | None = None) -> list[list]:
-    """The bundled examples as form rows: image, prompts, and a word swap blended on the changed word at
-    ``guidance`` (default: the embedded model's declared editing guidance, 2.5 from its model card)."""
+    """The bundled examples as form rows: image, source and target prompts, controller, guidance and
+    blend (:data:`EXAMPLE_FIELDS`): a word swap blended on the changed word ("red green") at ``guidance``
+    (default: the embedded model's declared editing guidance, 2.5 from its model card)."""
     from npinv.demo import bundled_examples
     from npinv.model import model_edit_guidance
 
@@ -156,9 +172,57 @@ def example_rows(guidance: float | None = None) -> list[list]:
     for e in bundled_examples():
         target = e["edits"][0]
         changed = [(s, t) for s, t in zip(e["prompt"].split(), target.split(), strict=False) if s != t]
-        src_word, tgt_word = changed[0] if len(changed) == 1 else ("", "")
-        rows.append([e["path"], e["prompt"], target, "replace", guidance, src_word, tgt_word])
+        blend = " ".join(changed[0]) if len(changed) == 1 else ""
+        rows.append([e["path"], e["prompt"], target, "replace", guidance, blend])
     return rows
+
+
+EXAMPLE_FIELDS = ("controller", "guidance", "blend")  # the edit form's fields an example row fills
+# The edit form's layout: these settings above, the other web settings in "Controller settings",
+# the advanced ones (Spec.advanced) in "More settings". Every control is derived from the schema.
+FORM_TOP = ("method", "controller", "guidance")
+
+
+def setting_text(kind, value) -> str:
+    """A setting's value as its text box shows it (what the schema's text rule reads back)."""
+    if value is None:
+        return ""
+    if isinstance(kind, Window) and isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    if isinstance(kind, WordWindows):
+        return " ".join(f"{w}={setting_text(Window(), v)}" for w, v in value.items())
+    if isinstance(kind, WordNumbers):
+        return ", ".join(f"{w}={v:g}" for w, v in value.items())
+    if isinstance(kind, WordPair):
+        return " ".join(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def setting_control(field: dataclasses.Field, spec: Spec, *, guidance: float, info: bool = False) -> gr.Component:
+    """The page's control of one EditSettings field, from its schema kind, default and label. The
+    control's value is sent as is (preprocess=False) and read by the schema, like a manifest's."""
+    kind, default, label = spec.kind, default_of(field), _label(field.name, spec)
+    common = dict(label=label, elem_id=f"npinv-{flag_name(field.name)}", info=spec.help if info else None)
+    if field.name == "guidance":
+        # Starts at the model's recommended editing guidance (its npinv.json), else 7.5; the range and
+        # step fit it, so the browser's slider does not snap it to another value.
+        return gr.Slider(0, max(15, guidance), value=guidance, step=0.5 if (2 * guidance).is_integer() else 0.01,
+                         **common)
+    if isinstance(kind, Choice):
+        choices = [str(c) for c in kind.choices()] + (["default"] if kind.optional else [])
+        return gr.Dropdown(choices, value="default" if default is None else str(default), **common)
+    if isinstance(kind, Flag):
+        return gr.Checkbox(bool(default), **common)
+    if isinstance(kind, Number) and not kind.optional:
+        if kind.integer:
+            return gr.Slider(kind.low, kind.high, value=default, step=1, **common)
+        step = 0.05 if (20 * default).is_integer() else 0.01
+        low = kind.low + step if kind.low_open else kind.low
+        return gr.Slider(low, kind.high, value=default, step=step, **common)
+    # Window, WordWindows, WordNumbers, WordPair, an optional Number (a box left empty is none: a gr.Number
+    # cannot be empty and still have a default for API clients) and any other kind: its text, read by the
+    # schema's text rule.
+    return gr.Textbox(setting_text(kind, default), placeholder=spec.metavar or "", **common)
 
 
 def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
@@ -181,21 +245,18 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
                 str(report.inversion_file), status, session)
 
     @_readable_errors
-    def edit(image, source_prompt, steps, offset, resize, target_prompt, method, controller, guidance,
-             cross_replace, self_replace, blend_source, blend_target, reweight, direct, attention_maps,
-             session: InversionCache, progress=gr.Progress(track_tqdm=True)):  # noqa: B008
+    def edit(image, source_prompt, steps, offset, resize, target_prompt, session: InversionCache,
+             progress=gr.Progress(track_tqdm=True), **form):  # noqa: B008
+        """``form``: the edit form's controls by EditSettings field name (Gradio's inputs_kwargs)."""
         path, name = _upload_path(image, upload_root)
-        request = engine.edit_request(target_prompt, method=method, controller=controller, guidance=guidance,
-                                      cross_replace=cross_replace, self_replace=self_replace,
-                                      blend_source=blend_source, blend_target=blend_target, reweight=reweight,
-                                      direct=direct, attention_maps=attention_maps)
+        request = engine.edit_request(target_prompt, **form)
         report = engine.edit(session, path, source_prompt, request, name=name, steps=steps, offset=offset,
                              resize=resize, stage=lambda s: progress(0, desc=s), progress=True)
         _show_warnings(report.warnings)
-        out = report.outcome
-        status = (f"**Edited** toward \"{request.target}\" with {method}, {controller} ({report.timings.line()}). "
-                  f"Source branch: PSNR {out.psnr:.2f} dB to the input.")
-        return (report.input_image, out.edited, out.reconstruction, _psnr(out.psnr), out.maps,
+        settings = request.settings
+        status = (f"**Edited** toward \"{request.target}\" with {settings.method}, {settings.controller} "
+                  f"({report.timings.line()}). Source branch: PSNR {report.psnr:.2f} dB to the input.")
+        return (report.input_image, report.edited, report.reconstruction, _psnr(report.psnr), report.maps,
                 report.timings.as_dict(), str(report.edit_file), str(report.inversion_file), status, session)
 
     side = model.resolution
@@ -219,9 +280,12 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
                                            placeholder="a red circle on a blue background",
                                            max_length=limits.max_prompt_chars)  # the server checks it too
                 with gr.Accordion("Inversion settings", open=False):
-                    steps = gr.Slider(1, limits.max_steps, value=50, step=1, label="DDIM steps")
-                    offset = gr.Radio(OFFSET_CHOICES, value="default", label="Timestep offset")
-                    resize = gr.Radio(["crop", "fit"], value="crop", label="Resize (crop: centre square)")
+                    steps = gr.Slider(1, limits.max_steps, value=min(50, limits.max_steps), step=1,
+                                      label=_spec(InvertSettings, "steps").label)
+                    offset = gr.Radio(OFFSET_CHOICES, value="default", label=_spec(InvertSettings, "offset").label)
+                    resize_spec = _spec(InvertSettings, "resize")
+                    resize = gr.Radio([str(c) for c in resize_spec.kind.choices()], value="crop",
+                                      label=resize_spec.label)
                 invert_btn = gr.Button("Invert", variant="primary", elem_id="npinv-invert")
             with gr.Column(scale=2, min_width=480):
                 status = gr.Markdown("Upload an image or pick an example below.", label="Status", elem_id="npinv-status")
@@ -241,23 +305,21 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
                 target_prompt = gr.Textbox(label="Target prompt (the edit)", elem_id="npinv-target",
                                            placeholder="a green circle on a blue background",
                                            max_length=limits.max_prompt_chars)
-                method = gr.Dropdown(METHOD_CHOICES, value="npi", label="Method")
-                controller = gr.Dropdown(CONTROLLER_CHOICES, value="replace", label="Attention control")
-                # Starts at the model's recommended editing guidance (its npinv.json), else 7.5; the range and
-                # step fit it, so the browser's slider does not snap it to another value.
-                g0 = engine.edit_guidance
-                guidance = gr.Slider(0, max(15, g0), value=g0, step=0.5 if (2 * g0).is_integer() else 0.01,
-                                     label="Guidance", elem_id="npinv-guidance")
+                # The form's controls, derived from the settings schema (see setting_control).
+                web = [(f, spec) for f, spec in specs(EditSettings) if spec.web]
+                form: dict[str, gr.Component] = {}
+
+                def controls(fields, info: bool = False) -> None:
+                    for f, spec in fields:
+                        form[f.name] = setting_control(f, spec, guidance=engine.edit_guidance, info=info)
+
+                controls([(f, spec) for f, spec in web if f.name in FORM_TOP])
                 with gr.Accordion("Controller settings", open=False, elem_id="npinv-controller-settings"):
-                    cross_replace = gr.Slider(0, 1, value=0.8, step=0.05, label="Cross-attention replace (fraction)")
-                    self_replace = gr.Slider(0, 1, value=0.6, step=0.05, label="Self-attention replace (fraction)")
-                    with gr.Row():
-                        blend_source = gr.Textbox("", label="Blend: source word", placeholder="red")
-                        blend_target = gr.Textbox("", label="Blend: target word", placeholder="green")
-                    reweight = gr.Textbox("", label="Reweight (WORD=SCALE, ...)", placeholder="green=2")
-                    direct = gr.Checkbox(False, label="Direct inversion (pin the source branch)")
-                    attention_maps = gr.Checkbox(False, label="Show cross-attention maps per word",
-                                                 elem_id="npinv-maps-toggle")
+                    controls([(f, spec) for f, spec in web if f.name not in FORM_TOP and not spec.advanced])
+                    form[MAPS_FIELD] = gr.Checkbox(False, label="Show cross-attention maps per word",
+                                                   elem_id="npinv-maps-toggle")
+                with gr.Accordion("More settings", open=False, elem_id="npinv-more-settings"):
+                    controls([(f, spec) for f, spec in web if f.name not in FORM_TOP and spec.advanced], info=True)
                 edit_btn = gr.Button("Edit", variant="primary", elem_id="npinv-edit")
             with gr.Column(scale=2, min_width=480):
                 with gr.Row():
@@ -271,8 +333,7 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
         if options.examples:
             with examples_slot:
                 gr.Examples(example_rows(engine.edit_guidance),
-                            inputs=[image, source_prompt, target_prompt, controller, guidance, blend_source,
-                                    blend_target],
+                            inputs=[image, source_prompt, target_prompt, *(form[n] for n in EXAMPLE_FIELDS)],
                             label="Bundled examples (64x64 shapes): pick one, then Invert and Edit",
                             elem_id="npinv-examples")
 
@@ -283,10 +344,11 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
         invert_btn.click(invert, [*settings, session],
                          [input_view, reconstruction, psnr, timings, inversion_file, status, session],
                          api_name="invert", **common)
-        edit_btn.click(edit, [*settings, target_prompt, method, controller, guidance, cross_replace, self_replace,
-                              blend_source, blend_target, reweight, direct, attention_maps, session],
+        # The form's values reach the handler as keyword arguments named by EditSettings' fields (also the
+        # API's parameter names), in FORM_FIELDS' order after the positional ones.
+        edit_btn.click(edit, [*settings, target_prompt, session],
                        [input_view, edited, reconstruction, psnr, maps, timings, edit_file, inversion_file, status,
-                        session], api_name="edit", **common)
+                        session], inputs_kwargs={n: form[n] for n in FORM_FIELDS}, api_name="edit", **common)
     demo.queue(max_size=options.queue_size, default_concurrency_limit=1)
     return demo
 

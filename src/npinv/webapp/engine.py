@@ -1,9 +1,11 @@
-"""The model-facing half of the web app: read an upload, invert it (once per session and settings),
-reconstruct it, edit it.
+"""The model-facing half of the web app: check a request, read an upload, and call the service.
 
-Plain functions over :mod:`npinv.pipeline` and :mod:`npinv.editing`, and an :class:`Engine` that
-owns the one model of a server, the lock that serialises its use and the output files. Nothing here
-imports Gradio, so all of it is tested and usable without a server.
+Every model call goes through :mod:`npinv.service` with the session's
+:class:`~npinv.cache.InversionCache` (inversions, and NTI's optimised negatives, are reused there
+under the one key rule); every setting is read and checked by :mod:`npinv.settings`, so a bad value
+gets the same message as on the command line. The :class:`Engine` owns the one model of a server,
+the lock that serialises its use and the output files. Nothing here imports Gradio, so all of it is
+tested and usable without a server.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-import math
 import shutil
 import tempfile
 import threading
@@ -21,23 +22,45 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
-import torch
 from PIL import Image, UnidentifiedImageError
 
 from npinv.attention.maps import heat_image, word_maps
+from npinv.cache import InversionCache
 from npinv.checks import short_repr
-from npinv.editing import CONTROLLERS, EDIT_METHODS, EditSettings, edit
+from npinv.cost import Cost
 from npinv.errors import NpinvError
-from npinv.inversion import Inversion, ddim_inversion
-from npinv.io import image_to_tensor, load_image, prepare_image, save_image, tensor_to_image
-from npinv.metrics import image_metrics, tensor_to_unit
+from npinv.inversion import Inversion
+from npinv.io import load_image, save_image, tensor_to_image
 from npinv.model import DEFAULT_EDIT_GUIDANCE, Model
-from npinv.pipeline import ReconstructReport, run_reconstruction
-from npinv.webapp.cache import CacheKey, InversionCache, tensor_bytes
+from npinv.service import (
+    Edited,
+    InversionKey,
+    Inverted,
+    Source,
+    invert_one,
+    prepare_picture,
+    reconstruct_inverted,
+)
+from npinv.service import edit as edit_inverted
+from npinv.settings import (
+    EditSettings,
+    Flag,
+    InvertSettings,
+    ReconstructSettings,
+    check_value,
+    flag_name,
+    from_value,
+    specs,
+)
 
-RESIZE_MODES = ("crop", "fit")
 Stage = Callable[[str], None]
+
+# The edit form's values, keyed by EditSettings' field names: the settings the page offers, and the
+# output choice of per-word attention maps.
+MAPS_FIELD = "keep_attention_maps"
+FORM_FIELDS = tuple(f.name for f, spec in specs(EditSettings) if spec.web) + (MAPS_FIELD,)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,28 +87,20 @@ class Limits:
             raise NpinvError(f"max_prompt_chars must be positive, got {self.max_prompt_chars}")
 
 
-@dataclasses.dataclass(frozen=True)
-class Upload:
-    """An uploaded image prepared for the model, and the digest of its file for the cache key."""
-
-    image: torch.Tensor  # (1, 3, H, W) in [-1, 1], cropped or fitted to the model's size
-    digest: str  # sha256 of the file's bytes
-    name: str  # the name the user gave it (messages never show server paths)
-    original_size: tuple[int, int]  # (width, height) as uploaded
-
-
-def read_upload(path: str | Path, model: Model, *, name: str | None = None, resize: str = "crop",
-                max_pixels: int = Limits.max_pixels) -> Upload:
-    """Check and prepare an upload; every bad file is one readable :class:`NpinvError` naming it."""
+def read_upload(path: str | Path, model: Model, settings: InvertSettings | None = None, *, name: str | None = None,
+                max_pixels: int = Limits.max_pixels) -> Source:
+    """Check an upload and prepare it exactly as the command line prepares the same file
+    (:func:`npinv.service.prepare_file`: the same picture, the same digest of the file's bytes);
+    every bad file is one readable :class:`NpinvError` naming it, never the server's path."""
+    settings = settings or InvertSettings()
+    settings.validate()
     path = Path(path)
     name = name or path.name
-    if resize not in RESIZE_MODES:
-        raise NpinvError(f"unknown resize mode {short_repr(resize)} (crop or fit)")
     if not path.is_file():
         raise NpinvError(f"the upload {name} is gone from the server; upload it again")
     if path.stat().st_size == 0:
         raise NpinvError(f"{name} is empty")
-    digest = hashlib.sha256()
+    digest = hashlib.sha256()  # of the file's bytes, as prepare_file's, read in chunks
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
@@ -108,159 +123,13 @@ def read_upload(path: str | Path, model: Model, *, name: str | None = None, resi
         img = load_image(path)
     except NpinvError as exc:
         raise NpinvError(str(exc).replace(str(path), name)) from None
-    prepared = prepare_image(img, model.resolution, mode=resize, multiple=max(8, model.vae_scale_factor))
-    return Upload(image_to_tensor(prepared), digest.hexdigest(), name, (width, height))
+    return prepare_picture(img, model, settings, name=name, digest=digest.hexdigest())
 
 
-def cache_key(model_fingerprint: str, upload: Upload, prompt: str, steps: int, offset: int | None,
-              resize: str) -> CacheKey:
-    return CacheKey(model_fingerprint, upload.digest, prompt, int(steps), offset, resize)
-
-
-@dataclasses.dataclass
-class CachedInversion:
-    """What a session's cache holds: the inversion and the prepared image it was made from."""
-
-    inversion: Inversion
-    image: torch.Tensor
-
-    @property
-    def nbytes(self) -> int:
-        return tensor_bytes(self)
-
-
-@dataclasses.dataclass
-class Lookup:
-    """An inversion from the cache, or made now (``seconds`` and ``unet_calls`` are then its cost)."""
-
-    entry: CachedInversion
-    cached: bool
-    seconds: float
-    unet_calls: int
-
-
-def invert_cached(model: Model, cache: InversionCache, key: CacheKey, upload: Upload, prompt: str, *,
-                  steps: int, offset: int | None, progress: bool = False) -> Lookup:
-    """The session's inversion for ``key``, inverting (and caching) only on a miss."""
-    entry = cache.get(key)
-    if entry is not None:
-        return Lookup(entry, True, 0.0, 0)
-    calls, start = model.counter.calls, time.perf_counter()
-    inv = ddim_inversion(model, upload.image, prompt, steps=steps, offset=offset, progress=progress)
-    entry = CachedInversion(inv, upload.image)
-    cache.put(key, entry, entry.nbytes)
-    return Lookup(entry, False, time.perf_counter() - start, model.counter.calls - calls)
-
-
-def reconstruct_npi(model: Model, entry: CachedInversion, *, progress: bool = False) -> ReconstructReport:
-    """NPI reconstruction of a cached inversion (the guidance-1 round trip, at any guidance)."""
-    inv = entry.inversion
-    return run_reconstruction(model, entry.image, inv.source_prompt, "npi", steps=inv.steps, inversion=inv,
-                              progress=progress)
-
-
-@dataclasses.dataclass(frozen=True)
-class EditRequest:
-    """One edit asked for in the form: a target prompt and the settings that shape it."""
-
-    target: str
-    settings: EditSettings
-
-
-def parse_edit_request(target: str, *, method: str = "npi", controller: str = "refine", guidance: float | None = None,
-                       cross_replace: float = 0.8, self_replace: float = 0.6, blend_source: str = "",
-                       blend_target: str = "", reweight: str = "", direct: bool = False,
-                       attention_maps: bool = False, default_guidance: float = DEFAULT_EDIT_GUIDANCE,
-                       max_chars: int = Limits.max_prompt_chars) -> EditRequest:
-    """Validate the form's values into :class:`EditSettings`; readable errors for each mistake.
-    ``guidance`` None (or empty) is ``default_guidance``: :meth:`Engine.edit_request` passes the model's.
-
-    The values may come from any client as raw JSON, not only from the page's widgets: every one is
-    checked for its type, finiteness and range, and messages show at most a short piece of it."""
-    target = text_field(target, "target prompt", max_chars)
-    if not target:
-        raise NpinvError("give a target prompt: the source prompt with the words you want changed")
-    if method not in EDIT_METHODS:
-        raise NpinvError(f"unknown method {short_repr(method)}; choose one of {', '.join(EDIT_METHODS)}")
-    if controller not in CONTROLLERS:
-        raise NpinvError(f"unknown controller {short_repr(controller)}; choose one of {', '.join(CONTROLLERS)}")
-    guidance = default_guidance if guidance is None or guidance == "" else guidance
-    guidance, cross_replace, self_replace = number(guidance, "guidance"), number(cross_replace, "cross-replace"), \
-        number(self_replace, "self-replace")
-    if not 0 <= guidance <= 30:
-        raise NpinvError(f"guidance must lie in 0..30, got {guidance:g}")
-    for label, value in (("cross-replace", cross_replace), ("self-replace", self_replace)):
-        if not 0 <= value <= 1:
-            raise NpinvError(f"{label} must be a fraction of the steps in 0..1, got {value:g}")
-    blend_source = text_field(blend_source, "blend source word", max_chars)
-    blend_target = text_field(blend_target, "blend target word", max_chars)
-    if bool(blend_source) != bool(blend_target):
-        raise NpinvError("local blend needs both words: one of the source prompt and one of the target prompt")
-    weights = parse_reweight(text_field(reweight, "reweight", max_chars))
-    if controller == "reweight" and not weights:  # EditSettings' own message names the command line's flag
-        raise NpinvError("the reweight controller needs at least one WORD=SCALE in Reweight (Controller settings)")
-    settings = EditSettings(
-        method=method, controller=controller, guidance=guidance, cross_replace=cross_replace,
-        self_replace=self_replace, blend=(blend_source, blend_target) if blend_source else None,
-        reweight=weights, direct=flag(direct, "direct inversion"),
-        keep_attention_maps=flag(attention_maps, "attention maps"))
-    settings.validate()
-    return EditRequest(target, settings)
-
-
-REWEIGHT_LIMIT = 20.0  # |scale| of a reweighted word: generous for edits, far from a float overflow
-
-
-def parse_reweight(text: str) -> dict[str, float]:
-    """``"red=2, blue=0.5"`` -> ``{"red": 2.0, "blue": 0.5}``; each scale finite, within +-20."""
-    out: dict[str, float] = {}
-    for item in text.replace(",", " ").split():
-        word, sep, value = item.partition("=")
-        try:
-            scale = float(value)
-        except (ValueError, OverflowError):
-            scale = None
-        if not sep or not word or scale is None:
-            raise NpinvError(f"reweight expects WORD=NUMBER items, got {short_repr(item)}")
-        if not -REWEIGHT_LIMIT <= scale <= REWEIGHT_LIMIT:  # NaN fails too
-            raise NpinvError(f"reweight scales must be finite numbers in -{REWEIGHT_LIMIT:g}..{REWEIGHT_LIMIT:g}, "
-                             f"got {short_repr(item)}")
-        out[word] = scale
-    return out
-
-
-# -- checks of a request's raw values (any client can send any JSON: strings, null, Infinity, NaN) --
-def number(value, label: str) -> float:
-    """A finite float from a number or a numeric string; booleans, lists, NaN and infinities are refused."""
-    out = None
-    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            out = float(value)
-        except ValueError:  # "ten"
-            out = None
-        except OverflowError:  # an int too large for a float
-            raise NpinvError(f"{label} is far out of range, got {short_repr(value)}") from None
-    if out is None:
-        raise NpinvError(f"{label} must be a number, got {short_repr(value)}")
-    if not math.isfinite(out):
-        raise NpinvError(f"{label} must be a finite number, got {short_repr(value)}")
-    return out
-
-
-def whole_number(value, label: str, low: int, high: int) -> int:
-    """An integer in ``low..high`` (a float or numeric string with an integer value counts)."""
-    try:
-        out = number(value, label)
-    except NpinvError:
-        out = None
-    if out is None or not out.is_integer() or not low <= out <= high:
-        raise NpinvError(f"{label} must be a whole number in {low}..{high}, got {short_repr(value)}")
-    return int(out)
-
-
-def text_field(value, label: str, max_chars: int) -> str:
-    """A form's text, stripped: None is empty; anything but a string, or a string over ``max_chars``,
-    is refused with a message that gives its length, never its text."""
+# -- checks of a request's raw values: what the settings schema cannot know -------------------------
+def text_field(value: Any, label: str, max_chars: int) -> str:
+    """A prompt, stripped: None is empty; anything but a string, or a string over ``max_chars``, is
+    refused with a message that gives its length, never its text."""
     if value is None:
         return ""
     if not isinstance(value, str):
@@ -271,59 +140,72 @@ def text_field(value, label: str, max_chars: int) -> str:
     return value
 
 
-def flag(value, label: str) -> bool:
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise NpinvError(f"{label} must be true or false, got {short_repr(value)}")
-    return value
+def check_length(value: Any, name: str, max_chars: int) -> None:
+    """Refuse a huge value before the schema parses it: any client can send 100,000 characters (or a
+    list of as many words) where the page has a short text box. Counts the characters of the strings
+    and the items of the lists and dicts in ``value``."""
+    if isinstance(value, str):
+        if len(value) > max_chars:
+            raise NpinvError(f"{flag_name(name)} is {len(value):,} characters long; this server accepts at most "
+                             f"{max_chars:,}")
+        return
+    size, todo = 0, [value]
+    while todo and size <= max_chars:
+        item = todo.pop()
+        if isinstance(item, str):
+            size += len(item)
+        elif isinstance(item, dict):
+            size += len(item)
+            todo.extend(item.keys())
+            todo.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            size += len(item)
+            todo.extend(item)
+    if size > max_chars:
+        raise NpinvError(f"{flag_name(name)} is too long; this server accepts at most {max_chars:,} characters")
 
 
-def parse_offset(value) -> int | None:
-    """The timestep offset as the page sends it ("default", "0" or "1") or as a number: None, 0 or 1."""
-    if value is None or value in ("", "default"):
-        return None
-    try:
-        return whole_number(value, "offset", 0, 1)
-    except NpinvError:
-        raise NpinvError(f"offset must be 0, 1 or default, got {short_repr(value)}") from None
+@dataclasses.dataclass(frozen=True)
+class EditRequest:
+    """One edit asked for in the form: a target prompt and the settings that shape it."""
+
+    target: str
+    settings: EditSettings
 
 
-@dataclasses.dataclass
-class EditOutcome:
-    """An edit of a cached inversion: the edited image, the source branch (the method's
-    reconstruction) with its distance to the input, and the optional attention maps."""
-
-    edited: Image.Image
-    reconstruction: Image.Image
-    psnr: float
-    ssim: float
-    maps: list[tuple[Image.Image, str]]
-    seconds: float
-    unet_calls: int
-    unet_rows: int
-    inversion: Inversion  # with NTI's optimised negatives when the method made them
-
-
-def run_edit(model: Model, entry: CachedInversion, request: EditRequest, *, progress: bool = False) -> EditOutcome:
-    inv = entry.inversion
-    result = edit(model, inv, [request.target], request.settings, progress=progress)
-    m = image_metrics(tensor_to_unit(entry.image), tensor_to_unit(result.source_image))
-    maps = []
-    if request.settings.keep_attention_maps:
-        names = {0: "source"} | {k + 1: "target" for k in range(len(result.targets))}
-        maps = [(heat_image(w.heat, scale=max(1, 128 // w.heat.shape[-1])), f"{names[w.branch]}: {w.word}")
-                for w in word_maps(model, result, inv.source_prompt)]
-    return EditOutcome(
-        edited=tensor_to_image(result.images[:1]), reconstruction=tensor_to_image(result.source_image),
-        psnr=m["psnr"], ssim=m["ssim"], maps=maps, seconds=result.seconds, unet_calls=result.unet_calls,
-        unet_rows=result.unet_rows, inversion=result.inversion)
+def parse_edit_request(target: Any, form: dict[str, Any] | None = None, *,
+                       default_guidance: float = DEFAULT_EDIT_GUIDANCE,
+                       max_chars: int = Limits.max_prompt_chars) -> EditRequest:
+    """The form's values (keyed by :data:`FORM_FIELDS`, EditSettings' field names, as any client may
+    send them: numbers or text, ``blend="red green"``, ``reweight="green=2"``) read and checked by
+    the settings schema (:func:`npinv.settings.from_value`), so every bad value gets the schema's one
+    message. Here only what the schema cannot know: the target prompt, and every value's length.
+    A guidance of None (or empty, or "default") is ``default_guidance``: :meth:`Engine.edit_request`
+    passes the model's."""
+    target = text_field(target, "target prompt", max_chars)
+    if not target:
+        raise NpinvError("give a target prompt: the source prompt with the words you want changed")
+    values = dict(form or {})
+    unknown = [n for n in values if n not in FORM_FIELDS]
+    if unknown:
+        raise NpinvError(f"unknown setting {short_repr(unknown[0])} (known: {', '.join(FORM_FIELDS)})")
+    for name, value in values.items():
+        check_length(value, name, max_chars)
+    maps = values.pop(MAPS_FIELD, False)
+    maps = check_value(MAPS_FIELD, Flag(), Flag().from_value(maps))
+    settings = from_value(EditSettings, values)
+    guidance = default_guidance if settings.guidance is None else settings.guidance
+    # A float, whatever the client sent (3 or 3.0): the guidance names NTI's cached variant.
+    settings = dataclasses.replace(settings, guidance=float(guidance), keep_attention_maps=maps)
+    return EditRequest(target, settings)
 
 
 # -- the server's engine: one model, one lock, the output files ------------------------------------
 @dataclasses.dataclass
 class Timings:
-    """What a request did and how long each part took (the app shows it as JSON)."""
+    """What a request did and how long each part took (the app shows it as JSON). The model's parts
+    are the service's results' costs; UNet calls and rows are the request's inversion (0 when cached)
+    plus its reconstruction or edit."""
 
     inversion_cached: bool
     read_seconds: float = 0.0
@@ -333,6 +215,7 @@ class Timings:
     total_seconds: float = 0.0
     steps: int = 0
     unet_calls: int = 0
+    unet_rows: int = 0
     cache_entries: int = 0
     cache_bytes: int = 0
     cache_hits: int = 0
@@ -364,8 +247,17 @@ class InvertReport:
 
 @dataclasses.dataclass
 class EditReport:
+    """An edit as the page shows it: the edited image, the source branch (the method's
+    reconstruction) with its distance to the input, the optional attention maps, and the service's
+    result (``result.inversion`` has NTI's optimised negatives when the method made them)."""
+
     input_image: Image.Image
-    outcome: EditOutcome
+    edited: Image.Image
+    reconstruction: Image.Image
+    psnr: float
+    ssim: float
+    maps: list[tuple[Image.Image, str]]
+    result: Edited
     edit_file: Path
     inversion_file: Path
     timings: Timings
@@ -379,7 +271,6 @@ class Engine:
     def __init__(self, model: Model, limits: Limits | None = None, files_dir: str | Path | None = None) -> None:
         self.model = model
         self.limits = limits or Limits()
-        self.fingerprint = model.fingerprint  # hashes weights: compute once, not per request
         self.lock = threading.Lock()
         self._own_dir = files_dir is None
         self.files_dir = Path(tempfile.mkdtemp(prefix="npinv-serve-")) if files_dir is None else Path(files_dir)
@@ -390,10 +281,21 @@ class Engine:
         """The guidance edits default to: the model's declared one (its folder's npinv.json), else 7.5."""
         return self.model.edit_guidance
 
-    def edit_request(self, target: str, **form) -> EditRequest:
-        """:func:`parse_edit_request` with this model's editing guidance and this server's prompt limit."""
-        return parse_edit_request(target, default_guidance=self.edit_guidance, max_chars=self.limits.max_prompt_chars,
-                                  **form)
+    def edit_request(self, target: Any, **form: Any) -> EditRequest:
+        """:func:`parse_edit_request` with this model's editing guidance and this server's text limit."""
+        return parse_edit_request(target, form, default_guidance=self.edit_guidance,
+                                  max_chars=self.limits.max_prompt_chars)
+
+    def invert_settings(self, steps: Any = 50, offset: Any = None, resize: Any = "crop") -> InvertSettings:
+        """The request's inversion settings, read and checked by the schema, within this server's steps."""
+        values = {"steps": steps, "offset": offset, "resize": resize}
+        for name, value in values.items():
+            check_length(value, name, self.limits.max_prompt_chars)
+        settings = from_value(InvertSettings, values)
+        if settings.steps > self.limits.max_steps:
+            raise NpinvError(f"steps must be a whole number in 1..{self.limits.max_steps} on this server, "
+                             f"got {settings.steps}")
+        return settings
 
     def new_cache(self) -> InversionCache:
         return InversionCache(self.limits.cache_entries, int(self.limits.cache_mb * 2**20))
@@ -403,62 +305,71 @@ class Engine:
             shutil.rmtree(self.files_dir, ignore_errors=True)
 
     # -- requests ---------------------------------------------------------------------------------
-    def invert(self, cache: InversionCache, path: str | Path, prompt: str, *, name: str | None = None,
-               steps: int = 50, offset: int | None = None, resize: str = "crop", stage: Stage | None = None,
+    def invert(self, cache: InversionCache, path: str | Path, prompt: Any, *, name: str | None = None,
+               steps: Any = 50, offset: Any = None, resize: Any = "crop", stage: Stage | None = None,
                progress: bool = False) -> InvertReport:
         """Invert an upload (or take it from the session's cache) and reconstruct it with NPI."""
-        start = time.perf_counter()
-        prompt, steps, offset = self._check(prompt, steps, offset)
+        prompt = self._source_prompt(prompt)
+        settings = self.invert_settings(steps, offset, resize)
         with self._model_call() as caught:
-            upload = read_upload(path, self.model, name=name, resize=resize, max_pixels=self.limits.max_pixels)
-            read_s = time.perf_counter() - start
+            source, read_s = self._read(path, name, settings)
             _stage(stage, "inverting")
-            calls0 = self.model.counter.calls
-            lookup = invert_cached(self.model, cache, cache_key(self.fingerprint, upload, prompt, steps, offset, resize),
-                                   upload, prompt, steps=steps, offset=offset, progress=progress)
+            inverted = invert_one(self.model, source, prompt, settings, cache=cache, progress=progress)
             _stage(stage, "reconstructing")
-            rec = reconstruct_npi(self.model, lookup.entry, progress=progress)
-            calls = self.model.counter.calls - calls0
-            inv_file = self._save_inversion(lookup.entry.inversion)
-        timings = self._timings(cache, lookup, start, read_s, steps, calls, reconstruct_seconds=rec.seconds)
-        return InvertReport(tensor_to_image(upload.image), tensor_to_image(rec.reconstruction.image), rec.psnr,
+            rec = reconstruct_inverted(self.model, inverted, ReconstructSettings(method="npi"), progress=progress)
+            start = time.perf_counter()  # writing the file, not the model's work
+            inv_file = self._save_inversion(inverted.inversion)
+            save_s = time.perf_counter() - start
+        timings = self._timings(cache, inverted, rec.cost, settings.steps, read_s, save_s,
+                                reconstruct_seconds=rec.reconstruction.cost.seconds)
+        return InvertReport(tensor_to_image(source.image), tensor_to_image(rec.reconstruction.image), rec.psnr,
                             rec.ssim, inv_file, timings, caught)
 
-    def edit(self, cache: InversionCache, path: str | Path, prompt: str, request: EditRequest, *,
-             name: str | None = None, steps: int = 50, offset: int | None = None, resize: str = "crop",
+    def edit(self, cache: InversionCache, path: str | Path, prompt: Any, request: EditRequest, *,
+             name: str | None = None, steps: Any = 50, offset: Any = None, resize: Any = "crop",
              stage: Stage | None = None, progress: bool = False) -> EditReport:
-        """Edit an upload toward ``request``, inverting it first only if this session has not yet."""
-        start = time.perf_counter()
-        prompt, steps, offset = self._check(prompt, steps, offset)
+        """Edit an upload toward ``request``, inverting it first only if this session has not yet (and
+        optimising NTI's negatives only once per guidance: the service keeps them in the cache)."""
+        prompt = self._source_prompt(prompt)
+        settings = self.invert_settings(steps, offset, resize)
         with self._model_call() as caught:
-            upload = read_upload(path, self.model, name=name, resize=resize, max_pixels=self.limits.max_pixels)
-            read_s = time.perf_counter() - start
-            key = cache_key(self.fingerprint, upload, prompt, steps, offset, resize)
-            calls0 = self.model.counter.calls
-            if key not in cache:
+            source, read_s = self._read(path, name, settings)
+            if InversionKey.of(self.model, source, prompt, settings) not in cache:
                 _stage(stage, "inverting")
-            lookup = invert_cached(self.model, cache, key, upload, prompt, steps=steps, offset=offset,
-                                   progress=progress)
+            inverted = invert_one(self.model, source, prompt, settings, cache=cache, progress=progress)
             _stage(stage, "editing")
-            outcome = run_edit(self.model, lookup.entry, request, progress=progress)
-            if outcome.inversion is not lookup.entry.inversion:
-                # NTI optimised negatives for this guidance: keep them, the next NTI edit is fast.
-                updated = CachedInversion(outcome.inversion, lookup.entry.image)
-                cache.put(key, updated, updated.nbytes)
-            calls = self.model.counter.calls - calls0
+            done = edit_inverted(self.model, [(inverted, [request.target])], request.settings, cache=cache,
+                        progress=progress)[0]
+            metrics = done.source_metrics()
+            maps = self._maps(done) if request.settings.keep_attention_maps else []
+            edited = tensor_to_image(done.images[:1])
+            start = time.perf_counter()  # writing the files, not the model's work
             folder = self._request_folder()
-            edit_file = save_image(outcome.edited, folder / "edit.png")
-            inv_file = self._save_inversion(outcome.inversion, folder)
-        timings = self._timings(cache, lookup, start, read_s, steps, calls, edit_seconds=outcome.seconds)
-        return EditReport(tensor_to_image(upload.image), outcome, edit_file, inv_file, timings, caught)
+            edit_file = save_image(edited, folder / "edit.png")
+            inv_file = self._save_inversion(done.inversion, folder)
+            save_s = time.perf_counter() - start
+        timings = self._timings(cache, inverted, done.cost, settings.steps, read_s, save_s,
+                                edit_seconds=done.edit_cost.seconds)
+        return EditReport(tensor_to_image(source.image), edited, tensor_to_image(done.result.source_image),
+                          metrics["psnr"], metrics["ssim"], maps, done, edit_file, inv_file, timings, caught)
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _check(self, prompt: str, steps, offset) -> tuple[str, int, int | None]:
-        """The request's source prompt, steps and offset, checked whatever JSON a client sent."""
+    def _source_prompt(self, prompt: Any) -> str:
         prompt = text_field(prompt, "source prompt", self.limits.max_prompt_chars)
         if not prompt:
             raise NpinvError("give a source prompt that describes the image")
-        return prompt, whole_number(steps, "steps", 1, self.limits.max_steps), parse_offset(offset)
+        return prompt
+
+    def _read(self, path: str | Path, name: str | None, settings: InvertSettings) -> tuple[Source, float]:
+        start = time.perf_counter()  # reading the file, not the model's work
+        source = read_upload(path, self.model, settings, name=name, max_pixels=self.limits.max_pixels)
+        return source, time.perf_counter() - start
+
+    def _maps(self, done: Edited) -> list[tuple[Image.Image, str]]:
+        """The per-word cross-attention maps as captioned heat images."""
+        names = {0: "source"} | {k + 1: "target" for k in range(len(done.result.targets))}
+        return [(heat_image(w.heat, scale=max(1, 128 // w.heat.shape[-1])), f"{names[w.branch]}: {w.word}")
+                for w in word_maps(self.model, done.result, done.inversion.source_prompt)]
 
     @contextlib.contextmanager
     def _model_call(self) -> Iterator[list[str]]:
@@ -474,13 +385,15 @@ class Engine:
 
                 messages.extend(dict.fromkeys(str(r.message) for r in records if issubclass(r.category, NpinvWarning)))
 
-    def _timings(self, cache: InversionCache, lookup: Lookup, start: float, read_s: float, steps: int, calls: int,
-                 **parts: float) -> Timings:
+    def _timings(self, cache: InversionCache, inverted: Inverted, cost: Cost, steps: int, read_s: float,
+                 save_s: float, **parts: float) -> Timings:
+        """``cost``: the request's model work, from the service's results (its inversion's, zero when
+        cached, and its reconstruction's or edit's); the total adds reading the upload and writing files."""
         stats = cache.stats()
-        return Timings(inversion_cached=lookup.cached, read_seconds=read_s, invert_seconds=lookup.seconds,
-                       total_seconds=time.perf_counter() - start, steps=steps, unet_calls=calls,
-                       cache_entries=stats.entries, cache_bytes=stats.bytes, cache_hits=stats.hits,
-                       cache_misses=stats.misses, **parts)
+        return Timings(inversion_cached=inverted.cached, read_seconds=read_s, invert_seconds=inverted.cost.seconds,
+                       total_seconds=read_s + cost.seconds + save_s, steps=steps,
+                       unet_calls=cost.unet_calls, unet_rows=cost.unet_rows, cache_entries=stats.entries,
+                       cache_bytes=stats.bytes, cache_hits=stats.hits, cache_misses=stats.misses, **parts)
 
     def _request_folder(self) -> Path:
         self._prune()
