@@ -6,6 +6,7 @@ weights (speed does not depend on the weights), on any device.
 
 The model is built from SD 1.5's published component configs (UNet 860M parameters, VAE, a
 12-layer 768-wide CLIP text encoder) in memory; the tokenizer is npinv's own small vocabulary.
+Seconds and UNet calls are the results' own costs (:class:`npinv.cost.Cost`), through the service.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ import json
 import platform
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from npinv.editing import EditSettings, edit
-from npinv.inversion import ddim_inversion, reconstruct
+from npinv import service
 from npinv.io import write_text
+from npinv.methods import reconstruct
 from npinv.model import Model, parse_dtype
+from npinv.settings import EditSettings, InvertSettings
 from npinv.training import SD1_SCHEDULER
 from npinv.vocab import write_tokenizer
 
@@ -57,14 +58,11 @@ def build(device: torch.device, dtype: torch.dtype) -> Model:
     return Model(pipe, "sd15-shaped-random", device, dtype)
 
 
-def timed(fn, device: torch.device):
+def idle(device: torch.device) -> None:
+    """Let queued GPU work finish before the next part starts (its cost then counts only its own work;
+    each part ends on a host read of its output, so its own work is done when it returns)."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return out, time.perf_counter() - start
 
 
 def main() -> None:
@@ -80,22 +78,26 @@ def main() -> None:
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
     model = build(device, dtype)
     image = torch.rand(1, 3, args.size, args.size, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    source = service.Source(image, "random", "random")  # already at the model's input size
     prompt = "a photo of a cat sitting on a bench"
     rows: dict[str, list] = {"invert": [], "npi": [], "nti": [], "npi_edit": []}
     calls: dict[str, int] = {}
+    edit_settings = EditSettings(method="npi", controller="replace", guidance=7.5)
     for _ in range(args.repeats):
-        c0 = model.counter.calls
-        inv, t = timed(lambda: ddim_inversion(model, image, prompt, steps=args.steps), device)
-        rows["invert"].append(t)
-        calls["invert"] = model.counter.calls - c0
-        for name, fn in (("npi", lambda inv=inv: reconstruct(model, inv, "npi", 7.5)),
-                         ("nti", lambda inv=inv: reconstruct(model, inv, "nti", 7.5, nti_inner_steps=args.nti_inner)),
-                         ("npi_edit", lambda inv=inv: edit(model, inv, ["a photo of a dog sitting on a bench"],
-                                                           EditSettings(method="npi", controller="replace")))):
-            c0 = model.counter.calls
-            _, t = timed(fn, device)
-            rows[name].append(t)
-            calls[name] = model.counter.calls - c0
+        idle(device)
+        inverted = service.invert_one(model, source, prompt, InvertSettings(steps=args.steps))
+        costs = {"invert": inverted.cost}
+        idle(device)
+        costs["npi"] = reconstruct(model, inverted.inversion, "npi", 7.5).cost
+        idle(device)
+        # methods.reconstruct: the service's ReconstructSettings has no NTI inner-iteration count.
+        costs["nti"] = reconstruct(model, inverted.inversion, "nti", 7.5, nti_inner_steps=args.nti_inner).cost
+        idle(device)
+        edited = service.edit(model, [(inverted, ["a photo of a dog sitting on a bench"])], edit_settings)[0]
+        costs["npi_edit"] = edited.edit_cost
+        for name, cost in costs.items():
+            rows[name].append(cost.seconds)
+            calls[name] = cost.unet_calls
     inv_s = statistics.median(rows["invert"])
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.machine()}, "

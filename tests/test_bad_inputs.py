@@ -213,9 +213,11 @@ CASES: list[tuple] = [
     ("guidance-negative", lambda e: reconstruct(e, "--guidance", "-1"), "guidance must be a number in 0..30, got -1.0"),
     ("blend-threshold-nan", lambda e: edit(e, "--blend", "circle", "square", "--blend-threshold", "nan"),
      "blend-threshold must be a number in 0..1, got nan"),
-    ("reweight-inf", lambda e: edit(e, "--controller", "reweight", "--reweight", "red=inf"), "reweight must be WORD=NUMBER items"),
+    ("reweight-inf", lambda e: edit(e, "--controller", "reweight", "--reweight", "red=inf"),
+     "reweight must be WORD=NUMBER items"),
     ("cross-replace-nan", lambda e: edit(e, "--cross-replace", "nan"), "cross-replace must be a fraction in 0..1"),
-    ("self-replace-size-inf", lambda e: edit(e, "self-replace-size must be a number in (0, 1], got inf", "inf"), "self-replace-size must be a number in (0, 1], got inf"),
+    ("self-replace-size-inf", lambda e: edit(e, "--self-replace-size", "inf"),
+     "self-replace-size must be a number in (0, 1], got inf"),
     ("seed-huge", lambda e: generate(e, "--seed", "99999999999999999999"), "--seed must lie in 0..18446744073709551615"),
     ("seed-negative", lambda e: generate(e, "--seed", "-1"), "--seed must lie in 0.."),
     ("size-65-reconstruct", lambda e: reconstruct(e, "--size", "65"), "size 65 must be a multiple of 8"),
@@ -279,7 +281,8 @@ CASES: list[tuple] = [
     ("manifest-row-missing-image", lambda e: edit_batch(e, [ROW, {**ROW, "image": "gone.png"}]), "manifest.jsonl:2"),
     ("manifest-row-blank-target", lambda e: edit_batch(e, [{**ROW, "target": "  "}]), "non-empty"),
     ("manifest-row-nan-guidance", lambda e: edit_batch(e, '{"image": "input.png", "source": "a cat", '
-                                                         '"target": "a dog", "guidance": NaN}\n'), "manifest.jsonl:1: guidance must be a number in 0..30 (or none), got nan"),
+                                                         '"target": "a dog", "guidance": NaN}\n'),
+     "manifest.jsonl:1: guidance must be a number in 0..30 (or none), got nan"),
     ("manifest-row-size-65", lambda e: edit_batch(e, [{**ROW, "size": 65}]), "manifest.jsonl:1: size 65 must be a multiple of 8"),
     ("manifest-row-steps-1000", lambda e: edit_batch(e, [ROW, {**ROW, "steps": 1000}]), "line 2: 1000 steps"),
     # videos
@@ -325,8 +328,8 @@ def _drop_negative(t: dict) -> None:
 def good_inversion(tmp_path_factory, sd_model) -> Path:
     """An NTI inversion (so it holds negatives) of the input picture, 2 steps."""
     from npinv.inversion import ddim_inversion
-    from npinv.methods import reconstruct
     from npinv.io import image_to_tensor
+    from npinv.methods import reconstruct
 
     image = image_to_tensor(Scene("circle", "red", "blue", 0.5).render(32))
     inv = reconstruct(sd_model, ddim_inversion(sd_model, image, SRC, steps=2), "nti", 7.5, nti_inner_steps=2).inversion

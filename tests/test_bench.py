@@ -12,6 +12,7 @@ import torch
 from npinv.bench.edit_shapes import EditCase, edit_cases, keep_region, region_psnr, run_edit_shapes
 from npinv.bench.reconstruct import run_reconstruct_bench
 from npinv.bench.results import ResultsFile, nanmean
+from npinv.errors import NpinvError
 from npinv.scenes import Edit, Scene
 
 
@@ -33,7 +34,7 @@ def test_nanmean_skips_nan_and_none():
 
 
 def test_reconstruct_bench_is_resumable(tmp_path, sd_model, monkeypatch):
-    import npinv.pipeline as rb
+    import npinv.service as rb
 
     clean = run_reconstruct_bench(sd_model, tmp_path / "clean", shapes=2, steps_list=(2, 3))
     rows = [json.loads(x) for x in (tmp_path / "clean" / "results.jsonl").read_text().splitlines()]
@@ -89,10 +90,11 @@ def test_reconstruct_bench_scores_lpips_when_weights_are_given(tmp_path, sd_mode
     assert rows["ddim"]["lpips"] > 0 and summary["rows"][1]["lpips_mean"] == rows["ddim"]["lpips"]
     # The stored figure is LPIPS of the prepared input against the reconstruction, whole image.
     from npinv.bench.reconstruct import image_items
-    from npinv.inversion import ddim_inversion, reconstruct
+    from npinv.inversion import ddim_inversion
+    from npinv.methods import reconstruct
 
     _, load, prompt = image_items(sd_model, None, 1)[0]
-    image = load()
+    image = load().image
     rec = reconstruct(sd_model, ddim_inversion(sd_model, image, prompt, steps=2), "ddim", 7.5)
     nets = NetworkMetrics.load(structure=False, lpips=weights, clip=False, device="cpu")
     a, b = tensor_to_unit(image), tensor_to_unit(rec.image)
@@ -134,6 +136,49 @@ def test_edit_shapes_runs_and_resumes(tmp_path, sd_model):
     assert (tmp_path / "edit_results.jsonl").read_text().splitlines() == rows
     assert all(0 <= json.loads(r)["blend_iou"] <= 1 for r in rows)
     assert {json.loads(r)["blend_maps"] for r in rows} == {"16x16"}  # the toy model's finest maps are 16x16
+
+
+def test_edit_shapes_optimises_nti_once_per_guidance_and_reports_the_edit_alone(tmp_path, sd_model, monkeypatch):
+    """NTI's negatives are optimised once per scene and guidance (kept in the scene's inversion cache);
+    each NTI row's UNet calls and rows are the edit's alone, and its invert_seconds carry the optimisation."""
+    import npinv.methods
+
+    real = npinv.methods.reconstruct
+    optimised = []
+
+    def counting(model, inv, method, guidance=7.5, **kwargs):
+        optimised.append(guidance)
+        return real(model, inv, method, guidance, **kwargs)
+
+    monkeypatch.setattr(npinv.methods, "reconstruct", counting)
+    run_edit_shapes(sd_model, tmp_path, n_scenes=1, methods=("nti", "npi"), directs=(False, True),
+                    guidances=(2.0, 7.5), steps=2)
+    assert sorted(optimised) == [2.0, 7.5]
+    rows = [json.loads(x) for x in (tmp_path / "edit_results.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 2 * 2 * 2
+    nti = [r for r in rows if r["method"] == "nti"]
+    npi = [r for r in rows if r["method"] == "npi"]
+    assert {(r["unet_calls"], r["unet_rows"]) for r in nti} == {(2, 2 * 4)}  # source and target: 2 rows each a step
+    assert {(r["unet_calls"], r["unet_rows"]) for r in npi} == {(2, 2 * 3)}
+    for w in (2.0, 7.5):
+        assert len({r["invert_seconds"] for r in nti if r["guidance"] == w}) == 1
+        assert min(r["invert_seconds"] for r in nti if r["guidance"] == w) > max(r["invert_seconds"] for r in npi)
+    with pytest.raises(NpinvError, match="^unknown method 'magic'"):
+        run_edit_shapes(sd_model, tmp_path / "bad", methods=("magic",))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_reconstruct_bench_methods_come_from_the_registry(tmp_path):
+    from npinv.bench.reconstruct import method_labels, reconstruct_settings
+    from npinv.methods import method_names
+    from npinv.settings import ReconstructSettings
+
+    assert method_labels() == ("ddim1", *method_names())
+    assert reconstruct_settings("ddim1", 7.5) == ReconstructSettings("ddim", 1.0)  # DDIM's round trip at w = 1
+    assert reconstruct_settings("nti", 3.0) == ReconstructSettings("nti", 3.0)
+    with pytest.raises(NpinvError, match=r"^unknown benchmark method 'magic'; choose from ddim1, npi, "):
+        run_reconstruct_bench(None, tmp_path / "x", methods=("ddim1", "magic"))
+    assert not (tmp_path / "x").exists()
 
 
 def test_edit_shapes_compares_blend_map_sizes(tmp_path, sd_model):
@@ -188,7 +233,6 @@ def test_reconstruct_bench_refuses_no_scenes(tmp_path, capsys, shapes):
     assert code == 2 and err.strip() == f"npinv: error: --shapes must be at least 1, got {shapes}"
     assert not (tmp_path / "b").exists()
     from npinv.bench.reconstruct import image_items
-    from npinv.errors import NpinvError
 
     with pytest.raises(NpinvError, match="--shapes must be at least 1"):
         image_items(None, None, 0)  # the library refuses too

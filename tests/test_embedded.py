@@ -13,8 +13,9 @@ from npinv.editing import EditSettings, edit
 from npinv.io import tensor_to_image
 from npinv.metrics import psnr, tensor_to_unit
 from npinv.model import NpinvWarning, embedded_model_path
-from npinv.pipeline import generate, load_input
 from npinv.scenes import Scene, read_scene
+from npinv.service import generate, prepare_file
+from npinv.settings import InvertSettings
 
 
 @pytest.fixture(scope="module")
@@ -25,7 +26,7 @@ def shapes():
 @pytest.fixture(scope="module")
 def example(shapes):
     item = bundled_examples()[0]
-    return item, load_input(item["path"], shapes)
+    return item, prepare_file(item["path"], shapes, InvertSettings()).image
 
 
 def test_ships_small_and_loads_as_a_diffusers_folder():
@@ -58,7 +59,7 @@ def test_npi_reconstructs_and_ddim_at_guidance_fails(shapes, example):
 
 def test_generate_follows_the_caption(shapes):
     scene = Scene("square", "yellow", "blue")
-    hits = [read_scene(tensor_to_image(generate(shapes, scene.caption, seed=s, steps=30))).matches(scene)
+    hits = [read_scene(tensor_to_image(generate(shapes, scene.caption, seed=s, steps=30).image)).matches(scene)
             for s in range(3)]
     assert sum(hits) >= 2
 

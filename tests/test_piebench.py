@@ -259,13 +259,13 @@ def test_run_piebench_end_to_end_and_resumable(tmp_path, sd_model, monkeypatch, 
     make_bench(data)
     kw = {"methods": ("npi", "ddim"), "steps": 3}
     inversions = {"n": 0}
-    real_inversion = pb.ddim_inversion
+    real_inversion = pb.invert_one
 
     def counting_inversion(*args, **kwargs):
         inversions["n"] += 1
         return real_inversion(*args, **kwargs)
 
-    monkeypatch.setattr(pb, "ddim_inversion", counting_inversion)
+    monkeypatch.setattr(pb, "invert_one", counting_inversion)
     # The default networks are looked up in the (offline) cache; here they are missing whatever the cache holds.
     monkeypatch.delenv("NPINV_LPIPS_WEIGHTS", raising=False)
     real_load = NetworkMetrics.load

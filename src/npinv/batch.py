@@ -23,12 +23,12 @@ import dataclasses
 import hashlib
 import json
 import re
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from npinv.cache import InversionCache
+from npinv.cost import Meter
 from npinv.editing import blend_tokens, cross_edit
 from npinv.errors import NpinvError
 from npinv.io import load_image, remove_stale_temporaries, save_image, tensor_to_image
@@ -297,13 +297,13 @@ def _run_locked(model: Model, rows: list[ManifestRow], out: Path, batch_size: in
         if any(not _finished(it, results) for it in its):
             pending.setdefault(inv_key, []).extend(its)
 
-    start, calls0 = time.perf_counter(), model.counter.calls
+    meter = Meter(model)
     done_now = 0
     for chunk in _chunks(pending, model, batch_size):
         done_now += _run_chunk(model, chunk, results, progress)
     results.merge(order=lambda r: order.get(r["key"], len(order)))
     return BatchReport(total=len(items), done_before=done_before, done_now=done_now, results=results.final,
-                       seconds=time.perf_counter() - start, unet_calls=model.counter.calls - calls0, shard=shard.label)
+                       seconds=meter.cost.seconds, unet_calls=meter.cost.unet_calls, shard=shard.label)
 
 
 def _finished(item: EditItem, results: ShardedResults) -> bool:

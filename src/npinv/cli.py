@@ -455,12 +455,11 @@ def cmd_bench(args) -> int:
     if shard.device and args.device is None:
         args.device = shard.device
     if args.bench == "reconstruct":
-        from npinv.bench.reconstruct import METHODS, reconstruct_table, run_reconstruct_bench
+        from npinv.bench.reconstruct import reconstruct_settings, reconstruct_table, run_reconstruct_bench
 
         methods = _csv(args.methods, str, "--methods")
         for m in methods:
-            if m not in METHODS:
-                raise NpinvError(f"unknown benchmark method {m!r}; choose from {', '.join(METHODS)}")
+            reconstruct_settings(m, args.guidance)  # one line for an unknown label or a bad guidance
         steps = _csv(args.steps, int, "--steps")
         if args.shapes is not None and args.shapes < 1:  # None: the default 8 scenes
             raise NpinvError(f"--shapes must be at least 1, got {args.shapes}")

@@ -6,11 +6,13 @@ import json
 from importlib import resources
 from pathlib import Path
 
+from npinv import service
 from npinv.io import image_grid, save_image, tensor_to_image, write_text
 from npinv.model import Model
-from npinv.pipeline import invert_and_reconstruct_each, load_input
+from npinv.settings import EditSettings, InvertSettings, ReconstructSettings
 
-DEMO_METHODS = [("ddim", 1.0), ("ddim", 7.5), ("nti", 7.5), ("npi", 7.5)]
+DEMO_METHODS = (ReconstructSettings("ddim", 1.0), ReconstructSettings("ddim", 7.5), ReconstructSettings("nti", 7.5),
+                ReconstructSettings("npi", 7.5))
 
 
 def bundled_examples() -> list[dict]:
@@ -24,13 +26,16 @@ def bundled_examples() -> list[dict]:
 
 def run_demo(model: Model, out_dir: Path, *, steps: int = 50, example: int = 0, progress: bool = True) -> list[dict]:
     item = bundled_examples()[example]
-    image = load_input(item["path"], model)
-    scores = list(invert_and_reconstruct_each(model, image, item["prompt"], DEMO_METHODS, steps=steps,
-                                              progress=progress))
-    inv = scores[0].reconstruction.inversion  # DDIM's: the plain inversion, for the edits
-    rows = [{"method": sc.method, "guidance": sc.guidance, "psnr": sc.psnr, "ssim": sc.ssim, "seconds": sc.seconds,
-             "unet_calls": sc.unet_calls} for sc in scores]
-    tiles = [tensor_to_image(image)] + [tensor_to_image(sc.reconstruction.image) for sc in scores]
+    invert_settings = InvertSettings(steps=steps)
+    source = service.prepare_file(item["path"], model, invert_settings)
+    scores = list(service.reconstruct_each(model, source, item["prompt"], DEMO_METHODS, invert_settings,
+                                           progress=progress))
+    # The shared inversion, for the edits (DDIM's reconstruction hands it back unchanged).
+    first = scores[0]
+    inverted = first.inverted
+    rows = [{"method": sc.method, "guidance": sc.guidance, "psnr": sc.psnr, "ssim": sc.ssim,
+             "seconds": sc.cost.seconds, "unet_calls": sc.cost.unet_calls} for sc in scores]
+    tiles = [tensor_to_image(source.image)] + [tensor_to_image(sc.reconstruction.image) for sc in scores]
     out_dir.mkdir(parents=True, exist_ok=True)
     grid = save_image(image_grid([tiles], scale=4), out_dir / "demo_reconstruction.png")
     write_text(out_dir / "demo_reconstruction.json", json.dumps({"example": item["image"], "prompt": item["prompt"],
@@ -41,28 +46,27 @@ def run_demo(model: Model, out_dir: Path, *, steps: int = 50, example: int = 0, 
         label = f"{r['method']} w={r['guidance']:g}"
         print(f"{label:<12}{r['psnr']:>9.2f}{r['ssim']:>8.3f}{r['seconds']:>9.2f}{r['unet_calls']:>12}")
     print(f"grid (input | DDIM w=1 | DDIM w=7.5 | NTI | NPI): {grid}")
-    rows.append(_demo_edit(model, image, inv, item, out_dir, progress))
+    rows.append(_demo_edit(model, inverted, item, out_dir, progress))
     return rows
 
 
-def _demo_edit(model: Model, image, inv, item: dict, out_dir: Path, progress: bool) -> dict:
-    """Edit the same inversion toward each suggested target in one batched NPI run."""
-    from npinv.editing import EditSettings, edit
-
+def _demo_edit(model: Model, inverted: service.Inverted, item: dict, out_dir: Path, progress: bool) -> dict:
+    """Edit the same inversion toward each suggested target with NPI, word swap and local blend."""
     targets = item["edits"]
     src_words = item["prompt"].split()
     # Blend on the words that change (one word per edit of the bundled examples).
     changed = [next(w for w, v in zip(src_words, t.split(), strict=True) if w != v) for t in targets]
-    result = None
-    tiles = [tensor_to_image(image)]
+    done = None
+    tiles = [tensor_to_image(inverted.image)]
     for target, word in zip(targets, changed, strict=True):
         new_word = target.split()[src_words.index(word)]
-        # Guidance 2.5: the embedded model's recommended editing guidance (its model card's sweep).
-        settings = EditSettings(method="npi", controller="replace", blend=(word, new_word), guidance=2.5)
-        result = edit(model, inv, [target], settings, progress=progress)
-        tiles.append(tensor_to_image(result.images))
+        # Guidance: the model's declared editing guidance (2.5 for the embedded model, from its card's sweep).
+        settings = EditSettings(method="npi", controller="replace", blend=(word, new_word), guidance=None)
+        done = service.edit(model, [(inverted, [target])], settings, progress=progress)[0]
+        tiles.append(tensor_to_image(done.images))
     grid = save_image(image_grid([tiles], scale=4), out_dir / "demo_edit.png")
-    print(f"edits of the same inversion (NPI + word swap + local blend, w=2.5, {3 * inv.steps} UNet rows each, "
-          f"{result.seconds:.2f} s for the last): {', '.join(repr(t) for t in targets)}")
+    cost = done.edit_cost
+    print(f"edits of the same inversion (NPI + word swap + local blend, w={done.settings.guidance:g}, "
+          f"{cost.unet_rows} UNet rows each, {cost.seconds:.2f} s for the last): {', '.join(repr(t) for t in targets)}")
     print(f"grid (input | edits): {grid}")
-    return {"method": "npi-edit", "targets": targets, "seconds": result.seconds, "unet_calls": result.unet_calls}
+    return {"method": "npi-edit", "targets": targets, "seconds": cost.seconds, "unet_calls": cost.unet_calls}

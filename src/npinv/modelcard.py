@@ -19,12 +19,14 @@ from npinv.guidance import CFG
 from npinv.io import image_grid, image_to_tensor, save_image, tensor_to_image, write_text
 from npinv.metrics import psnr, tensor_to_unit
 from npinv.model import SETTINGS_FILE, Model, load_model
-from npinv.pipeline import invert_and_reconstruct_each
 from npinv.sampling import Branch, sample
 from npinv.scenes import random_scenes, read_scene
+from npinv.service import prepare_picture, reconstruct_each
+from npinv.settings import InvertSettings, ReconstructSettings
 
 HELD_OUT_SEED = 987_654  # training draws from seeds 1 and 2 (scaled by the config seed); never this one
-RECON_SETTINGS = [("ddim", 1.0), ("ddim", 7.5), ("nti", 7.5), ("npi", 7.5)]
+RECON_SETTINGS = (ReconstructSettings("ddim", 1.0), ReconstructSettings("ddim", 7.5), ReconstructSettings("nti", 7.5),
+                  ReconstructSettings("npi", 7.5))
 EDIT_GUIDANCES = (1.5, 2.5, 4.0, 7.5)
 
 
@@ -74,13 +76,14 @@ def reconstruction_table(model: Model, n: int, steps_list: list[int]) -> tuple[l
     scenes = list(random_scenes(HELD_OUT_SEED + 2, n))
     rows, grid = [], []
     for steps in steps_list:
-        per: dict[tuple[str, float], list[tuple[float, float, int]]] = {k: [] for k in RECON_SETTINGS}
+        per: dict[tuple[str, float], list[tuple[float, float, int]]] = {(s.method, s.guidance): [] for s in RECON_SETTINGS}
         for k, scene in enumerate(scenes):
-            x = image_to_tensor(scene.render(model.resolution))
-            scores = invert_and_reconstruct_each(model, x, scene.caption, list(RECON_SETTINGS), steps=steps)
-            tiles = [tensor_to_image(x)]
+            source = prepare_picture(scene.render(model.resolution), model, InvertSettings(), name=f"scene{k:03d}")
+            # One inversion, then each method; seconds and UNet calls include the inversion.
+            scores = reconstruct_each(model, source, scene.caption, RECON_SETTINGS, InvertSettings(steps=steps))
+            tiles = [tensor_to_image(source.image)]
             for sc in scores:
-                per[(sc.method, sc.guidance)].append((sc.psnr, sc.seconds, sc.unet_calls))
+                per[(sc.method, sc.guidance)].append((sc.psnr, sc.cost.seconds, sc.cost.unet_calls))
                 tiles.append(tensor_to_image(sc.reconstruction.image))
             if steps == max(steps_list) and k < 8:
                 grid.append(tiles)

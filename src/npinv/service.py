@@ -167,7 +167,11 @@ class Reconstructed:
     cost: Cost
     invert_cost: Cost
     reconstruction: Reconstruction
-    input_image: torch.Tensor
+    inverted: Inverted  # what was reconstructed (NTI's negatives are on ``reconstruction.inversion``)
+
+    @property
+    def input_image(self) -> torch.Tensor:
+        return self.inverted.image
 
     def summary(self) -> dict:
         return {"method": self.method, "steps": self.steps, "guidance": self.guidance, "offset": self.offset,
@@ -185,7 +189,7 @@ def reconstruct_inverted(model: Model, inverted: Inverted, settings: Reconstruct
     return Reconstructed(method=rec.method, steps=inv.steps, guidance=settings.guidance,
                          offset=int(inv.schedule["offset"]), psnr=m["psnr"], ssim=m["ssim"], mse=m["mse"],
                          cost=inverted.cost + rec.cost, invert_cost=inverted.cost, reconstruction=rec,
-                         input_image=inverted.image)
+                         inverted=inverted)
 
 
 def reconstruct_each(model: Model, source: Source, prompt: str, settings: Sequence[ReconstructSettings],

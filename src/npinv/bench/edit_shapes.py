@@ -10,6 +10,12 @@ from the edited scene. Per method / controller / direct-inversion setting it rep
 - ``blend_iou``: with local blend, the IoU of its last mask (upsampled to the image) with the region
   the edit is meant to change (:func:`edited_region`); ``blend_maps``: the size of the maps it read;
 - ``seconds`` (edit, inversion excluded), ``invert_seconds`` and exact UNet calls and rows.
+
+Each scene is inverted once and every edit of it goes through :func:`npinv.service.edit` with one
+:class:`~npinv.cache.InversionCache` for the scene, so NTI optimises once per scene and guidance.
+Costs come from the results (:class:`~npinv.cost.Cost`): a row's ``seconds``, ``unet_calls`` and
+``unet_rows`` are the edit alone (NTI's optimisation excluded); ``invert_seconds`` is the scene's
+inversion plus, for a method that prepares its negatives (NTI), that preparation at the row's guidance.
 """
 
 from __future__ import annotations
@@ -17,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +30,16 @@ import torch
 import torch.nn.functional as F
 
 from npinv.bench.results import group, markdown_table, nanmean
-from npinv.editing import EditSettings, edit
-from npinv.inversion import ddim_inversion, reconstruct
+from npinv.cache import InversionCache
+from npinv.cost import Cost
 from npinv.io import image_grid, image_to_tensor, save_image, tensor_to_image, write_text
+from npinv.methods import get_method
 from npinv.metrics import ssim, tensor_to_unit
 from npinv.model import Model
 from npinv.parallel import Shard, ShardedResults
 from npinv.scenes import Edit, Scene, random_edit, random_scenes, read_scene
+from npinv.service import edit, invert_one, prepare_picture
+from npinv.settings import EditSettings, InvertSettings
 
 HELD_OUT_SEED = 424_242
 KINDS = ("color", "shape", "background")
@@ -100,6 +108,9 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
                     blend_sizes: tuple[int | None, ...] = (None,), progress: bool = False, grid_cases: int = 6,
                     shard: Shard | None = None) -> dict:
     """``blend_sizes``: the local-blend map sizes to compare (None: npinv's rule, see ``blend_downscale``)."""
+    methods = tuple(get_method(m).name for m in methods)  # unknown names refused before any work
+    invert_settings = InvertSettings(steps=steps)
+    invert_settings.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = ShardedResults(out, shard, name="edit_results")  # under accelerate: every N-th scene
@@ -114,27 +125,27 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
             continue
         scene_cases = [it["case"] for it in items]
         scene = scene_cases[0].scene
-        image = image_to_tensor(scene.render(res))
         todo = [(c, s) for c in scene_cases for s in settings_list if _key(c, s, steps) not in results]
         if not todo:
             continue
-        start = time.perf_counter()
-        inv = ddim_inversion(model, image, scene.caption, steps=steps)
-        invert_s = time.perf_counter() - start
-        nti_inv: dict[float, tuple] = {}
+        picture = prepare_picture(scene.render(res), model, invert_settings, name=f"scene{index:03d}")
+        image = picture.image
+        # The scene's inversion and each method's prepared variant of it (NTI's negatives at each
+        # guidance), kept for the whole scene: room for all of them, so that nothing is evicted.
+        cache = InversionCache(max_entries=2 + len(methods) * len(guidances), max_bytes=2**62)
+        inverted = invert_one(model, picture, scene.caption, invert_settings, cache=cache)
+        prepared: dict[tuple[str, float], Cost] = {}  # what preparing each method's negatives cost (NTI)
         for case, (method, direct, controller, w, blend_res) in todo:
-            use = inv
-            extra_s = 0.0
-            if method == "nti":
-                if w not in nti_inv:
-                    t0 = time.perf_counter()
-                    nti_inv[w] = (reconstruct(model, inv, "nti", w).inversion, time.perf_counter() - t0)
-                use, extra_s = nti_inv[w]
             src_word, tgt_word = case.words
             settings = EditSettings(method=method, controller=controller, guidance=w, cross_replace=cross_replace,
                                     self_replace=self_replace, blend=(src_word, tgt_word) if blend else None,
                                     direct=direct, blend_res=blend_res)
-            result = edit(model, use, [case.target.caption], settings)
+            done = edit(model, [(inverted, [case.target.caption])], settings, cache=cache)[0]
+            result = done.result
+            if done.prepare_cost != Cost():  # this edit prepared the method's negatives (NTI's first at w)
+                prepared[(method, w)] = done.prepare_cost
+            edit_cost = done.edit_cost - done.prepare_cost  # the edit alone
+            invert_cost = inverted.cost + prepared.get((method, w), Cost())
             edited = tensor_to_unit(result.images[:1])
             truth = tensor_to_unit(image_to_tensor(case.target.render(res)))
             source = tensor_to_unit(image)
@@ -148,8 +159,8 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
                 "psnr_gt": 10 * math.log10(1.0 / gt_err) if gt_err > 0 else math.inf,
                 "ssim_gt": ssim(edited, truth), "psnr_bg": region_psnr(edited, source, keep_region(case, res)),
                 "success": bool(read_scene(tensor_to_image(result.images[:1])).matches(case.target)),
-                "seconds": result.seconds, "invert_seconds": invert_s + extra_s,
-                "unet_calls": result.unet_calls, "unet_rows": result.unet_rows,
+                "seconds": edit_cost.seconds, "invert_seconds": invert_cost.seconds,
+                "unet_calls": edit_cost.unet_calls, "unet_rows": edit_cost.unet_rows,
             }
             results.add(row)
             if case.index * 3 + KINDS.index(case.edit.kind) < grid_cases:

@@ -15,8 +15,8 @@ Conventions where the published description leaves room (all in this module):
   1 (the published border rule, applied at the evaluated size so that it survives downscaling;
   at 512 px this is the published mask exactly). The runner applies the border rule in both
   metric conventions, so they differ only in how the metrics are aggregated.
-- Images. Metrics compare the prepared input (``load_input``: centre crop, resize to the model's
-  side) with the edit as saved, both as 8-bit images scaled to [0, 1]: rescoring the saved files
+- Images. Metrics compare the prepared input (:func:`npinv.service.prepare_file`: centre crop,
+  resize to the model's side) with the edit as saved, both as 8-bit images scaled to [0, 1]: rescoring the saved files
   reproduces the rows. Inputs must be square (PIE-Bench's are 512x512), else the mask would not
   line up after the crop.
 - ``parity=True`` (the published script): both images are multiplied by ``1 - mask`` and PSNR
@@ -51,7 +51,6 @@ import json
 import math
 import re
 import sys
-import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -62,17 +61,17 @@ from PIL import Image
 
 from npinv.bench.netmetrics import NetworkMetrics
 from npinv.bench.results import group, markdown_table, nanmean
-from npinv.editing import EDIT_METHODS, EditSettings, edit
 from npinv.errors import NpinvError
-from npinv.inversion import ddim_inversion
 from npinv.io import save_image, tensor_to_image, write_text
+from npinv.methods import get_method
 from npinv.metrics import mse as _mse
 from npinv.metrics import psnr as _psnr
 from npinv.metrics import ssim as _ssim
 from npinv.metrics import ssim_map
 from npinv.model import Model
 from npinv.parallel import Shard, ShardedResults
-from npinv.pipeline import load_input
+from npinv.service import edit, invert_one, prepare_file
+from npinv.settings import EditSettings, InvertSettings
 
 MASK_SIZE = 512
 SEED = 1234
@@ -266,12 +265,11 @@ def run_piebench(model: Model, data_dir: str | Path, out_dir: str | Path, *, met
 
     ``metrics``: the networks for structure, LPIPS and CLIP (default: :meth:`NetworkMetrics.load` on the
     model's device, from the local cache only)."""
-    methods = tuple(methods)
-    for m in methods:
-        if m not in EDIT_METHODS:
-            raise NpinvError(f"unknown method {m!r}; choose from {', '.join(EDIT_METHODS)}")
+    methods = tuple(get_method(m).name for m in methods)  # an unknown name is refused with one line
     if not methods:
         raise NpinvError("give at least one method")
+    invert_settings = InvertSettings(steps=steps, offset=offset)
+    invert_settings.validate()
     items = select_items(load_piebench(data_dir), types, limit)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -294,21 +292,18 @@ def run_piebench(model: Model, data_dir: str | Path, out_dir: str | Path, *, met
         with Image.open(item.image_path) as img:
             if img.width != img.height:
                 raise NpinvError(f"{item.image_path}: PIE-Bench images are square, this one is {img.width}x{img.height}")
-        image = load_input(item.image_path, model)
-        source = _unit(image)
+        prepared = prepare_file(item.image_path, model, invert_settings)
+        source = _unit(prepared.image)
         mask = mask_for(item, source.shape[0], source.shape[1])
         blend, weights = edit_words(item, reweight)
         torch.manual_seed(SEED)
-        calls0 = model.counter.calls
-        start = time.perf_counter()
-        inv = ddim_inversion(model, image, item.source_prompt, steps=steps, offset=offset, progress=progress)
-        invert_s = time.perf_counter() - start
-        invert_calls = model.counter.calls - calls0
+        inverted = invert_one(model, prepared, item.source_prompt, invert_settings, progress=progress)
         for method in todo:
             torch.manual_seed(SEED)
             es = EditSettings(method=method, controller=controller, guidance=guidance, cross_replace=cross_replace,
                               self_replace=self_replace, blend=blend, reweight=dict(weights))
-            result = edit(model, inv, [item.target_prompt], es, progress=progress)
+            done = edit(model, [(inverted, [item.target_prompt])], es, progress=progress)[0]
+            result = done.result
             picture = tensor_to_image(result.images[:1])
             save_image(picture, output_path(out, method, item))
             edited = np.asarray(picture, dtype=np.float64) / 255.0
@@ -320,8 +315,10 @@ def run_piebench(model: Model, data_dir: str | Path, out_dir: str | Path, *, met
                 "target_prompt": item.target_prompt, "blend": list(blend) if blend else None,
                 "reweight_words": sorted(weights), **scores, **network,
                 "unavailable": metrics.unavailable, "parity": parity, "unedited_fraction": float((~mask).mean()),
-                "seconds": result.seconds, "invert_seconds": invert_s, "unet_calls": result.unet_calls,
-                "unet_rows": result.unet_rows, "invert_unet_calls": invert_calls, **_row_settings(settings),
+                # The edit call (NTI's optimisation included) and the image's one inversion, from their costs.
+                "seconds": done.edit_cost.seconds, "invert_seconds": inverted.cost.seconds,
+                "unet_calls": done.edit_cost.unet_calls, "unet_rows": done.edit_cost.unet_rows,
+                "invert_unet_calls": inverted.cost.unet_calls, **_row_settings(settings),
             }
             results.add(row)
     rows = results.merge()

@@ -1,9 +1,10 @@
 """Reconstruction benchmark: methods x step counts over a folder of images or held-out scenes.
 
-Methods: ``ddim1`` (DDIM inversion reconstructed at guidance 1), ``ddim`` (at w, null negative),
-``nti`` (null-text inversion at w) and ``npi`` (at w). One DDIM inversion per image and step
-count is shared by all methods; each method's ``seconds`` is that inversion plus its own
-reconstruction, timed side by side in the same process, and ``unet_calls`` counts both.
+Methods: those of the registry (:mod:`npinv.methods`: ``ddim`` with the null negative, ``nti``,
+``npi``, ... at w) and the benchmark's label ``ddim1`` (DDIM reconstructed at guidance 1). One DDIM
+inversion per image and step count is shared by all methods (:func:`npinv.service.reconstruct_each`);
+each method's ``seconds`` is that inversion plus its own reconstruction, measured side by side in
+the same process, and ``unet_calls`` counts both (the results' :class:`~npinv.cost.Cost`).
 LPIPS (SqueezeNet, whole image) is scored when its weights are given (``lpips=`` or
 ``$NPINV_LPIPS_WEIGHTS``); otherwise it is null and one line says why.
 """
@@ -19,25 +20,50 @@ import numpy as np
 
 from npinv.bench.netmetrics import NetworkMetrics
 from npinv.bench.results import group, markdown_table, nanmean
+from npinv.checks import short_repr
 from npinv.errors import NpinvError
-from npinv.io import IMAGE_SUFFIXES, atomic_path, image_to_tensor, write_text
+from npinv.io import IMAGE_SUFFIXES, atomic_path, write_text
+from npinv.methods import get_method, method_names
 from npinv.metrics import tensor_to_unit
 from npinv.model import Model
 from npinv.parallel import Shard, ShardedResults
-from npinv.pipeline import invert_and_reconstruct_each, load_input
 from npinv.scenes import random_scenes
+from npinv.service import Source, prepare_file, prepare_picture, reconstruct_each
+from npinv.settings import InvertSettings, ReconstructSettings
 
-METHODS = {"ddim1": ("ddim", 1.0), "ddim": ("ddim", None), "nti": ("nti", None), "npi": ("npi", None)}
+# The benchmark's own labels beside the registry's method names: DDIM's round trip at guidance 1.
+PSEUDO_METHODS = {"ddim1": ReconstructSettings("ddim", 1.0)}
 HELD_OUT_SEED = 515_151
 
 
+def method_labels() -> tuple[str, ...]:
+    """Every method label the benchmark takes: its pseudo-methods, then the registry's methods."""
+    return (*PSEUDO_METHODS, *method_names())
+
+
+def reconstruct_settings(label: str, guidance: float) -> ReconstructSettings:
+    """What a benchmark label runs: a pseudo-method's fixed settings, else the method at ``guidance``.
+    An unknown label is refused with one line naming the labels."""
+    if isinstance(label, str) and label in PSEUDO_METHODS:
+        return PSEUDO_METHODS[label]
+    try:
+        method = get_method(label)
+    except NpinvError:
+        raise NpinvError(f"unknown benchmark method {short_repr(label)}; choose from "
+                         f"{', '.join(method_labels())}") from None
+    settings = ReconstructSettings(method.name, guidance)
+    settings.validate()
+    return settings
+
+
+# The labels, for front ends that list or check them (``npinv bench reconstruct --methods``).
 def image_items(model: Model, images: str | None, shapes: int | None) -> list[tuple[str, object, str]]:
-    """(name, loader, prompt) for each benchmark image."""
+    """(name, loader, prompt) for each benchmark image; the loader returns the prepared :class:`Source`."""
     if images is None:
         if shapes is not None and (isinstance(shapes, bool) or shapes < 1):
             raise NpinvError(f"--shapes must be at least 1, got {shapes}")
         scenes = list(random_scenes(HELD_OUT_SEED, 8 if shapes is None else shapes))
-        return [(f"scene{i:03d}", (lambda s=s: image_to_tensor(s.render(model.resolution))), s.caption)
+        return [(f"scene{i:03d}", (lambda i=i, s=s: _scene_source(model, s, f"scene{i:03d}")), s.caption)
                 for i, s in enumerate(scenes)]
     folder = Path(images)
     if not folder.is_dir():
@@ -49,19 +75,22 @@ def image_items(model: Model, images: str | None, shapes: int | None) -> list[tu
         prompt = mapping.get(path.name) or (sidecar.read_text().strip() if sidecar.is_file() else None)
         if not prompt:
             raise NpinvError(f"no prompt for {path.name}: add {sidecar.name} or an entry in prompts.json")
-        items.append((path.name, (lambda p=path: load_input(p, model)), prompt))
+        items.append((path.name, (lambda p=path: prepare_file(p, model, InvertSettings())), prompt))
     if not items:
         raise NpinvError(f"no images in {folder}")
     return items
+
+
+def _scene_source(model: Model, scene, name: str) -> Source:
+    """A held-out scene rendered at the model's side (prepared as is: no crop, no resize)."""
+    return prepare_picture(scene.render(model.resolution), model, InvertSettings(), name=name)
 
 
 def run_reconstruct_bench(model: Model, out_dir: str | Path, *, images: str | None = None, shapes: int | None = None,
                           methods=("ddim1", "ddim", "nti", "npi"), steps_list=(10, 20, 50, 100), guidance: float = 7.5,
                           offset: int | None = None, lpips=None, allow_pickle: bool = False,
                           progress: bool = False, shard: Shard | None = None) -> dict:
-    for m in methods:
-        if m not in METHODS:
-            raise NpinvError(f"unknown benchmark method {m!r}; choose from {', '.join(METHODS)}")
+    chosen = {m: reconstruct_settings(m, guidance) for m in methods}  # refuses unknown labels, before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     results = ShardedResults(out, shard)  # under accelerate: every N-th image, merged at the end
@@ -76,20 +105,21 @@ def run_reconstruct_bench(model: Model, out_dir: str | Path, *, images: str | No
             todo = [m for m in methods if _key(name, m, steps, guidance) not in results]
             if not todo:
                 continue
-            image = load()
-            settings = [(METHODS[m][0], guidance if METHODS[m][1] is None else METHODS[m][1]) for m in todo]
+            source = load()
             # Each method's row is kept as soon as it is scored: a killed run loses only the one in progress.
-            scores = invert_and_reconstruct_each(model, image, prompt, settings, steps=steps, offset=offset)
+            scores = reconstruct_each(model, source, prompt, [chosen[m] for m in todo],
+                                      InvertSettings(steps=steps, offset=offset))
             for m, sc in zip(todo, scores, strict=True):
                 lpips_value = None
                 if nets.lpips is not None:
-                    a, b = tensor_to_unit(image), tensor_to_unit(sc.reconstruction.image)
+                    a, b = tensor_to_unit(source.image), tensor_to_unit(sc.reconstruction.image)
                     lpips_value = nets.lpips_distance(a, b, np.zeros(a.shape[:2], dtype=bool))
+                # seconds and unet_calls: the shared inversion plus this method's reconstruction.
                 results.add({"key": _key(name, m, steps, guidance), "image": name, "prompt": prompt, "method": m,
                              "steps": steps, "guidance": sc.guidance, "offset": sc.offset,
                              "psnr": sc.psnr, "ssim": sc.ssim, "mse": sc.mse, "lpips": lpips_value,
-                             "seconds": sc.seconds, "invert_seconds": sc.invert_seconds, "unet_calls": sc.unet_calls,
-                             "model": model.name})
+                             "seconds": sc.cost.seconds, "invert_seconds": sc.invert_cost.seconds,
+                             "unet_calls": sc.cost.unet_calls, "model": model.name})
             if progress:
                 print(f"{name} {steps} steps done", flush=True)
     summary = summarize(results.merge(), methods, steps_list)

@@ -2,13 +2,13 @@
 
 Held-out scenes, one colour swap each, are written as PNGs and a manifest; each batch size runs
 the whole manifest from scratch in its own folder (inversion and editing, files written), in the
-same process, one after another, and the edits of every batch size are checked to agree.
+same process, one after another, and the edits of every batch size are checked to agree. Seconds and
+UNet calls are edit-batch's own report of the run (:class:`npinv.batch.BatchReport`).
 """
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +19,7 @@ from npinv.bench.edit_shapes import HELD_OUT_SEED
 from npinv.bench.results import markdown_table
 from npinv.model import Model
 from npinv.scenes import random_edit, random_scenes
+from npinv.settings import EditSettings, InvertSettings
 
 
 def write_scene_manifest(folder: Path, model: Model, n_images: int) -> Path:
@@ -38,16 +39,15 @@ def run_throughput(model: Model, out: str | Path, *, batch_sizes=(1, 2, 4, 8), n
                    guidance: float = 2.5) -> dict:
     out = Path(out)
     manifest = write_scene_manifest(out / "data", model, n_images)
-    rows = read_manifest(manifest, {"steps": steps, "guidance": guidance, "controller": "replace"})
+    rows = read_manifest(manifest, EditSettings(controller="replace", guidance=guidance), InvertSettings(steps=steps))
     results, reference = [], None
     for size in batch_sizes:
         folder = out / f"batch{size}"
         if folder.exists():
             for f in sorted(folder.rglob("*"), reverse=True):
                 f.unlink() if f.is_file() else f.rmdir()
-        start = time.perf_counter()
         report = run_batch(model, rows, folder, batch_size=size)
-        seconds = time.perf_counter() - start
+        seconds = report.seconds
         images = [np.asarray(Image.open(p), dtype=np.int16) for p in sorted((folder / "edits").glob("*.png"))]
         if reference is None:
             reference = images
