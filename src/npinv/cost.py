@@ -27,6 +27,24 @@ class Cost:
         return dataclasses.asdict(self)
 
 
+class Costed:
+    """Results that carry a ``cost`` expose its parts by name too."""
+
+    cost: Cost
+
+    @property
+    def seconds(self) -> float:
+        return self.cost.seconds
+
+    @property
+    def unet_calls(self) -> int:
+        return self.cost.unet_calls
+
+    @property
+    def unet_rows(self) -> int:
+        return self.cost.unet_rows
+
+
 class Meter:
     """Started at construction; :attr:`cost` is what the model did since then."""
 

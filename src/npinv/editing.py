@@ -21,7 +21,7 @@ from npinv.attention.control import BlendWords, BranchGroup, CrossEdit, EditCont
 from npinv.attention.controllers import get_controller
 from npinv.attention.processor import controlled_attention, layer_infos, map_size
 from npinv.checks import check_prompt
-from npinv.cost import Cost, Meter
+from npinv.cost import Cost, Costed, Meter
 from npinv.errors import NpinvError
 from npinv.inversion import Inversion
 from npinv.methods import EditGroup, get_method, method_names, prepared_negatives
@@ -33,7 +33,7 @@ __all__ = ["EditSettings", "EditResult", "EditJob", "edit", "edit_batch", "cross
 
 
 @dataclasses.dataclass
-class EditResult:
+class EditResult(Costed):
     """Edited images (one per target, in order) and the source branch's image, with their cost."""
 
     images: torch.Tensor  # (T, 3, H, W) in [-1, 1]
@@ -47,18 +47,6 @@ class EditResult:
     settings: EditSettings  # as run (the guidance resolved)
     first_branch: int = 0  # this image's source branch in the controller (several images in one batch)
     prepare_cost: Cost = Cost()  # the part of ``cost`` spent preparing negatives (NTI's optimisation)
-
-    @property
-    def seconds(self) -> float:
-        return self.cost.seconds
-
-    @property
-    def unet_calls(self) -> int:
-        return self.cost.unet_calls
-
-    @property
-    def unet_rows(self) -> int:
-        return self.cost.unet_rows
 
 
 @dataclasses.dataclass

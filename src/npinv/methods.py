@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from npinv.checks import check_guidance, short_repr
-from npinv.cost import Cost
+from npinv.cost import Cost, Costed
 from npinv.errors import NpinvError
 from npinv.guidance import CFG, ProximalGuidance
 from npinv.inversion import Inversion, NullTextOptimisation
@@ -161,7 +161,7 @@ def get_method(name: str | Method) -> Method:
 
 
 @dataclasses.dataclass
-class Reconstruction:
+class Reconstruction(Costed):
     """A method's reconstruction of an inverted image, and what it cost (the inversion excluded)."""
 
     method: str
@@ -170,14 +170,6 @@ class Reconstruction:
     image: torch.Tensor  # (1, 3, H, W) in [-1, 1]
     cost: Cost
     inversion: Inversion  # with NTI's optimised negatives when the method made them
-
-    @property
-    def unet_calls(self) -> int:
-        return self.cost.unet_calls
-
-    @property
-    def unet_rows(self) -> int:
-        return self.cost.unet_rows
 
 
 def reconstruct(model: Model, inv: Inversion, method: str | Method, guidance: float = 7.5, *,

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-from npinv.cost import Cost, Meter
+from npinv.cost import Cost, Costed, Meter
 from npinv.guidance import Guided
 from npinv.model import Model, PromptEmbedding
 from npinv.progress import Progress
@@ -86,17 +86,9 @@ class Controller(Protocol):
 
 
 @dataclasses.dataclass
-class SampleResult:
+class SampleResult(Costed):
     latents: torch.Tensor  # (B, C, h, w): each branch's final latent
     cost: Cost
-
-    @property
-    def unet_calls(self) -> int:
-        return self.cost.unet_calls
-
-    @property
-    def unet_rows(self) -> int:
-        return self.cost.unet_rows
 
 
 def sample(

@@ -165,8 +165,19 @@ def _fraction(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
 
 
+class _Pair(Kind):
+    """A kind whose value is a pair: JSON's list is the tuple."""
+
+    def from_value(self, value: Any) -> Any:
+        if isinstance(value, str):
+            return self.from_text(value)
+        if isinstance(value, list):
+            return tuple(value)
+        return value
+
+
 @dataclasses.dataclass(frozen=True)
-class Window(Kind):
+class Window(_Pair):
     """A fraction ``f`` of the steps (the first f), or a window ``START,END`` of fractions."""
 
     what = "a fraction in 0..1 or a window START,END of fractions with START <= END"
@@ -178,13 +189,6 @@ class Window(Kind):
         except ValueError:
             return text
         return values[0] if len(values) == 1 else tuple(values)
-
-    def from_value(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.from_text(value)
-        if isinstance(value, list):
-            return tuple(value)
-        return value
 
     def ok(self, value: Any) -> bool:
         if isinstance(value, tuple):
@@ -264,7 +268,7 @@ class WordNumbers(Kind):
 
 
 @dataclasses.dataclass(frozen=True)
-class WordPair(Kind):
+class WordPair(_Pair):
     """Two words (a source prompt's and a target prompt's), or none."""
 
     what = "two words, SOURCE_WORD TARGET_WORD (or none)"
@@ -272,13 +276,6 @@ class WordPair(Kind):
     def from_text(self, text: str) -> Any:
         words = text.replace(",", " ").split()
         return None if not words or words == ["none"] else tuple(words)
-
-    def from_value(self, value: Any) -> Any:
-        if isinstance(value, str):
-            return self.from_text(value)
-        if isinstance(value, list):
-            return tuple(value)
-        return value
 
     def ok(self, value: Any) -> bool:
         return value is None or (isinstance(value, tuple) and len(value) == 2
