@@ -22,6 +22,34 @@ from npinv.bench.throughput import run_throughput, throughput_table
 from npinv.io import write_text
 
 ROOT = Path(__file__).resolve().parent.parent
+BASE_METHODS = ("ddim1", "ddim", "nti", "npi")
+# NPI on exact inversions (npinv.schemes) and with decoder inversion (npinv.decoder) first.
+EXACT_METHODS = ("npi@fixed-point", "npi@anderson", "npi@dec100", "npi@anderson+dec100")
+EXACT_EDIT_SCHEME = "anderson"
+
+
+def frontier_section(rec: dict) -> str:
+    """One table a newcomer can read: quality against time for the plain and exact inversions."""
+    by = {(r["method"], r["steps"]): r for r in rec["rows"]}
+    picks = [("npi", 10), ("npi", 50), ("nti", 50), ("npi@fixed-point", 10), ("npi@anderson", 5), ("npi@anderson", 10),
+             ("npi@anderson", 50), ("npi@dec100", 50), ("npi@anderson+dec100", 10), ("npi@anderson+dec100", 50)]
+    rows = [by[k] for k in picks if k in by]
+    if not rows:
+        return ""
+    vae = rows[0]["vae_psnr_mean"]
+    lines = ["| reconstruction | steps | PSNR (dB) | vs VAE round trip | worst scene vs its VAE | seconds (median) "
+             "| UNet calls |", "|---|---|---|---|---|---|---|",
+             f"| VAE round trip `decode(encode(x))` | - | {vae:.2f} | 0 | 0 | - | 0 |"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['steps']} | {r['psnr_mean']:.2f} | {r['psnr_mean'] - vae:+.2f} | "
+                     f"{-r['worst_vae_gap']:+.2f} | {r['seconds_median']:.2f} | {r['unet_calls_mean']:.0f} |")
+    out = "\n".join(lines) + "\n"
+    fp10, nti50 = by.get(("npi@fixed-point", 10)), by.get(("nti", 50))
+    if fp10 and nti50:
+        out += (f"\nNPI + fixed point at 10 steps: {fp10['psnr_mean']:.2f} dB against NTI at 50 steps "
+                f"{nti50['psnr_mean']:.2f} dB, in {fp10['seconds_median'] / nti50['seconds_median']:.2f} of its median "
+                f"time; its worst scene is {fp10['worst_vae_gap']:.2f} dB below that scene's VAE round trip.\n")
+    return out
 
 
 def sd15_section(sd15: dict | None, steps: int) -> str:
@@ -41,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench")
     parser.add_argument("--shapes", type=int, default=8)
-    parser.add_argument("--steps", default="10,20,50,100")
+    parser.add_argument("--steps", default="5,10,20,50,100")
     parser.add_argument("--edit-scenes", type=int, default=4)
     parser.add_argument("--batch-images", type=int, default=8, help="images for the edit-batch throughput figure")
     parser.add_argument("--sd15-steps", type=int, default=5,
@@ -51,7 +79,8 @@ def main() -> None:
     start = time.perf_counter()
     model = load_model(device="cpu")
     steps = [int(s) for s in args.steps.split(",")]
-    rec = run_reconstruct_bench(model, out / "reconstruct", shapes=args.shapes, steps_list=steps)
+    rec = run_reconstruct_bench(model, out / "reconstruct", shapes=args.shapes, steps_list=steps,
+                                methods=(*BASE_METHODS, *EXACT_METHODS))
     edits = run_edit_shapes(model, out / "edit_shapes", n_scenes=args.edit_scenes)
     sweep = run_edit_shapes(model, out / "edit_guidance", n_scenes=args.edit_scenes, methods=("npi",),
                             directs=(False,), guidances=(1.5, 2.5, 4.0, 7.5))
@@ -63,6 +92,10 @@ def main() -> None:
                                directs=(False,), guidances=(2.5, 7.5), blend=False)
     bare = run_edit_shapes(model, out / "edit_bare", n_scenes=args.edit_scenes, methods=("npi",), directs=(False,),
                            controllers=("none",), guidances=(2.0, 7.5), blend=False)
+    # Exact inversion + NPI + word swap + local blend at the model's recommended guidance, beside plain NPI
+    # (the blend_maps run's rule-of-16 row at 2.5 is the same edit on a plain DDIM inversion).
+    exact_edits = run_edit_shapes(model, out / "edit_exact", n_scenes=args.edit_scenes, methods=("npi",),
+                                  directs=(False,), guidances=(2.5,), invert_scheme=EXACT_EDIT_SCHEME)
     throughput = run_throughput(model, out / "throughput", n_images=args.batch_images)
     sd15 = None
     if args.sd15_steps:
@@ -84,6 +117,14 @@ one process; UNet calls are exact counts (inversion included). Raw rows: `{out}/
 ## Reconstruction ({args.shapes} held-out scenes, w = 7.5; `ddim1` is DDIM at w = 1)
 
 {reconstruct_table(rec)}
+### Exact inversion: the frontier
+
+`npi@fixed-point` and `npi@anderson` invert with `--invert-scheme fixed-point|anderson` (each step
+iterated until its denoising step lands back within 0.001 of where it started, at most 10 extra UNet
+calls a step); `dec100` fits the clean latent to the image through the VAE decoder first
+(`--decoder-steps 100`). "vs VAE round trip": the mean PSNR minus the mean of `decode(encode(x))`.
+
+{frontier_section(rec)}
 ![PSNR vs steps]({out}/reconstruct/psnr_vs_steps.png) ![PSNR vs seconds]({out}/reconstruct/psnr_vs_seconds.png)
 
 ## Editing against ground truth ({args.edit_scenes} held-out scenes x colour, shape and background swaps)
@@ -110,6 +151,12 @@ took a quarter of the latent side (4x4 here).
 ### Without attention control (NPI, target as condition, source as negative, no blend)
 
 {edit_table(bare)}
+### Exact inversion + NPI + word swap + local blend (w = 2.5)
+
+Each scene inverted with `--invert-scheme {EXACT_EDIT_SCHEME}` instead of plain DDIM; the same edits as
+the 16x16 row of the local-blend table above at w = 2.5 (plain DDIM inversion, same run).
+
+{edit_table(exact_edits)}
 ## Batch throughput (`npinv edit-batch --batch-size`, {args.batch_images} held-out scenes, colour swap)
 
 NPI + word swap at w = 2.5, 50 steps; each batch size edits the whole manifest from scratch
@@ -120,6 +167,7 @@ NPI + word swap at w = 2.5, 50 steps; each batch size edits the whole manifest f
     write_text(ROOT / "BENCHMARKS.md", text)
     write_text(out / "benchmarks.json", json.dumps({"reconstruct": rec, "edit": edits, "edit_guidance": sweep,
                                                     "edit_bare": bare, "edit_blend": blend_maps, "edit_noblend": no_blend,
+                                                    "edit_exact": exact_edits,
                                                     "throughput": throughput,
                                                     "minutes": minutes}, indent=2, default=float))
     print(text)

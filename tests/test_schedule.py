@@ -10,8 +10,9 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from npinv.errors import NpinvError
 from npinv.guidance import CFG
 from npinv.model import PromptEmbedding, UNetCounter
-from npinv.sampling import Branch, invert, sample
+from npinv.sampling import Branch, sample
 from npinv.schedule import Schedule
+from npinv.schemes import SCHEMES
 from npinv.training import SD1_SCHEDULER
 
 
@@ -92,7 +93,7 @@ def test_inversion_then_sampling_returns_the_input(offset):
     schedule = Schedule.from_scheduler_config(SD1_SCHEDULER, 25, offset=offset)
     z0 = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     cond = PromptEmbedding(torch.zeros(1, 3, 8))
-    trajectory = invert(model, z0, schedule, cond)
+    trajectory = SCHEMES["ddim"].invert(model, z0, schedule, cond).trajectory[:, 0]
     assert trajectory.shape == (26, 4, 8, 8)
     result = sample(model, trajectory[-1:], schedule, [Branch.constant(cond, cond, 25)], CFG(7.5))
     torch.testing.assert_close(result.latents, z0, atol=1e-4, rtol=0)

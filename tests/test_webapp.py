@@ -25,10 +25,19 @@ from PIL import Image
 from npinv.demo import bundled_examples
 from npinv.errors import NpinvError
 from npinv.inversion import Inversion
+from npinv.schemes import scheme_names
 from npinv.service import prepare_file
 from npinv.settings import EditSettings, InvertSettings, flag_name, from_value, specs
 from npinv.webapp.app import ServeOptions, build_app, is_loopback, launch
-from npinv.webapp.engine import FORM_FIELDS, Engine, Limits, parse_edit_request, read_upload
+from npinv.webapp.engine import (
+    FORM_FIELDS,
+    INVERT_DEFAULTS,
+    INVERT_FIELDS,
+    Engine,
+    Limits,
+    parse_edit_request,
+    read_upload,
+)
 
 STEPS = 10  # the embedded 64x64 model: about 0.1 s a step on one core
 EXAMPLE = bundled_examples()[0]  # a red circle on a blue background
@@ -151,6 +160,72 @@ def test_engine_inverts_once_per_key(engine, tmp_path):
     assert len(cache) == engine.limits.cache_entries  # five keys, four kept
 
 
+def test_fixed_point_inversion_is_its_own_cache_entry(engine):
+    """The scheme is a setting like the steps: reported, paid for in UNet calls, and part of the key."""
+    cache = engine.new_cache()
+    ddim = engine.invert(cache, EXAMPLE["path"], EXAMPLE["prompt"], steps=4)
+    assert ddim.timings.invert_scheme == "ddim" and ddim.timings.invert_extra_calls == 0
+    assert ddim.timings.unet_calls == 8 and ddim.timings.invert_residual is None
+    fixed = engine.invert(cache, EXAMPLE["path"], EXAMPLE["prompt"], steps=4, invert_scheme="fixed-point",
+                          invert_iters=3)
+    t = fixed.timings
+    assert not t.inversion_cached and len(cache) == 2  # same image, prompt and steps, another scheme: a miss
+    assert (t.invert_scheme, t.invert_iters) == ("fixed-point", 3)
+    assert 4 <= t.invert_extra_calls <= 4 * 3  # at least one check a step, at most iters
+    assert t.unet_calls == 8 + t.invert_extra_calls > ddim.timings.unet_calls
+    assert t.invert_residual is not None and t.invert_residual >= 0
+    shown = json.loads(json.dumps(t.as_dict()))  # what the page shows
+    assert {k: shown[k] for k in ("invert_scheme", "invert_iters", "invert_extra_calls", "decoder_steps")} == \
+        {"invert_scheme": "fixed-point", "invert_iters": 3, "invert_extra_calls": t.invert_extra_calls,
+         "decoder_steps": 0}
+    assert "fixed-point steps" in t.line()
+    assert Inversion.load(fixed.inversion_file).scheme_name == "fixed-point"
+    # Each is served from its own entry; the tolerance is part of the fixed-point key, not of DDIM's.
+    request = parse_edit_request(EXAMPLE["edits"][0], {"controller": "replace"})
+    again = engine.edit(cache, EXAMPLE["path"], EXAMPLE["prompt"], request, steps=4, invert_scheme="fixed-point",
+                        invert_iters=3)
+    assert again.timings.inversion_cached and again.timings.invert_scheme == "fixed-point"
+    assert again.timings.invert_extra_calls == t.invert_extra_calls and again.timings.unet_calls == 4
+    plain = engine.invert(cache, EXAMPLE["path"], EXAMPLE["prompt"], steps=4, invert_tol=0.5)
+    assert plain.timings.inversion_cached and plain.timings.invert_scheme == "ddim"
+    other = engine.invert(cache, EXAMPLE["path"], EXAMPLE["prompt"], steps=4, invert_scheme="fixed-point",
+                          invert_iters=3, invert_tol=0.5)
+    assert not other.timings.inversion_cached and len(cache) == 3
+
+
+def test_decoder_steps_reach_the_inversion(engine):
+    cache = engine.new_cache()
+    report = engine.invert(cache, EXAMPLE["path"], EXAMPLE["prompt"], steps=2, decoder_steps=2)
+    assert report.timings.decoder_steps == 2 and not report.timings.inversion_cached
+    assert "2 decoder steps" in report.timings.line()
+    assert Inversion.load(report.inversion_file).scheme_report()["decoder_steps"] == 2
+    assert not engine.invert(cache, EXAMPLE["path"], EXAMPLE["prompt"], steps=2).timings.inversion_cached
+
+
+def test_invert_settings_are_the_schemas_web_fields(engine):
+    assert INVERT_FIELDS == ("steps", "offset", "resize", "invert_scheme", "invert_iters", "invert_tol",
+                             "decoder_steps")  # the size is the model's: not on the page
+    assert engine.invert_settings() == InvertSettings()  # the schema's defaults
+    assert INVERT_DEFAULTS == {f.name: getattr(InvertSettings(), f.name) for f, spec in specs(InvertSettings)
+                               if spec.web}
+    values = {"steps": "8", "offset": "1", "resize": "fit", "invert_scheme": "fixed-point", "invert_iters": 4.0,
+              "invert_tol": "0.01", "decoder_steps": 5}
+    assert engine.invert_settings(**values) == from_value(InvertSettings, values)
+    for values, message in [
+        ({"invert_iters": 0}, "invert-iters must be a whole number in 1..100, got 0"),
+        ({"invert_scheme": "x"}, f"invert-scheme must be one of {', '.join(scheme_names())}, got 'x'"),
+        ({"invert_tol": 2}, "invert-tol must be a number in 0..1, got 2.0"),
+        ({"decoder_steps": 1001}, "decoder-steps must be a whole number in 0..1000 on this server, got 1001"),
+        ({"decoder_steps": 10001}, "decoder-steps must be a whole number in 0..10000, got 10001"),  # the schema's
+        ({"steps": 51}, "steps must be a whole number in 1..50 on this server, got 51"),
+        ({"size": 64}, "unknown setting 'size' (known: steps, offset, resize, invert_scheme, invert_iters, "),
+    ]:
+        with pytest.raises(NpinvError) as err:
+            engine.invert_settings(**values)
+        assert str(err.value).startswith(message), str(err.value)
+        assert "\n" not in str(err.value)
+
+
 def test_nti_edit_keeps_its_optimised_negatives(engine):
     cache = engine.new_cache()
     request = parse_edit_request(EXAMPLE["edits"][0], {"method": "nti", "controller": "replace", "guidance": 7.5})
@@ -232,9 +307,28 @@ def test_the_edit_form_is_derived_from_the_schema(engine):
     assert [c[1] for c in by_id["npinv-method"].choices] == ["npi", "proxnpi", "proxnpi-noig", "nti", "ddim"]
     assert isinstance(by_id["npinv-blend"], gr.Textbox) and isinstance(by_id["npinv-direct"], gr.Checkbox)
     assert isinstance(by_id["npinv-blend-threshold"], gr.Slider) and by_id["npinv-cross-replace"].value == "0.8"
-    edit = next(d for d in demo.fns.values() if d.api_name == "edit")
-    assert edit.input_parameter_names == ["image", "source_prompt", "steps", "offset", "resize", "target_prompt",
-                                          "session", *FORM_FIELDS]
+    # The inversion settings too: InvertSettings' web fields, the steps and decoder steps to the server's caps.
+    accordion = by_id["npinv-invert-settings"]
+    inside = [c for child in accordion.children for c in [child, *getattr(child, "children", [])]]
+    for f, spec in specs(InvertSettings):
+        control = by_id.get(f"npinv-{flag_name(f.name)}")
+        assert (control is not None) == spec.web, f.name
+        if control is not None:
+            assert control.label == spec.label and control in inside, f.name
+    steps, decoder = by_id["npinv-steps"], by_id["npinv-decoder-steps"]
+    assert isinstance(steps, gr.Slider) and (steps.minimum, steps.maximum, steps.value) == (1, 50, 50)
+    assert isinstance(decoder, gr.Slider) and (decoder.maximum, decoder.value) == (engine.limits.max_decoder_steps, 0)
+    assert isinstance(by_id["npinv-offset"], gr.Radio) and by_id["npinv-offset"].value == "default"
+    assert [c[1] for c in by_id["npinv-offset"].choices] == ["0", "1", "default"]
+    assert isinstance(by_id["npinv-resize"], gr.Radio) and by_id["npinv-resize"].value == "crop"
+    scheme = by_id["npinv-invert-scheme"]
+    assert isinstance(scheme, (gr.Radio, gr.Dropdown)) and [c[1] for c in scheme.choices] == list(scheme_names())
+    assert scheme.value == "ddim" and scheme.info
+    assert by_id["npinv-invert-iters"].value == 10 and by_id["npinv-invert-tol"].value == 0.001  # not snapped
+    fns = {d.api_name: d for d in demo.fns.values()}
+    assert fns["invert"].input_parameter_names == ["image", "source_prompt", "session", *INVERT_FIELDS]
+    assert fns["edit"].input_parameter_names == ["image", "source_prompt", *INVERT_FIELDS, "target_prompt",
+                                                 "session", *FORM_FIELDS]
 
 
 def test_limits_and_options_refuse_nonsense():
@@ -242,6 +336,8 @@ def test_limits_and_options_refuse_nonsense():
         Limits(cache_mb=0)
     with pytest.raises(NpinvError, match="--port"):
         ServeOptions(port=70000)
+    with pytest.raises(NpinvError, match="--max-decoder-steps must be 0 or more, got -1"):
+        Limits(max_decoder_steps=-1)
     assert ServeOptions().host == "127.0.0.1"
     assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
     assert not is_loopback("0.0.0.0")
@@ -278,11 +374,28 @@ def test_invert_then_edit_twice_served_from_the_cache(server, tmp_path):
     assert psnr2 == pytest.approx(psnr, abs=0.01)  # NPI's source branch is the reconstruction
     captions = [m["caption"] for m in maps]
     assert len(maps) == 14 and "source: red" in captions and "target: green" in captions
+    assert timings["invert_scheme"] == "ddim" and timings["invert_extra_calls"] == 0
 
     out = c.predict(**(edit_args | {"target_prompt": "a red square on a blue background", "blend": "circle square",
                                     "keep_attention_maps": False}), api_name="/edit")
     assert out[5]["inversion_cached"] is True and out[5]["cache_hits"] == 2
     assert out[4] == []  # no attention maps asked for
+
+
+def test_the_inversion_scheme_over_the_api(server, tmp_path):
+    """The API's parameters are the settings' field names: a client asks for fixed-point inversion."""
+    c = client(server, tmp_path)
+    args = dict(image=handle_file(EXAMPLE["path"]), source_prompt=EXAMPLE["prompt"], steps=3)
+    plain = c.predict(**args, api_name="/invert")[3]
+    fixed = c.predict(**args, invert_scheme="fixed-point", invert_iters=2, api_name="/invert")[3]
+    assert fixed["inversion_cached"] is False and fixed["cache_entries"] == 2  # another key, another inversion
+    assert (fixed["invert_scheme"], fixed["invert_iters"]) == ("fixed-point", 2)
+    assert fixed["unet_calls"] == plain["unet_calls"] + fixed["invert_extra_calls"] > plain["unet_calls"]
+    edited = c.predict(**args, invert_scheme="fixed-point", invert_iters=2, target_prompt=EXAMPLE["edits"][0],
+                       controller="replace", api_name="/edit")[5]
+    assert edited["inversion_cached"] is True and edited["invert_scheme"] == "fixed-point"
+    with pytest.raises(AppError, match="invert-iters must be a whole number in 1..100, got 0"):
+        c.predict(**args, invert_scheme="fixed-point", invert_iters=0, api_name="/invert")
 
 
 def test_sessions_never_share_inversions(server, tmp_path):
@@ -322,7 +435,7 @@ def test_clients_cannot_read_server_files(server):
     for image, match in [({"path": "/etc/hostname", "meta": {"_type": "gradio.FileData"}}, "not uploaded by a user"),
                          ({"path": EXAMPLE["path"]}, "must be an uploaded file"),
                          (EXAMPLE["path"], "")]:  # Gradio's own validation refuses a bare string
-        data = [image, EXAMPLE["prompt"], 2, "default", "crop"]
+        data = [image, EXAMPLE["prompt"], 2, "default", "crop", *list(INVERT_DEFAULTS.values())[3:]]
         event = httpx.post(f"{server}gradio_api/call/invert", json={"data": data}, timeout=30).json()["event_id"]
         answer = httpx.get(f"{server}gradio_api/call/invert/{event}", timeout=60).text
         assert "event: error" in answer and match in answer and "Inverted" not in answer, answer
@@ -390,7 +503,9 @@ def test_page_and_config(server, tmp_path):
     # The edit endpoint's parameters are the form's: EditSettings' field names, for any client.
     api = client(server, tmp_path).view_api(return_format="dict", print_info=False)
     names = [p["parameter_name"] for p in api["named_endpoints"]["/edit"]["parameters"]]
-    assert names == ["image", "source_prompt", "steps", "offset", "resize", "target_prompt", *FORM_FIELDS]
+    assert names == ["image", "source_prompt", *INVERT_FIELDS, "target_prompt", *FORM_FIELDS]
+    names = [p["parameter_name"] for p in api["named_endpoints"]["/invert"]["parameters"]]
+    assert names == ["image", "source_prompt", *INVERT_FIELDS]
 
 
 # -- the command ---------------------------------------------------------------------------------

@@ -19,8 +19,9 @@ from gradio_client.exceptions import AppError
 from npinv.checks import short_repr
 from npinv.demo import bundled_examples
 from npinv.errors import NpinvError
+from npinv.schemes import scheme_names
 from npinv.webapp.app import ServeOptions, build_app, launch, page_message
-from npinv.webapp.engine import FORM_FIELDS, QuietTruncation
+from npinv.webapp.engine import FORM_FIELDS, INVERT_DEFAULTS, INVERT_FIELDS, QuietTruncation
 from test_webapp import engine, free_port, model  # noqa: F401  (the app tests' server fixtures)
 
 EXAMPLE = bundled_examples()[0]  # a red circle on a blue background
@@ -101,6 +102,10 @@ GUIDANCE = "guidance must be a number in 0..30 (or none), got "
 WINDOW = "must be a fraction in 0..1 or a window START,END of fractions with START <= END, got "
 REWEIGHT = "reweight must be WORD=NUMBER items with numbers in -20..20, got "
 BLEND = "blend must be two words, SOURCE_WORD TARGET_WORD (or none), got "
+SCHEME = f"invert-scheme must be one of {', '.join(scheme_names())}, got "  # the registry's schemes
+ITERS = "invert-iters must be a whole number in 1..100, got "
+TOL = "invert-tol must be a number in 0..1, got "
+DECODER = "decoder-steps must be a whole number in 0..10000, got "
 
 INVERT_CASES = [  # (field, value, the message's start)
     *[("steps", v, STEPS + short_repr(v)) for v in
@@ -113,6 +118,13 @@ INVERT_CASES = [  # (field, value, the message's start)
     ("offset", "x" * 100_000, "offset is 100,000 characters long"),
     *[("resize", v, RESIZE + short_repr(v)) for v in ("stretch", 5, None, ["crop"])],
     ("resize", "x" * 100_000, "resize is 100,000 characters long"),
+    *[("invert_scheme", v, SCHEME + short_repr(v)) for v in ("x", "DDIM", None, 1, ["ddim"])],
+    ("invert_scheme", "x" * 100_000, "invert-scheme is 100,000 characters long"),
+    *[("invert_iters", v, ITERS + m) for v, m in
+      ((0, "0"), (101, "101"), (2.5, "2.5"), (float("nan"), "nan"), ("Infinity", "inf"), (True, "True"), (None, "None"))],
+    *[("invert_tol", v, TOL + m) for v, m in ((-0.1, "-0.1"), (2, "2.0"), (float("inf"), "inf"), ("tight", "'tight'"))],
+    *[("decoder_steps", v, DECODER + m) for v, m in ((-1, "-1"), (10001, "10001"), (0.5, "0.5"), ("lots", "'lots'"))],
+    ("decoder_steps", 1001, "decoder-steps must be a whole number in 0..1000 on this server, got 1001"),  # the server's
     ("source_prompt", HUGE, "the source prompt is 100,000 characters long; this server accepts at most 1,000"),
     ("source_prompt", 42, "the source prompt must be text"),
     ("source_prompt", ["a", "red", "circle"], "the source prompt must be text"),
@@ -151,6 +163,9 @@ EDIT_CASES = [
     ("blend", "red", BLEND + "('red',)"),
     ("steps", float("inf"), STEPS + "inf"),  # the edit checks them too
     ("offset", float("nan"), OFFSET + "nan"),
+    ("invert_scheme", "x", SCHEME + "'x'"),
+    ("invert_iters", 0, ITERS + "0"),
+    ("decoder_steps", 1001, "decoder-steps must be a whole number in 0..1000 on this server, got 1001"),
 ]
 
 
@@ -158,26 +173,35 @@ def case_id(value) -> str:
     return value[:24] if isinstance(value, str) else short_repr(value, 24)
 
 
-POSITIONAL = dict(source_prompt=EXAMPLE["prompt"], steps=2, offset="default", resize="crop", target_prompt=TARGET)
+POSITIONAL = dict(source_prompt=EXAMPLE["prompt"], target_prompt=TARGET)
+SETTINGS = dict(steps=2, offset="default", resize="crop", invert_scheme="ddim", invert_iters=10, invert_tol=0.001,
+                decoder_steps=0)  # the page's inversion settings, as its controls send them
 FORM = dict(method="npi", controller="replace", guidance=2.5, cross_replace="0.8", self_replace="0.6", blend="",
             reweight="", direct=False, keep_attention_maps=False)
 
 
+def call_invert(invert, image, cache, **changes):
+    """The invert handler as Gradio calls it: the upload and prompt, then the settings by field name."""
+    values = dict(source_prompt=EXAMPLE["prompt"], **SETTINGS) | changes
+    return invert(image, values.pop("source_prompt"), cache, **values)
+
+
 def call_edit(edit, image, cache, **changes):
-    """The edit handler as Gradio calls it: the upload and prompts positionally, the form by field name."""
-    positional, form = dict(POSITIONAL), dict(FORM)
+    """The edit handler as Gradio calls it: the upload and prompts, then the settings and the form by field name."""
+    positional, form = dict(POSITIONAL), dict(SETTINGS) | FORM
     for name, value in changes.items():
         (positional if name in positional else form)[name] = value
-    return edit(image, *positional.values(), cache, **form)
+    return edit(image, positional["source_prompt"], positional["target_prompt"], cache, **form)
 
 
 @pytest.mark.parametrize("field,value,match", INVERT_CASES, ids=case_id)
 def test_invert_handler_refuses_bad_values_in_one_line(handlers, engine, caplog, field, value, match):
     invert, _, image = handlers
-    form = dict(image=image, source_prompt=EXAMPLE["prompt"], steps=2, offset="default", resize="crop") | {field: value}
+    cache = engine.new_cache()
     with pytest.raises(gr.Error) as err:
-        invert(*form.values(), engine.new_cache())
+        call_invert(invert, image, cache, **{field: value})
     assert_one_line(err.value.message, match)
+    assert len(cache) == 0  # refused before the model ran
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
 
 
@@ -270,7 +294,11 @@ def test_raw_json_infinity_and_nan_are_one_line_errors(server, server_log):
     upload = httpx.post(f"{server}gradio_api/upload", timeout=30,
                         files={"files": ("red_circle.png", Path(EXAMPLE["path"]).read_bytes(), "image/png")}).json()[0]
     image = {"path": upload, "meta": {"_type": "gradio.FileData"}, "orig_name": "red_circle.png"}
-    invert = [image, EXAMPLE["prompt"], 2, "default", "crop"]
+    assert list(SETTINGS) == list(INVERT_FIELDS)
+    assert {k: v for k, v in SETTINGS.items() if k not in ("steps", "offset")} == \
+        {k: v for k, v in INVERT_DEFAULTS.items() if k not in ("steps", "offset")}  # the page's defaults
+    settings = list(SETTINGS.values())[1:]  # the API's order after the steps: the schema's
+    invert = [image, EXAMPLE["prompt"], 2, *settings]
     form = {"method": "npi", "controller": "replace", "guidance": 2.5, "cross_replace": "0.8",
             "cross_replace_words": "", "self_replace": "0.6", "self_replace_size": 0.5, "blend": "",
             "blend_threshold": 0.3, "blend_start": 0.2, "blend_res": None, "reweight": "", "direct": False,
@@ -282,13 +310,15 @@ def test_raw_json_infinity_and_nan_are_one_line_errors(server, server_log):
 
     inf, nan = float("inf"), float("nan")  # json.dumps writes them as Infinity and NaN
     for api, data, match in [
-        ("invert", [image, EXAMPLE["prompt"], inf, "default", "crop"], "steps must be a whole number in 1..1000, got inf"),
-        ("invert", [image, EXAMPLE["prompt"], nan, "default", "crop"], "steps must be a whole number in 1..1000, got nan"),
-        ("invert", [image, EXAMPLE["prompt"], 2, -inf, "crop"], "offset must be one of 0, 1, default, got -inf"),
+        ("invert", [image, EXAMPLE["prompt"], inf, *settings], "steps must be a whole number in 1..1000, got inf"),
+        ("invert", [image, EXAMPLE["prompt"], nan, *settings], "steps must be a whole number in 1..1000, got nan"),
+        ("invert", [image, EXAMPLE["prompt"], 2, -inf, *settings[1:]], "offset must be one of 0, 1, default, got -inf"),
+        ("invert", [*invert[:-2], nan, 0], "invert-tol must be a number in 0..1, got nan"),
+        ("invert", [*invert[:-1], inf], "decoder-steps must be a whole number in 0..10000, got inf"),
         ("edit", edit(guidance=nan), "guidance must be a number in 0..30 (or none), got nan"),
         ("edit", edit(cross_replace=inf), "cross-replace must be a fraction in 0..1 or a window"),
         ("edit", edit(blend_res=-inf), "blend-res must be a whole number in 1..4096 (or none), got -inf"),
-        ("invert", [image, EXAMPLE["prompt"], "1e999", "default", "crop"], "steps must be a whole number in 1..1000, got inf"),
+        ("invert", [image, EXAMPLE["prompt"], "1e999", *settings], "steps must be a whole number in 1..1000, got inf"),
     ]:
         body = json.dumps({"data": data}).replace('"1e999"', "1e999")  # a number too large for a float
         answer = _call(server, api, body)
@@ -304,6 +334,12 @@ def test_gradio_client_bad_numbers_and_huge_prompts(server, tmp_path, server_log
     cases = [
         (dict(api_name="/invert", source_prompt=EXAMPLE["prompt"], steps="Infinity"), "steps must be a whole number"),
         (dict(api_name="/invert", source_prompt=HUGE, steps=2), "the source prompt is 100,000 characters long"),
+        (dict(api_name="/invert", source_prompt=EXAMPLE["prompt"], steps=2, invert_scheme="x"),
+         SCHEME + "'x'"),
+        (dict(api_name="/invert", source_prompt=EXAMPLE["prompt"], steps=2, invert_iters=0),
+         "invert-iters must be a whole number in 1..100, got 0"),
+        (dict(api_name="/edit", source_prompt=EXAMPLE["prompt"], steps=2, target_prompt=TARGET, decoder_steps=1001),
+         "decoder-steps must be a whole number in 0..1000 on this server, got 1001"),
         (dict(api_name="/edit", source_prompt=EXAMPLE["prompt"], steps=2, target_prompt=HUGE),
          "the target prompt is 100,000 characters long"),
         (dict(api_name="/edit", source_prompt=EXAMPLE["prompt"], steps=2, target_prompt=TARGET, guidance="NaN"),

@@ -322,7 +322,7 @@ def _chunks(pending: dict[str, list[EditItem]], model: Model, batch_size: int):
     for its in pending.values():
         row = its[0].row
         source = prepare_file(row.image, model, row.invert)
-        shape_key = (row.invert.steps, row.invert.offset, tuple(source.image.shape))
+        shape_key = (row.invert.key(), tuple(source.image.shape))
         bucket = buckets.setdefault(shape_key, [])
         bucket.append(_Source(its, source))
         if len(bucket) == batch_size:
@@ -369,7 +369,7 @@ def _run_chunk(model: Model, chunk: list[_Source], results: ShardedResults, prog
                     "guidance": s.guidance, "steps": it.row.invert.steps, "direct": s.direct,
                     # The inversion and edit calls this edit was part of (shared with the images batched with it).
                     "unet_calls": result.cost.unet_calls, "unet_rows": result.cost.unet_rows,
-                    "rank": results.shard.rank})
+                    **result.inverted.inversion.scheme_report(), "rank": results.shard.rank})
                 count += 1
         if progress:
             progress(f"{call_edits} edit(s) of {len(jobs)} image(s) in {edit_s:.1f} s "

@@ -217,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-upload-mb", type=_number, default=20.0, help="largest upload in MB (default 20)")
     p.add_argument("--max-megapixels", type=_number, default=40.0, help="largest image in megapixels (default 40)")
     p.add_argument("--max-steps", type=int, default=200, help="most DDIM steps a user may ask for (default 200)")
+    p.add_argument("--max-decoder-steps", type=int, default=1000,
+                   help="most decoder-inversion steps a user may ask for (default 1000)")
     p.add_argument("--cache-entries", type=int, default=4, help="inversions kept per session (default 4)")
     p.add_argument("--cache-mb", type=_number, default=256.0, help="MB of inversions kept per session (default 256)")
     p.add_argument("--max-sessions", type=int, default=64, help="sessions whose caches are kept (default 64)")
@@ -353,7 +355,8 @@ def cmd_edit(args) -> int:
            "targets": args.target, "steps": result.inversion.steps, "guidance": settings.guidance,
            "direct": settings.direct, "seconds": edited.cost.seconds, "edit_seconds": edited.edit_cost.seconds,
            "unet_calls": edited.cost.unet_calls, "unet_rows": edited.cost.unet_rows,
-           "outputs": [str(p) for p in edits], "grid": str(grid_path), "attention_maps": maps}
+           "outputs": [str(p) for p in edits], "grid": str(grid_path), "attention_maps": maps,
+           **edited.inverted.inversion.scheme_report()}
     if args.json:
         print(json.dumps(row))
     else:
@@ -504,7 +507,8 @@ def cmd_serve(args) -> int:
 
     # Both check their values here, before the (slow) model load.
     limits = Limits(max_pixels=int(args.max_megapixels * 1e6), max_upload_mb=args.max_upload_mb,
-                    max_steps=args.max_steps, cache_entries=args.cache_entries, cache_mb=args.cache_mb)
+                    max_steps=args.max_steps, max_decoder_steps=args.max_decoder_steps,
+                    cache_entries=args.cache_entries, cache_mb=args.cache_mb)
     options = ServeOptions(host=args.host, port=args.port, queue_size=args.queue_size, max_sessions=args.max_sessions)
     serve(Engine(_load(args), limits), options)
     return 0
@@ -611,7 +615,9 @@ def cmd_edit_video(args) -> int:
                         progress=not args.quiet)
     row = {"video": args.video, "source": args.source, "target": args.target, "method": settings.method,
            "controller": settings.controller, "steps": inv_settings.steps, "guidance": settings.guidance,
-           "direct": settings.direct,
+           "direct": settings.direct, "invert_scheme": inv_settings.invert_scheme,
+           "invert_iters": inv_settings.invert_iters if inv_settings.invert_scheme != "ddim" else 0,
+           "decoder_steps": inv_settings.decoder_steps,
            "batch_size": args.batch_size, "model": model.name, "source_frames": info.frames} | result.summary()
     if args.json:
         print(json.dumps(row))

@@ -18,7 +18,7 @@ from npinv.errors import NpinvError
 from npinv.guidance import CFG
 from npinv.io import Stage, atomic_path, writing
 from npinv.model import Model, PromptEmbedding
-from npinv.sampling import StepHook, StepState, invert
+from npinv.sampling import StepHook, StepState
 from npinv.schedule import Schedule
 
 FORMAT_VERSION = 1
@@ -51,6 +51,22 @@ class Inversion:
     dtype: str
     negatives: list[PromptEmbedding] | None = None
     nti: dict[str, Any] | None = None
+    # How it was made: {"name", "iters", "tol", "residuals", "iterations", "decoder_steps", "decoder_losses"};
+    # None for files written before schemes existed (plain DDIM).
+    scheme: dict[str, Any] | None = None
+
+    @property
+    def scheme_name(self) -> str:
+        return (self.scheme or {}).get("name", "ddim")
+
+    def scheme_report(self) -> dict[str, Any]:
+        """What reports print beside the UNet calls: the scheme, its iteration cap, the extra UNet calls
+        it made, its worst step residual, and the decoder-inversion steps."""
+        s = self.scheme or {}
+        residuals = [r for r in s.get("residuals", []) if r is not None]
+        return {"invert_scheme": self.scheme_name, "invert_iters": s.get("iters", 0),
+                "invert_extra_calls": sum(s.get("iterations", [])),
+                "invert_residual": max(residuals) if residuals else None, "decoder_steps": s.get("decoder_steps", 0)}
 
     @property
     def steps(self) -> int:
@@ -96,7 +112,7 @@ class Inversion:
         meta = {
             "format": "npinv-inversion", "version": FORMAT_VERSION, "source_prompt": self.source_prompt,
             "schedule": self.schedule, "model": self.model, "image_size": list(self.image_size),
-            "dtype": self.dtype, "nti": self.nti,
+            "dtype": self.dtype, "nti": self.nti, "scheme": self.scheme,
         }
         tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
         # Serialised here and written by Python, so that a full disk is an OSError with its errno
@@ -137,7 +153,7 @@ class Inversion:
             trajectory=tensors["trajectory"], source_prompt=meta["source_prompt"],
             source=_embedding_from("source", tensors), null=_embedding_from("null", tensors),
             schedule=meta["schedule"], model=meta["model"], image_size=tuple(meta["image_size"]),
-            dtype=meta["dtype"], negatives=negatives, nti=meta.get("nti"),
+            dtype=meta["dtype"], negatives=negatives, nti=meta.get("nti"), scheme=meta.get("scheme"),
         )
 
 
@@ -163,6 +179,9 @@ def _check_file(name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor
         raise bad(f"schedule {schedule!r}")
     if not (isinstance(size, list) and len(size) == 2 and all(_whole(v) and v > 0 for v in size)):
         raise bad(f"image size {size!r}")
+    scheme = meta.get("scheme")
+    if scheme is not None and not (isinstance(scheme, dict) and isinstance(scheme.get("name"), str)):
+        raise bad(f"inversion scheme {scheme!r}")
     for key in ("trajectory", "source.hidden", "null.hidden"):
         if key not in tensors:
             raise bad(f"no {key!r} tensor")
@@ -203,33 +222,46 @@ def _embedding_from(prefix: str, tensors: dict[str, torch.Tensor]) -> PromptEmbe
 
 def ddim_inversion(
     model: Model, image: torch.Tensor, prompt: str, *, steps: int = 50, offset: int | None = None,
-    progress: bool = False,
+    progress: bool = False, scheme: str = "ddim", iters: int = 10, tol: float = 1e-3, decoder_steps: int = 0,
 ) -> Inversion:
     """Encode ``image`` (1, 3, H, W) in [-1, 1] and invert it with DDIM under ``prompt``."""
-    return ddim_inversion_batch(model, image, [prompt], steps=steps, offset=offset, progress=progress)[0]
+    return ddim_inversion_batch(model, image, [prompt], steps=steps, offset=offset, progress=progress, scheme=scheme,
+                                iters=iters, tol=tol, decoder_steps=decoder_steps)[0]
 
 
 def ddim_inversion_batch(
     model: Model, images: torch.Tensor, prompts: list[str], *, steps: int = 50, offset: int | None = None,
-    progress: bool = False,
+    progress: bool = False, scheme: str = "ddim", iters: int = 10, tol: float = 1e-3, decoder_steps: int = 0,
 ) -> list[Inversion]:
-    """Invert several same-size images (B, 3, H, W), one prompt each, in one UNet batch per step."""
+    """Invert several same-size images (B, 3, H, W), one prompt each, in one UNet batch per step.
+
+    ``scheme`` (:mod:`npinv.schemes`): ``ddim``, or ``fixed-point`` with at most ``iters`` extra UNet
+    calls a step, stopping when a step inverts to ``tol``. ``decoder_steps``: fit the clean latent to
+    the image through the VAE decoder first (:mod:`npinv.decoder`)."""
+    from npinv.decoder import invert_decoder
+    from npinv.schemes import get_scheme
+
     if images.shape[0] != len(prompts):
         raise ValueError(f"{images.shape[0]} images for {len(prompts)} prompts")
     for p in prompts:
         check_prompt(p, "the source prompt")
+    how = get_scheme(scheme)
     schedule = model.schedule(steps, offset)
     sources = [model.encode_prompt(p) for p in prompts]
     z0 = model.encode_image(images)
-    trajectory = invert(model, z0, schedule, PromptEmbedding.cat(sources), progress="invert" if progress else None)
-    if len(prompts) == 1:
-        trajectory = trajectory.unsqueeze(1)
+    fit = invert_decoder(model, images, z0, decoder_steps)
+    trace = how.invert(model, fit.latent, schedule, PromptEmbedding.cat(sources), iters=iters, tol=tol,
+                       progress="invert" if progress else None)
     null = model.null_embedding()
+    record = {"name": how.name, "iters": iters if how.name != "ddim" else 0, "tol": tol if how.name != "ddim" else 0.0,
+              "residuals": trace.residuals, "iterations": trace.iterations, "decoder_steps": decoder_steps,
+              "decoder_losses": fit.losses[:1] + fit.losses[-1:]}  # first and last
     return [
         Inversion(
-            trajectory=trajectory[:, b].contiguous(), source_prompt=prompt, source=source, null=null,
+            trajectory=trace.trajectory[:, b].contiguous(), source_prompt=prompt, source=source, null=null,
             schedule=schedule.to_dict(), model={"name": model.name, "fingerprint": model.fingerprint},
             image_size=(images.shape[-2], images.shape[-1]), dtype=str(model.dtype).removeprefix("torch."),
+            scheme=dict(record),
         )
         for b, (prompt, source) in enumerate(zip(prompts, sources, strict=True))
     ]

@@ -156,22 +156,3 @@ def _rows(branches: list[Branch], i: int, needs_negative: bool, known: dict) -> 
         if (b, "cond") not in known:
             rows.append(Row(b, "cond"))
     return rows
-
-
-def invert(
-    model: Model, z0: torch.Tensor, schedule: Schedule, cond: PromptEmbedding, *, progress: str | None = None
-) -> torch.Tensor:
-    """DDIM inversion at guidance 1 of one latent or a batch (``cond`` one row per latent).
-
-    Returns the trajectory ``z*[0..n]`` (``z*[0] = z0``) in fp32: ``(n + 1, C, h, w)`` for one
-    latent, ``(n + 1, B, C, h, w)`` for a batch of ``B > 1``.
-    """
-    z = z0.to(torch.float32)
-    trajectory = [z]
-    ts = list(reversed(schedule.timesteps))
-    with torch.no_grad():
-        for i, t in enumerate(Progress(ts, desc=progress, unit="step")):
-            z = schedule.invert_step(z, model.unet_output(z, t, cond), i)
-            trajectory.append(z)
-    stacked = torch.stack(trajectory)
-    return stacked[:, 0] if z.shape[0] == 1 else stacked

@@ -92,6 +92,18 @@ class Schedule:
         s = t - self.stride
         return ddim_step(z, self.to_epsilon(output, z, s), self.alpha(s), self.alpha(t))
 
+    def invert_step_at(self, z: torch.Tensor, output: torch.Tensor, z_to: torch.Tensor, i: int) -> torch.Tensor:
+        """Inversion step ``i`` with the model output taken at the destination latent ``z_to`` (level
+        ``t_i``), as the denoising step from ``z_to`` will take it: the fixed-point iteration's map.
+        For v-prediction the output becomes epsilon with ``z_to``'s level, as :meth:`denoise_step` does."""
+        t = i * self.stride + self.offset
+        s = t - self.stride
+        return ddim_step(z, self.to_epsilon(output, z_to, t), self.alpha(s), self.alpha(t))
+
+    def denoise_step_to(self, z: torch.Tensor, output: torch.Tensor, k: int) -> torch.Tensor:
+        """The denoising step that undoes inversion step ``k`` (from level ``t_k`` down to ``t_k - D``)."""
+        return self.denoise_step(z, output, self.steps - 1 - k)
+
     def to_dict(self) -> dict:
         return {"steps": self.steps, "offset": self.offset, "final_alpha": self.final_alpha,
                 "prediction_type": self.prediction_type}

@@ -74,6 +74,7 @@ class InversionKey:
     offset: int | None  # None: the model's configured offset
     resize: str = "crop"
     size: int | None = None
+    exact: tuple = ()  # the inversion scheme and decoder inversion (InvertSettings.key()'s tail)
     prepared: str = ""
 
     @classmethod
@@ -82,7 +83,8 @@ class InversionKey:
 
     @classmethod
     def of_file(cls, model: Model, digest: str, prompt: str, settings: InvertSettings) -> InversionKey:
-        return cls(model.fingerprint, digest, prompt, settings.steps, settings.offset, settings.resize, settings.size)
+        return cls(model.fingerprint, digest, prompt, settings.steps, settings.offset, settings.resize, settings.size,
+                   settings.key()[4:])
 
     def variant(self, method: str, guidance: float) -> InversionKey:
         return dataclasses.replace(self, prepared=f"{method}@{float(guidance)!r}")
@@ -124,7 +126,7 @@ def invert(model: Model, sources: Sequence[Source], prompts: Sequence[str], sett
         meter = Meter(model)
         inversions = ddim_inversion_batch(model, torch.cat([sources[n].image for n in group]),
                                           [prompts[n] for n in group], steps=settings.steps, offset=settings.offset,
-                                          progress=progress)
+                                          progress=progress, **settings.scheme_kwargs())
         cost = meter.cost
         for n, inv in zip(group, inversions, strict=True):
             key = InversionKey.of(model, sources[n], prompts[n], settings) if cache is not None else None
@@ -177,7 +179,7 @@ class Reconstructed:
         return {"method": self.method, "steps": self.steps, "guidance": self.guidance, "offset": self.offset,
                 "psnr": self.psnr, "ssim": self.ssim, "mse": self.mse, "seconds": self.cost.seconds,
                 "invert_seconds": self.invert_cost.seconds, "unet_calls": self.cost.unet_calls,
-                "unet_rows": self.cost.unet_rows}
+                "unet_rows": self.cost.unet_rows, **self.inverted.inversion.scheme_report()}
 
 
 def reconstruct_inverted(model: Model, inverted: Inverted, settings: ReconstructSettings, *,

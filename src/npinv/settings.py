@@ -380,6 +380,12 @@ def _method_names() -> tuple[str, ...]:
     return method_names()
 
 
+def _scheme_names() -> tuple[str, ...]:
+    from npinv.schemes import scheme_names
+
+    return scheme_names()
+
+
 def _controller_names() -> tuple[str, ...]:
     from npinv.attention.controllers import controller_names
 
@@ -399,12 +405,32 @@ class InvertSettings:
     resize: str = setting("crop", Choice(("crop", "fit")),
                           "crop: centre square crop; fit: keep aspect, sides multiples of 8",
                           label="Resize (crop: centre square)")
+    invert_scheme: str = setting("ddim", Choice(_scheme_names),
+                                 "how each inversion step finds the next latent: ddim (one UNet call a step) or "
+                                 "fixed-point (iterate until the step inverts exactly; see --invert-iters)",
+                                 label="Inversion scheme")
+    invert_iters: int = setting(10, Number(1, 100, integer=True),
+                                "fixed-point: at most this many extra UNet calls a step (default 10)",
+                                label="Fixed-point iterations (most)")
+    invert_tol: float = setting(1e-3, Number(0, 1), "fixed-point: stop a step once its denoising step lands "
+                                "within this relative distance of where it started (default 0.001)",
+                                label="Fixed-point tolerance")
+    decoder_steps: int = setting(0, Number(0, 10000, integer=True),
+                                 "decoder inversion: Adam steps fitting the clean latent to the image through the VAE "
+                                 "decoder before inverting (default 0: off; 100 gains 4-6 dB on the embedded model)",
+                                 label="Decoder inversion steps")
 
     def validate(self) -> None:
         check_fields(self)
 
     def key(self) -> tuple:
-        return (self.steps, self.offset, self.size, self.resize)
+        """Everything that changes the inversion (the scheme's knobs only when the scheme uses them)."""
+        exact = (self.invert_iters, self.invert_tol) if self.invert_scheme != "ddim" else ()
+        return (self.steps, self.offset, self.size, self.resize, self.invert_scheme, *exact, self.decoder_steps)
+
+    def scheme_kwargs(self) -> dict[str, Any]:
+        return {"scheme": self.invert_scheme, "iters": self.invert_iters, "tol": self.invert_tol,
+                "decoder_steps": self.decoder_steps}
 
 
 @dataclasses.dataclass(frozen=True)

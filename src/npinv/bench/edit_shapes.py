@@ -106,10 +106,11 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
                     directs=(False, True), controllers=("replace",), guidances=(7.5,), steps: int = 50,
                     blend: bool = True, cross_replace: float = 0.8, self_replace: float = 0.6,
                     blend_sizes: tuple[int | None, ...] = (None,), progress: bool = False, grid_cases: int = 6,
-                    shard: Shard | None = None) -> dict:
-    """``blend_sizes``: the local-blend map sizes to compare (None: npinv's rule, see ``blend_downscale``)."""
+                    invert_scheme: str = "ddim", shard: Shard | None = None) -> dict:
+    """``blend_sizes``: the local-blend map sizes to compare (None: npinv's rule, see ``blend_downscale``);
+    ``invert_scheme``: how each scene is inverted (:mod:`npinv.schemes`)."""
     methods = tuple(get_method(m).name for m in methods)  # unknown names refused before any work
-    invert_settings = InvertSettings(steps=steps)
+    invert_settings = InvertSettings(steps=steps, invert_scheme=invert_scheme)
     invert_settings.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -125,7 +126,8 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
             continue
         scene_cases = [it["case"] for it in items]
         scene = scene_cases[0].scene
-        todo = [(c, s) for c in scene_cases for s in settings_list if _key(c, s, steps) not in results]
+        todo = [(c, s) for c in scene_cases for s in settings_list
+                if _key(c, s, steps, invert_scheme) not in results]
         if not todo:
             continue
         picture = prepare_picture(scene.render(res), model, invert_settings, name=f"scene{index:03d}")
@@ -151,7 +153,8 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
             source = tensor_to_unit(image)
             gt_err = float(((edited - truth) ** 2).mean())
             row = {
-                "key": _key(case, (method, direct, controller, w, blend_res), steps), "scene": index,
+                "key": _key(case, (method, direct, controller, w, blend_res), steps, invert_scheme), "scene": index,
+                "inversion": invert_scheme, "invert_unet_calls": inverted.cost.unet_calls,
                 "kind": case.edit.kind, "source": case.scene.caption, "target": case.target.caption, "method": method,
                 "direct": direct, "controller": controller, "guidance": w, "steps": steps, "blend": blend,
                 "blend_res": blend_res, "blend_maps": _blend_maps(result), "blend_iou": (
@@ -177,10 +180,12 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
     return summary
 
 
-def _key(case: EditCase, setting: tuple, steps: int) -> str:
+def _key(case: EditCase, setting: tuple, steps: int, invert_scheme: str = "ddim") -> str:
     method, direct, controller, w, blend_res = setting
     size = "" if blend_res is None else f"|blend{blend_res}"
-    return f"{case.index}|{case.edit.kind}|{case.edit.value}|{method}|{int(direct)}|{controller}|{w:g}|{steps}{size}"
+    scheme = "" if invert_scheme == "ddim" else f"|{invert_scheme}"
+    return (f"{case.index}|{case.edit.kind}|{case.edit.value}|{method}|{int(direct)}|{controller}|{w:g}|{steps}{size}"
+            f"{scheme}")
 
 
 def _blend_maps(result) -> str | None:
@@ -190,11 +195,11 @@ def _blend_maps(result) -> str | None:
 
 def summarize(rows: list[dict]) -> dict:
     out = []
-    for (method, direct, controller, w, steps, maps), items in sorted(
-            group([{"blend_maps": None, **r} for r in rows],
-                  ("method", "direct", "controller", "guidance", "steps", "blend_maps")).items(), key=str):
-        entry = {"method": method, "direct": direct, "controller": controller, "guidance": w, "steps": steps,
-                 "blend_maps": maps, "n": len(items)}
+    for (method, scheme, direct, controller, w, steps, maps), items in sorted(
+            group([{"blend_maps": None, "inversion": "ddim", **r} for r in rows],
+                  ("method", "inversion", "direct", "controller", "guidance", "steps", "blend_maps")).items(), key=str):
+        entry = {"method": method, "inversion": scheme, "direct": direct, "controller": controller, "guidance": w,
+                 "steps": steps, "blend_maps": maps, "n": len(items)}
         for kind in ("all", *KINDS):
             sel = items if kind == "all" else [r for r in items if r["kind"] == kind]
             entry[kind] = {
@@ -206,15 +211,17 @@ def summarize(rows: list[dict]) -> dict:
         entry["seconds_median"] = float(np.median([r["seconds"] for r in items]))
         entry["unet_calls_mean"] = nanmean(r["unet_calls"] for r in items)
         entry["unet_rows_mean"] = nanmean(r["unet_rows"] for r in items)
+        entry["invert_unet_calls_mean"] = nanmean(r.get("invert_unet_calls") for r in items)
         out.append(entry)
     return {"rows": out}
 
 
 def edit_table(summary: dict) -> str:
-    header = ["method", "direct", "controller", "w", "steps", "n", "PSNR vs truth", "SSIM vs truth",
+    header = ["method", "inversion", "direct", "controller", "w", "steps", "n", "PSNR vs truth", "SSIM vs truth",
               "bg PSNR", "success", "colour swaps ok", "shape swaps ok", "bg swaps ok", "blend maps", "blend IoU",
               "edit s (median)", "UNet rows"]
-    rows = [[r["method"], "yes" if r["direct"] else "no", r["controller"], r["guidance"], r["steps"], r["n"],
+    rows = [[r["method"], r.get("inversion", "ddim"), "yes" if r["direct"] else "no", r["controller"], r["guidance"],
+             r["steps"], r["n"],
              r["all"]["psnr_gt"], r["all"]["ssim_gt"], r["all"]["psnr_bg"], f"{r['all']['success']:.0%}",
              f"{r['color']['success']:.0%}", f"{r['shape']['success']:.0%}", f"{r['background']['success']:.0%}",
              r.get("blend_maps") or "none", r["all"].get("blend_iou", math.nan),

@@ -5,6 +5,10 @@ Methods: those of the registry (:mod:`npinv.methods`: ``ddim`` with the null neg
 inversion per image and step count is shared by all methods (:func:`npinv.service.reconstruct_each`);
 each method's ``seconds`` is that inversion plus its own reconstruction, measured side by side in
 the same process, and ``unet_calls`` counts both (the results' :class:`~npinv.cost.Cost`).
+A label may name how the image is inverted after ``@``: ``npi@fixed-point``, ``npi@anderson``
+(:mod:`npinv.schemes`), ``npi@dec100`` (100 decoder-inversion steps first), ``npi@anderson+dec100``;
+those rows share one inversion per image, step count and inversion tag. Every row also records the
+image's VAE round trip ``decode(encode(x))`` (``vae_psnr``), the ceiling of plain encoding.
 LPIPS (SqueezeNet, whole image) is scored when its weights are given (``lpips=`` or
 ``$NPINV_LPIPS_WEIGHTS``); otherwise it is null and one line says why.
 """
@@ -24,10 +28,11 @@ from npinv.checks import short_repr
 from npinv.errors import NpinvError
 from npinv.io import IMAGE_SUFFIXES, atomic_path, write_text
 from npinv.methods import get_method, method_names
-from npinv.metrics import tensor_to_unit
+from npinv.metrics import image_metrics, tensor_to_unit
 from npinv.model import Model
 from npinv.parallel import Shard, ShardedResults
 from npinv.scenes import random_scenes
+from npinv.schemes import get_scheme
 from npinv.service import Source, prepare_file, prepare_picture, reconstruct_each
 from npinv.settings import InvertSettings, ReconstructSettings
 
@@ -42,18 +47,31 @@ def method_labels() -> tuple[str, ...]:
 
 
 def reconstruct_settings(label: str, guidance: float) -> ReconstructSettings:
-    """What a benchmark label runs: a pseudo-method's fixed settings, else the method at ``guidance``.
-    An unknown label is refused with one line naming the labels."""
+    """What a benchmark label runs: a pseudo-method's fixed settings, else the method at ``guidance``
+    (the part before ``@``). An unknown label is refused with one line naming the labels."""
+    label, _, tag = label.partition("@") if isinstance(label, str) else (label, "", "")
+    inversion_tag(tag)
     if isinstance(label, str) and label in PSEUDO_METHODS:
         return PSEUDO_METHODS[label]
     try:
         method = get_method(label)
     except NpinvError:
         raise NpinvError(f"unknown benchmark method {short_repr(label)}; choose from "
-                         f"{', '.join(method_labels())}") from None
+                         f"{', '.join(method_labels())} (optionally @SCHEME, @decN or @SCHEME+decN)") from None
     settings = ReconstructSettings(method.name, guidance)
     settings.validate()
     return settings
+
+
+def inversion_tag(tag: str) -> dict:
+    """``""`` (plain DDIM), ``SCHEME``, ``decN`` or ``SCHEME+decN`` -> InvertSettings fields."""
+    out: dict = {}
+    for part in filter(None, tag.split("+")):
+        if part.startswith("dec") and part[3:].isdigit():
+            out["decoder_steps"] = int(part[3:])
+        else:
+            out["invert_scheme"] = get_scheme(part).name
+    return out
 
 
 # The labels, for front ends that list or check them (``npinv bench reconstruct --methods``).
@@ -101,25 +119,36 @@ def run_reconstruct_bench(model: Model, out_dir: str | Path, *, images: str | No
     for n, (name, load, prompt) in enumerate(items):
         if not results.shard.owns(n):
             continue
+        vae_psnr = None
         for steps in steps_list:
             todo = [m for m in methods if _key(name, m, steps, guidance) not in results]
             if not todo:
                 continue
             source = load()
-            # Each method's row is kept as soon as it is scored: a killed run loses only the one in progress.
-            scores = reconstruct_each(model, source, prompt, [chosen[m] for m in todo],
-                                      InvertSettings(steps=steps, offset=offset))
-            for m, sc in zip(todo, scores, strict=True):
-                lpips_value = None
-                if nets.lpips is not None:
-                    a, b = tensor_to_unit(source.image), tensor_to_unit(sc.reconstruction.image)
-                    lpips_value = nets.lpips_distance(a, b, np.zeros(a.shape[:2], dtype=bool))
-                # seconds and unet_calls: the shared inversion plus this method's reconstruction.
-                results.add({"key": _key(name, m, steps, guidance), "image": name, "prompt": prompt, "method": m,
-                             "steps": steps, "guidance": sc.guidance, "offset": sc.offset,
-                             "psnr": sc.psnr, "ssim": sc.ssim, "mse": sc.mse, "lpips": lpips_value,
-                             "seconds": sc.cost.seconds, "invert_seconds": sc.invert_cost.seconds,
-                             "unet_calls": sc.cost.unet_calls, "model": model.name})
+            if vae_psnr is None:
+                vae_psnr = image_metrics(tensor_to_unit(source.image),
+                                         tensor_to_unit(model.decode(model.encode_image(source.image))))["psnr"]
+            # One inversion per tag, shared by its methods; each method's row is kept as soon as it is
+            # scored: a killed run loses only the one in progress.
+            tags = {m: m.partition("@")[2] for m in todo}
+            for tag in dict.fromkeys(tags.values()):
+                labels = [m for m in todo if tags[m] == tag]
+                scores = reconstruct_each(model, source, prompt, [chosen[m] for m in labels],
+                                          InvertSettings(steps=steps, offset=offset, **inversion_tag(tag)))
+                for m, sc in zip(labels, scores, strict=True):
+                    lpips_value = None
+                    if nets.lpips is not None:
+                        a, b = tensor_to_unit(source.image), tensor_to_unit(sc.reconstruction.image)
+                        lpips_value = nets.lpips_distance(a, b, np.zeros(a.shape[:2], dtype=bool))
+                    report = sc.inverted.inversion.scheme_report()
+                    # seconds and unet_calls: the shared inversion plus this method's reconstruction.
+                    results.add({"key": _key(name, m, steps, guidance), "image": name, "prompt": prompt, "method": m,
+                                 "steps": steps, "guidance": sc.guidance, "offset": sc.offset,
+                                 "psnr": sc.psnr, "ssim": sc.ssim, "mse": sc.mse, "lpips": lpips_value,
+                                 "seconds": sc.cost.seconds, "invert_seconds": sc.invert_cost.seconds,
+                                 "unet_calls": sc.cost.unet_calls, "model": model.name, "vae_psnr": vae_psnr,
+                                 "invert_residual": report["invert_residual"],
+                                 "invert_extra_calls": report["invert_extra_calls"]})
             if progress:
                 print(f"{name} {steps} steps done", flush=True)
     summary = summarize(results.merge(), methods, steps_list)
@@ -147,7 +176,12 @@ def summarize(rows: list[dict], methods, steps_list) -> dict:
                         "lpips_mean": nanmean(r.get("lpips") for r in items),
                         "seconds_mean": nanmean(r["seconds"] for r in items),
                         "seconds_median": statistics.median(r["seconds"] for r in items),
-                        "unet_calls_mean": nanmean(r["unet_calls"] for r in items)})
+                        "unet_calls_mean": nanmean(r["unet_calls"] for r in items),
+                        # Against each image's VAE round trip: the mean gap and the worst image's.
+                        "vae_psnr_mean": nanmean(r.get("vae_psnr") for r in items),
+                        "worst_vae_gap": max((r["vae_psnr"] - r["psnr"] for r in items if r.get("vae_psnr") is not None),
+                                             default=math.nan),
+                        "residual_mean": nanmean(r.get("invert_residual") for r in items)})
     ratio = {}
     by = {(r["method"], r["steps"]): r for r in out}
     for steps in steps_list:
@@ -157,9 +191,11 @@ def summarize(rows: list[dict], methods, steps_list) -> dict:
 
 
 def reconstruct_table(summary: dict) -> str:
-    header = ["method", "steps", "w", "n", "PSNR", "SSIM", "MSE", "LPIPS", "seconds (median)", "UNet calls"]
+    header = ["method", "steps", "w", "n", "PSNR", "SSIM", "MSE", "LPIPS", "seconds (median)", "UNet calls",
+              "VAE - PSNR (worst image)", "fixed-point residual (mean)"]
     rows = [[r["method"], r["steps"], r["guidance"], r["n"], r["psnr_mean"], r["ssim_mean"], r["mse_mean"],
-             r.get("lpips_mean", math.nan), r["seconds_median"], r["unet_calls_mean"]] for r in summary["rows"]]
+             r.get("lpips_mean", math.nan), r["seconds_median"], r["unet_calls_mean"],
+             r.get("worst_vae_gap", math.nan), r.get("residual_mean", math.nan)] for r in summary["rows"]]
     text = markdown_table(header, rows)
     if summary["nti_over_npi_time"]:
         text += "\nNTI / NPI time (medians, same run): " + ", ".join(

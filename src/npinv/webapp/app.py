@@ -41,11 +41,15 @@ from npinv.settings import (
     flag_name,
     specs,
 )
-from npinv.webapp.engine import FORM_FIELDS, MAPS_FIELD, Engine
+from npinv.webapp.engine import FORM_FIELDS, INVERT_FIELDS, MAPS_FIELD, SERVER_CAPS, Engine
 
 log = logging.getLogger("npinv.webapp")
 
-OFFSET_CHOICES = [("model default", "default"), ("0 (published code)", "0"), ("1 (SD config)", "1")]
+# Choices shown under other words than their values (None: an optional choice's "default").
+CHOICE_LABELS: dict[str, dict[Any, str]] = {
+    "offset": {None: "model default", 0: "0 (published code)", 1: "1 (SD config)"},
+}
+RADIO_MAX = 3  # a choice of at most this many options is a row of radio buttons, a longer one a dropdown
 # Small model outputs (64x64 for the embedded model) are shown filling their frames, pixels kept sharp.
 CSS = ".npinv-pixels img { image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"
 
@@ -178,6 +182,9 @@ def example_rows(guidance: float | None = None) -> list[list]:
 
 
 EXAMPLE_FIELDS = ("controller", "guidance", "blend")  # the edit form's fields an example row fills
+# The inversion settings' layout: these at the top of "Inversion settings" as they are, the other
+# web fields of InvertSettings (the scheme's) below them with their help.
+INVERT_TOP = ("steps", "offset", "resize")
 # The edit form's layout: these settings above, the other web settings in "Controller settings",
 # the advanced ones (Spec.advanced) in "More settings". Every control is derived from the schema.
 FORM_TOP = ("method", "controller", "guidance")
@@ -198,27 +205,42 @@ def setting_text(kind, value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def setting_control(field: dataclasses.Field, spec: Spec, *, guidance: float, info: bool = False) -> gr.Component:
-    """The page's control of one EditSettings field, from its schema kind, default and label. The
+def setting_control(field: dataclasses.Field, spec: Spec, *, guidance: float | None = None, high: float | None = None,
+                    info: bool = False) -> gr.Component:
+    """The page's control of one settings field (EditSettings' or InvertSettings'), from its schema
+    kind, default and label. ``guidance``: the guidance slider's start (the model's); ``high``: this
+    server's cap of a number below the schema's bound (:data:`~npinv.webapp.engine.SERVER_CAPS`). The
     control's value is sent as is (preprocess=False) and read by the schema, like a manifest's."""
     kind, default, label = spec.kind, default_of(field), _label(field.name, spec)
     common = dict(label=label, elem_id=f"npinv-{flag_name(field.name)}", info=spec.help if info else None)
-    if field.name == "guidance":
+    if field.name == "guidance" and guidance is not None:
         # Starts at the model's recommended editing guidance (its npinv.json), else 7.5; the range and
         # step fit it, so the browser's slider does not snap it to another value.
         return gr.Slider(0, max(15, guidance), value=guidance, step=0.5 if (2 * guidance).is_integer() else 0.01,
                          **common)
     if isinstance(kind, Choice):
-        choices = [str(c) for c in kind.choices()] + (["default"] if kind.optional else [])
-        return gr.Dropdown(choices, value="default" if default is None else str(default), **common)
+        labels = CHOICE_LABELS.get(field.name, {})
+        options = [*kind.choices(), *([None] if kind.optional else [])]
+        choices = [(labels.get(c, "default" if c is None else str(c)), "default" if c is None else str(c))
+                   for c in options]
+        value = "default" if default is None else str(default)
+        if len(choices) <= RADIO_MAX:
+            return gr.Radio(choices, value=value, **common)
+        return gr.Dropdown(choices, value=value, **common)
     if isinstance(kind, Flag):
         return gr.Checkbox(bool(default), **common)
     if isinstance(kind, Number) and not kind.optional:
+        top = kind.high if high is None else min(kind.high, high)
         if kind.integer:
-            return gr.Slider(kind.low, kind.high, value=default, step=1, **common)
-        step = 0.05 if (20 * default).is_integer() else 0.01
-        low = kind.low + step if kind.low_open else kind.low
-        return gr.Slider(low, kind.high, value=default, step=step, **common)
+            return gr.Slider(kind.low, top, value=min(default, top), step=1, **common)
+        if (100 * default).is_integer():
+            step = 0.05 if (20 * default).is_integer() else 0.01
+            low = kind.low + step if kind.low_open else kind.low
+            return gr.Slider(low, top, value=min(default, top), step=step, **common)
+        # A small default (a tolerance, 0.001): a slider's steps would snap it to 0; a number box keeps
+        # it, its arrows stepping by the default's decimal place.
+        return gr.Number(default, minimum=kind.low, maximum=top, step=10 ** math.floor(math.log10(default)),
+                         **common)
     # Window, WordWindows, WordNumbers, WordPair, an optional Number (a box left empty is none: a gr.Number
     # cannot be empty and still have a default for API clients) and any other kind: its text, read by the
     # schema's text rule.
@@ -233,11 +255,12 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
     upload_root = Path(gr.utils.get_upload_folder()).resolve()
 
     @_readable_errors
-    def invert(image, source_prompt, steps, offset, resize, session: InversionCache,
-               progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio's documented pattern)
+    def invert(image, source_prompt, session: InversionCache,
+               progress=gr.Progress(track_tqdm=True), **settings):  # noqa: B008 (Gradio's documented pattern)
+        """``settings``: the inversion settings' controls by InvertSettings field name (inputs_kwargs)."""
         path, name = _upload_path(image, upload_root)
-        report = engine.invert(session, path, source_prompt, name=name, steps=steps, offset=offset,
-                               resize=resize, stage=lambda s: progress(0, desc=s), progress=True)
+        report = engine.invert(session, path, source_prompt, name=name, stage=lambda s: progress(0, desc=s),
+                               progress=True, **settings)
         _show_warnings(report.warnings)
         status = (f"**Inverted** {name} ({report.timings.line()}). NPI reconstruction: PSNR "
                   f"{report.psnr:.2f} dB, SSIM {report.ssim:.3f}. Now edit it as often as you like.")
@@ -245,13 +268,15 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
                 str(report.inversion_file), status, session)
 
     @_readable_errors
-    def edit(image, source_prompt, steps, offset, resize, target_prompt, session: InversionCache,
+    def edit(image, source_prompt, target_prompt, session: InversionCache,
              progress=gr.Progress(track_tqdm=True), **form):  # noqa: B008
-        """``form``: the edit form's controls by EditSettings field name (Gradio's inputs_kwargs)."""
+        """``form``: the inversion settings' controls by InvertSettings field name and the edit form's
+        by EditSettings field name (Gradio's inputs_kwargs)."""
         path, name = _upload_path(image, upload_root)
+        settings = {n: form.pop(n) for n in INVERT_FIELDS if n in form}
         request = engine.edit_request(target_prompt, **form)
-        report = engine.edit(session, path, source_prompt, request, name=name, steps=steps, offset=offset,
-                             resize=resize, stage=lambda s: progress(0, desc=s), progress=True)
+        report = engine.edit(session, path, source_prompt, request, name=name, stage=lambda s: progress(0, desc=s),
+                             progress=True, **settings)
         _show_warnings(report.warnings)
         settings = request.settings
         status = (f"**Edited** toward \"{request.target}\" with {settings.method}, {settings.controller} "
@@ -279,13 +304,14 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
                 source_prompt = gr.Textbox(label="Source prompt (describes the image)", elem_id="npinv-source",
                                            placeholder="a red circle on a blue background",
                                            max_length=limits.max_prompt_chars)  # the server checks it too
-                with gr.Accordion("Inversion settings", open=False):
-                    steps = gr.Slider(1, limits.max_steps, value=min(50, limits.max_steps), step=1,
-                                      label=_spec(InvertSettings, "steps").label)
-                    offset = gr.Radio(OFFSET_CHOICES, value="default", label=_spec(InvertSettings, "offset").label)
-                    resize_spec = _spec(InvertSettings, "resize")
-                    resize = gr.Radio([str(c) for c in resize_spec.kind.choices()], value="crop",
-                                      label=resize_spec.label)
+                with gr.Accordion("Inversion settings", open=False, elem_id="npinv-invert-settings"):
+                    # Derived from the schema as the edit form is; the steps and decoder steps go up to
+                    # this server's caps (Limits).
+                    inv_form: dict[str, gr.Component] = {}
+                    for f, spec in specs(InvertSettings):
+                        if spec.web:
+                            cap = getattr(limits, SERVER_CAPS[f.name]) if f.name in SERVER_CAPS else None
+                            inv_form[f.name] = setting_control(f, spec, high=cap, info=f.name not in INVERT_TOP)
                 invert_btn = gr.Button("Invert", variant="primary", elem_id="npinv-invert")
             with gr.Column(scale=2, min_width=480):
                 status = gr.Markdown("Upload an image or pick an example below.", label="Status", elem_id="npinv-status")
@@ -337,18 +363,21 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
                             label="Bundled examples (64x64 shapes): pick one, then Invert and Edit",
                             elem_id="npinv-examples")
 
-        settings = [image, source_prompt, steps, offset, resize]
         # preprocess=False: the upload reaches engine.read_upload untouched, which gives readable
         # errors for files that are not images; Gradio's own preprocessing would fail with an opaque one.
         common = dict(concurrency_id="model", concurrency_limit=1, preprocess=False)
-        invert_btn.click(invert, [*settings, session],
+        # The settings reach the handlers as keyword arguments named by the schema's fields (also the API's
+        # parameter names), after the image and the source prompt: InvertSettings' web fields in
+        # INVERT_FIELDS' order, then for an edit the target prompt and EditSettings' in FORM_FIELDS' order.
+        invert_settings = {n: inv_form[n] for n in INVERT_FIELDS}
+        invert_btn.click(invert, [image, source_prompt, session],
                          [input_view, reconstruction, psnr, timings, inversion_file, status, session],
-                         api_name="invert", **common)
-        # The form's values reach the handler as keyword arguments named by EditSettings' fields (also the
-        # API's parameter names), in FORM_FIELDS' order after the positional ones.
-        edit_btn.click(edit, [*settings, target_prompt, session],
+                         inputs_kwargs=invert_settings, api_name="invert", **common)
+        edit_btn.click(edit, [image, source_prompt],
                        [input_view, edited, reconstruction, psnr, maps, timings, edit_file, inversion_file, status,
-                        session], inputs_kwargs={n: form[n] for n in FORM_FIELDS}, api_name="edit", **common)
+                        session], inputs_kwargs={**invert_settings, "target_prompt": target_prompt, "session": session,
+                                                 **{n: form[n] for n in FORM_FIELDS}},
+                       api_name="edit", **common)
     demo.queue(max_size=options.queue_size, default_concurrency_limit=1)
     return demo
 

@@ -48,8 +48,10 @@ from npinv.settings import (
     EditSettings,
     Flag,
     InvertSettings,
+    Number,
     ReconstructSettings,
     check_value,
+    default_of,
     flag_name,
     from_value,
     specs,
@@ -61,6 +63,11 @@ Stage = Callable[[str], None]
 # output choice of per-word attention maps.
 MAPS_FIELD = "keep_attention_maps"
 FORM_FIELDS = tuple(f.name for f, spec in specs(EditSettings) if spec.web) + (MAPS_FIELD,)
+# The inversion settings the page offers (InvertSettings' web fields; the size is the model's), with
+# the schema's defaults, and those a server caps below the schema's bound (by a Limits field).
+INVERT_FIELDS = tuple(f.name for f, spec in specs(InvertSettings) if spec.web)
+INVERT_DEFAULTS = {f.name: default_of(f) for f, spec in specs(InvertSettings) if spec.web}
+SERVER_CAPS = {"steps": "max_steps", "decoder_steps": "max_decoder_steps"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +78,7 @@ class Limits:
     max_pixels: int = 40_000_000  # decoded RGB at 40 MP is 120 MB; Pillow's own bomb limit is 89 MP
     max_upload_mb: float = 20.0
     max_steps: int = 200
+    max_decoder_steps: int = 1000  # decoder inversion's Adam steps (each a VAE decode and its gradient); 0: none
     cache_entries: int = 4
     cache_mb: float = 256.0
     file_ttl_s: float = 600.0  # output files outlive the request only until Gradio has copied them
@@ -85,6 +93,8 @@ class Limits:
                 raise NpinvError(f"{flag} must be positive, got {getattr(self, name)}")
         if not self.max_prompt_chars > 0:
             raise NpinvError(f"max_prompt_chars must be positive, got {self.max_prompt_chars}")
+        if not self.max_decoder_steps >= 0:
+            raise NpinvError(f"--max-decoder-steps must be 0 or more, got {self.max_decoder_steps}")
 
 
 def read_upload(path: str | Path, model: Model, settings: InvertSettings | None = None, *, name: str | None = None,
@@ -205,7 +215,8 @@ def parse_edit_request(target: Any, form: dict[str, Any] | None = None, *,
 class Timings:
     """What a request did and how long each part took (the app shows it as JSON). The model's parts
     are the service's results' costs; UNet calls and rows are the request's inversion (0 when cached)
-    plus its reconstruction or edit."""
+    plus its reconstruction or edit. The ``invert_*`` and ``decoder_steps`` fields are the inversion's
+    :meth:`~npinv.inversion.Inversion.scheme_report` (how it was made, also when it came from the cache)."""
 
     inversion_cached: bool
     read_seconds: float = 0.0
@@ -220,9 +231,16 @@ class Timings:
     cache_bytes: int = 0
     cache_hits: int = 0
     cache_misses: int = 0
+    invert_scheme: str = "ddim"
+    invert_iters: int = 0
+    invert_extra_calls: int = 0
+    invert_residual: float | None = None  # the worst step's relative residual (fixed-point); None: unchecked
+    decoder_steps: int = 0
 
     def as_dict(self) -> dict:
-        return {k: round(v, 4) if isinstance(v, float) else v for k, v in dataclasses.asdict(self).items()}
+        """Seconds to 0.1 ms; the residual (often far below that) to 4 significant digits."""
+        return {k: (round(v, 4) if k.endswith("seconds") else float(f"{v:.4g}")) if isinstance(v, float) else v
+                for k, v in dataclasses.asdict(self).items()}
 
     def line(self) -> str:
         inverted = "inversion cached" if self.inversion_cached else f"inversion {self.invert_seconds:.2f} s"
@@ -231,7 +249,10 @@ class Timings:
             parts.append(f"reconstruction {self.reconstruct_seconds:.2f} s")
         if self.edit_seconds:
             parts.append(f"edit {self.edit_seconds:.2f} s")
-        return f"{' · '.join(parts)} · total {self.total_seconds:.2f} s ({self.steps} steps, {self.unet_calls} UNet calls)"
+        how = "" if self.invert_scheme == "ddim" else f" {self.invert_scheme}"
+        decoder = f", {self.decoder_steps} decoder steps" if self.decoder_steps else ""
+        return (f"{' · '.join(parts)} · total {self.total_seconds:.2f} s ({self.steps}{how} steps{decoder}, "
+                f"{self.unet_calls} UNet calls)")
 
 
 @dataclasses.dataclass
@@ -286,15 +307,23 @@ class Engine:
         return parse_edit_request(target, form, default_guidance=self.edit_guidance,
                                   max_chars=self.limits.max_prompt_chars)
 
-    def invert_settings(self, steps: Any = 50, offset: Any = None, resize: Any = "crop") -> InvertSettings:
-        """The request's inversion settings, read and checked by the schema, within this server's steps."""
-        values = {"steps": steps, "offset": offset, "resize": resize}
+    def invert_settings(self, **values: Any) -> InvertSettings:
+        """The request's inversion settings (keyed by :data:`INVERT_FIELDS`, InvertSettings' web fields,
+        as any client may send them; a missing one is the schema's default), read and checked by the
+        schema, then within this server's caps (:data:`SERVER_CAPS`: steps, decoder steps)."""
+        unknown = [n for n in values if n not in INVERT_FIELDS]
+        if unknown:
+            raise NpinvError(f"unknown setting {short_repr(unknown[0])} (known: {', '.join(INVERT_FIELDS)})")
         for name, value in values.items():
             check_length(value, name, self.limits.max_prompt_chars)
         settings = from_value(InvertSettings, values)
-        if settings.steps > self.limits.max_steps:
-            raise NpinvError(f"steps must be a whole number in 1..{self.limits.max_steps} on this server, "
-                             f"got {settings.steps}")
+        kinds = {f.name: spec.kind for f, spec in specs(InvertSettings)}
+        for name, limit in SERVER_CAPS.items():
+            value, cap, kind = getattr(settings, name), getattr(self.limits, limit), kinds[name]
+            if value > cap:
+                what = "a whole number" if isinstance(kind, Number) and kind.integer else "a number"
+                low = kind.low if isinstance(kind, Number) else 0
+                raise NpinvError(f"{flag_name(name)} must be {what} in {low:g}..{cap} on this server, got {value}")
         return settings
 
     def new_cache(self) -> InversionCache:
@@ -306,11 +335,13 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------------------------
     def invert(self, cache: InversionCache, path: str | Path, prompt: Any, *, name: str | None = None,
-               steps: Any = 50, offset: Any = None, resize: Any = "crop", stage: Stage | None = None,
-               progress: bool = False) -> InvertReport:
-        """Invert an upload (or take it from the session's cache) and reconstruct it with NPI."""
+               stage: Stage | None = None, progress: bool = False, **settings: Any) -> InvertReport:
+        """Invert an upload (or take it from the session's cache) and reconstruct it with NPI.
+        ``settings``: the inversion settings by field name (:meth:`invert_settings`: steps, offset,
+        resize, invert_scheme, invert_iters, invert_tol, decoder_steps; missing ones are the schema's
+        defaults); they are the cache key's, so another scheme is another inversion."""
         prompt = self._source_prompt(prompt)
-        settings = self.invert_settings(steps, offset, resize)
+        settings = self.invert_settings(**settings)
         with self._model_call() as caught:
             source, read_s = self._read(path, name, settings)
             _stage(stage, "inverting")
@@ -326,12 +357,13 @@ class Engine:
                             rec.ssim, inv_file, timings, caught)
 
     def edit(self, cache: InversionCache, path: str | Path, prompt: Any, request: EditRequest, *,
-             name: str | None = None, steps: Any = 50, offset: Any = None, resize: Any = "crop",
-             stage: Stage | None = None, progress: bool = False) -> EditReport:
-        """Edit an upload toward ``request``, inverting it first only if this session has not yet (and
-        optimising NTI's negatives only once per guidance: the service keeps them in the cache)."""
+             name: str | None = None, stage: Stage | None = None, progress: bool = False,
+             **settings: Any) -> EditReport:
+        """Edit an upload toward ``request``, inverting it first only if this session has not yet with
+        these inversion ``settings`` (by field name, as :meth:`invert`'s), and optimising NTI's
+        negatives only once per guidance: the service keeps them in the cache."""
         prompt = self._source_prompt(prompt)
-        settings = self.invert_settings(steps, offset, resize)
+        settings = self.invert_settings(**settings)
         with self._model_call() as caught:
             source, read_s = self._read(path, name, settings)
             if InversionKey.of(self.model, source, prompt, settings) not in cache:
@@ -393,7 +425,8 @@ class Engine:
         return Timings(inversion_cached=inverted.cached, read_seconds=read_s, invert_seconds=inverted.cost.seconds,
                        total_seconds=read_s + cost.seconds + save_s, steps=steps,
                        unet_calls=cost.unet_calls, unet_rows=cost.unet_rows, cache_entries=stats.entries,
-                       cache_bytes=stats.bytes, cache_hits=stats.hits, cache_misses=stats.misses, **parts)
+                       cache_bytes=stats.bytes, cache_hits=stats.hits, cache_misses=stats.misses,
+                       **inverted.inversion.scheme_report(), **parts)
 
     def _request_folder(self) -> Path:
         self._prune()

@@ -1,0 +1,134 @@
+"""Inversion schemes: how each DDIM inversion step finds the next latent.
+
+DDIM inversion's only error is that step ``i`` evaluates the model at the latent it starts from,
+``z_i``, while the denoising step that should undo it evaluates the model at the latent it lands
+on, ``z_{i+1}``. The schemes:
+
+- ``ddim``: the plain step, ``z_{i+1} = invert_step(z_i, e(z_i, t_i))``: one UNet call a step;
+- ``fixed-point``: solve ``z = invert_step(z_i, e(z, t_i))`` by iterating from the plain step's
+  result, checking after each UNet call how far the denoising step from the current ``z`` lands
+  from ``z_i`` (relative to ``|z_i|``), and stopping below the tolerance (AIDI / fixed-point
+  inversion). ``1 + k`` UNet calls for ``k`` iterations; at most ``1 + iters``.
+
+A scheme is one object in :data:`SCHEMES`; the CLI, manifests and the web app list them from there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from types import MappingProxyType
+
+import torch
+
+from npinv.model import Model, PromptEmbedding
+from npinv.progress import Progress
+from npinv.schedule import Schedule
+
+
+@dataclasses.dataclass
+class InversionTrace:
+    """A trajectory ``z*[0..n]`` and, per step, what the scheme did: the residual of the last checked
+    iterate (relative error of its denoising step, the worst over a batch; None if never checked) and
+    the extra UNet calls it made (beyond the plain step's one)."""
+
+    trajectory: torch.Tensor  # (n + 1, B, C, h, w)
+    residuals: list[float | None]
+    iterations: list[int]
+
+
+class InversionScheme:
+    name = ""
+    summary = ""
+
+    def invert(self, model: Model, z0: torch.Tensor, schedule: Schedule, cond: PromptEmbedding, *,
+               iters: int = 0, tol: float = 0.0, progress: str | None = None) -> InversionTrace:
+        z = z0.to(torch.float32)
+        trajectory, residuals, iterations = [z], [], []
+        with torch.no_grad():
+            for i, t in enumerate(Progress(list(reversed(schedule.timesteps)), desc=progress, unit="step")):
+                z_next = schedule.invert_step(z, model.unet_output(z, t, cond), i)
+                z_next, residual, extra = self.refine(model, z, z_next, t, i, schedule, cond, iters, tol)
+                trajectory.append(z_next)
+                residuals.append(residual)
+                iterations.append(extra)
+                z = z_next
+        return InversionTrace(torch.stack(trajectory), residuals, iterations)
+
+    def refine(self, model: Model, z: torch.Tensor, z_next: torch.Tensor, t: int, i: int, schedule: Schedule,
+               cond: PromptEmbedding, iters: int, tol: float) -> tuple[torch.Tensor, float | None, int]:
+        """The plain step's ``z_next`` made better; the plain scheme keeps it."""
+        return z_next, None, 0
+
+
+class DDIMScheme(InversionScheme):
+    name, summary = "ddim", "plain DDIM inversion: the model evaluated at the step's start (1 UNet call a step)"
+
+
+class FixedPoint(InversionScheme):
+    name, summary = "fixed-point", "fixed-point iteration per step until the step inverts exactly (1 + k calls)"
+
+    def refine(self, model: Model, z: torch.Tensor, z_next: torch.Tensor, t: int, i: int, schedule: Schedule,
+               cond: PromptEmbedding, iters: int, tol: float) -> tuple[torch.Tensor, float | None, int]:
+        residual = None
+        norm = z.flatten(1).norm(dim=1).clamp_min(1e-12)
+        for k in range(iters):
+            out = model.unet_output(z_next, t, cond)
+            back = schedule.denoise_step_to(z_next, out, i)  # what sampling will do from z_next
+            residual = float(((back - z).flatten(1).norm(dim=1) / norm).max())
+            if residual <= tol:
+                return z_next, residual, k + 1
+            z_next = schedule.invert_step_at(z, out, z_next, i)
+        return z_next, residual, iters
+
+
+class AndersonFixedPoint(InversionScheme):
+    """The same fixed point, solved with Anderson mixing (memory ``m``): each new iterate combines the
+    last ``m`` map outputs with weights that minimise the combined residual (least squares per image).
+    It converges where plain iteration crawls (the contraction near 1 of large steps at low noise)."""
+
+    name, summary = "anderson", "fixed point with Anderson mixing (faster where plain iteration crawls)"
+    memory = 3
+
+    def refine(self, model: Model, z: torch.Tensor, z_next: torch.Tensor, t: int, i: int, schedule: Schedule,
+               cond: PromptEmbedding, iters: int, tol: float) -> tuple[torch.Tensor, float | None, int]:
+        residual = None
+        norm = z.flatten(1).norm(dim=1).clamp_min(1e-12)
+        gs: list[torch.Tensor] = []
+        fs: list[torch.Tensor] = []
+        for k in range(iters):
+            out = model.unet_output(z_next, t, cond)
+            back = schedule.denoise_step_to(z_next, out, i)
+            residual = float(((back - z).flatten(1).norm(dim=1) / norm).max())
+            if residual <= tol:
+                return z_next, residual, k + 1
+            g = schedule.invert_step_at(z, out, z_next, i)
+            gs.append(g.flatten(1))
+            fs.append((g - z_next).flatten(1))
+            gs, fs = gs[-self.memory - 1:], fs[-self.memory - 1:]
+            if len(fs) == 1:
+                z_next = g
+                continue
+            d_f = torch.stack([fs[j + 1] - fs[j] for j in range(len(fs) - 1)], dim=-1)  # (B, N, m)
+            d_g = torch.stack([gs[j + 1] - gs[j] for j in range(len(gs) - 1)], dim=-1)
+            gamma = torch.linalg.lstsq(d_f, fs[-1].unsqueeze(-1)).solution  # (B, m, 1)
+            z_next = (gs[-1] - (d_g @ gamma).squeeze(-1)).view_as(z)
+        return z_next, residual, iters
+
+
+SCHEMES: Mapping[str, InversionScheme] = MappingProxyType(
+    {s.name: s for s in (DDIMScheme(), FixedPoint(), AndersonFixedPoint())})
+
+
+def scheme_names() -> tuple[str, ...]:
+    return tuple(SCHEMES)
+
+
+def get_scheme(name: str) -> InversionScheme:
+    from npinv.checks import short_repr
+    from npinv.errors import NpinvError
+
+    try:
+        return SCHEMES[name]
+    except (KeyError, TypeError):
+        raise NpinvError(f"unknown inversion scheme {short_repr(name)}; choose one of {', '.join(SCHEMES)}") from None
