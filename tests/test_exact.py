@@ -13,7 +13,7 @@ from npinv.cost import Meter
 from npinv.guidance import CFG
 from npinv.inversion import Inversion, ddim_inversion
 from npinv.io import image_to_tensor
-from npinv.methods import METHODS
+from npinv.methods import METHODS, reconstruct
 from npinv.sampling import Branch, sample
 from npinv.scenes import Scene
 from npinv.service import Inverted, edit
@@ -37,8 +37,25 @@ def model(request):
 def round_trip_error(model, inv: Inversion) -> float:
     """max |z0' - z0| of guidance-1 sampling from the inversion's noise with the source prompt."""
     branch = Branch.constant(inv.source, inv.source, inv.steps)
-    result = sample(model, inv.noise, inv.schedule_for(model), [branch], CFG(1.0))
+    result = sample(model, inv.noise, inv.schedule_for(model), [branch], CFG(1.0), pair_start=inv.pair_start)
     return float((result.latents - inv.trajectory[:1]).abs().max())
+
+
+def test_bdia_is_exact_at_one_unet_call_a_step_on_any_grid(model):
+    """BDIA: the guidance-1 round trip returns z0 to float rounding even on a 4-step grid, where plain
+    DDIM misses it by more than z0's own scale, with one UNet call a step (n - 1 when sampling)."""
+    x = picture(model.resolution)
+    for steps in (4, 10):
+        plain = ddim_inversion(model, x, SOURCE, steps=steps)
+        meter = Meter(model)
+        exact = ddim_inversion(model, x, SOURCE, steps=steps, scheme="bdia")
+        assert meter.cost.unet_calls == steps and exact.pair_start is not None
+        scale = float(plain.trajectory[0].abs().max())
+        plain_err, exact_err = round_trip_error(model, plain), round_trip_error(model, exact)
+        assert exact_err < 1e-3 * scale < plain_err, (plain_err, exact_err)
+        rec = reconstruct(model, exact, "npi", 7.5)
+        assert rec.cost.unet_calls == steps - 1  # the first step is the stored z*[n-1]
+        assert float((rec.latent - exact.trajectory[:1]).abs().max()) < 1e-3 * scale
 
 
 @pytest.mark.parametrize("scheme", ["fixed-point", "anderson"])
@@ -75,9 +92,10 @@ def test_scheme_is_recorded_in_the_inversion_file(tmp_path, sd_model):
     assert back.scheme_report()["decoder_steps"] == 2 and torch.equal(back.trajectory, inv.trajectory)
 
 
+@pytest.mark.parametrize("scheme", ["fixed-point", "bdia"])
 @pytest.mark.parametrize("method", list(METHODS))
-def test_an_exact_inversion_edits_with_every_method(sd_model, method):
-    inv = ddim_inversion(sd_model, picture(32), SOURCE, steps=STEPS, scheme="fixed-point", iters=3)
+def test_an_exact_inversion_edits_with_every_method(sd_model, method, scheme):
+    inv = ddim_inversion(sd_model, picture(32), SOURCE, steps=STEPS, scheme=scheme, iters=3)
     done = edit(sd_model, [(Inverted(inv, picture(32)), [TARGET])], EditSettings(method=method, guidance=3.0))[0]
     assert done.images.shape == (1, 3, 32, 32) and torch.isfinite(done.images).all()
 

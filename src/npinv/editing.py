@@ -124,8 +124,8 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
     for job in jobs[1:]:
         inv = job.inversion
         if (inv.schedule != first.schedule or inv.trajectory.shape != first.trajectory.shape
-                or inv.model != first.model):
-            raise NpinvError("images edited in one batch need the same model, steps, offset and size")
+                or inv.model != first.model or (inv.pair_start is None) != (first.pair_start is None)):
+            raise NpinvError("images edited in one batch need the same model, steps, offset, size and inversion scheme")
     tok = model.pipe.tokenizer
     steps = first.steps
     hw = tuple(first.trajectory.shape[-2:])
@@ -174,9 +174,13 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
         hooks.append(blend)
     z_start = torch.cat([inv.noise.expand(1 + len(job.targets), *inv.noise.shape[1:])
                          for inv, job in zip(inversions, jobs, strict=True)])
+    pair_start = None
+    if first.pair_start is not None:  # BDIA inversions: every branch starts from its image's pair
+        pair_start = torch.cat([inv.pair_start.expand(1 + len(job.targets), *inv.noise.shape[1:])
+                                for inv, job in zip(inversions, jobs, strict=True)])
     with controlled_attention(model.unet, controller, self_min_downscale=1 / settings.self_replace_size):
         result = sample(model, z_start, first.schedule_for(model), branches, guidance, controller=controller,
-                        hooks=hooks, progress="edit" if progress else None)
+                        hooks=hooks, progress="edit" if progress else None, pair_start=pair_start)
     images = model.decode(result.latents)
     cost = meter.cost
     return [

@@ -59,6 +59,13 @@ class Inversion:
     def scheme_name(self) -> str:
         return (self.scheme or {}).get("name", "ddim")
 
+    @property
+    def pair_start(self) -> torch.Tensor | None:
+        """``z*[n-1]`` when sampling from this inversion starts from a pair of latents (BDIA), else None."""
+        from npinv.schemes import get_scheme
+
+        return self.trajectory[-2:-1] if get_scheme(self.scheme_name).pair_start else None
+
     def scheme_report(self) -> dict[str, Any]:
         """What reports print beside the UNet calls: the scheme, its iteration cap, the extra UNet calls
         it made, its worst step residual, and the decoder-inversion steps."""
@@ -293,7 +300,7 @@ class NullTextOptimisation(StepHook):
         losses = []
         for _ in range(self.inner_steps):
             eps_neg = self.model.unet_output(z, t, PromptEmbedding(hidden, pooled))
-            z_prev = state.schedule.denoise_step(z, self.guidance(eps_neg, eps_cond), i)
+            z_prev = state.advance(self.guidance(eps_neg, eps_cond), slice(0, 1))
             loss = F.mse_loss(z_prev, target)
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -59,6 +59,15 @@ class StepState:
     rows: list[Row] = dataclasses.field(default_factory=list)
     z_next: torch.Tensor | None = None
     guidance_mask: torch.Tensor | None = None
+    z_prev: torch.Tensor | None = None  # BDIA sampling: each branch's latent before this one
+
+    def advance(self, eps: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """The step's rule applied to the branches in ``rows`` with model output ``eps``: the DDIM
+        step, or the BDIA step from the branches' last two latents (what hooks that optimise a step,
+        like null-text inversion, must use)."""
+        if self.z_prev is None:
+            return self.schedule.denoise_step(self.z[rows], eps, self.i)
+        return self.schedule.bdia_step(self.z[rows], self.z_prev[rows], eps, self.i)
 
 
 class StepHook:
@@ -101,20 +110,29 @@ def sample(
     controller: Controller | None = None,
     hooks: Sequence[StepHook] = (),
     progress: str | None = None,
+    pair_start: torch.Tensor | None = None,
 ) -> SampleResult:
-    """Denoise ``z_start`` (one latent per branch, or one shared by all) from the top of the grid."""
+    """Denoise ``z_start`` (one latent per branch, or one shared by all) from the top of the grid.
+
+    ``pair_start`` (an inversion's ``z*[n-1]``, per branch or shared): BDIA sampling. The first step
+    is not computed (every branch takes ``pair_start``: no UNet call, no hooks), and each later step
+    is the BDIA step from the branch's last two latents (:meth:`Schedule.bdia_step`)."""
     branches = list(branches)
-    z = z_start.to(torch.float32)
-    if z.shape[0] == 1 and len(branches) > 1:
-        z = z.expand(len(branches), *z.shape[1:]).clone()
-    if z.shape[0] != len(branches):
+    z = _per_branch(z_start, len(branches))
+    if pair_start is not None:
+        pair_start = _per_branch(pair_start, len(branches))
+    z_prev = None
+    if len(branches) == 0 or z.shape[0] != len(branches):
         raise ValueError(f"{z.shape[0]} latents for {len(branches)} branches")
     for b in branches:
         if len(b.negatives) != schedule.steps:
             raise ValueError(f"a branch has {len(b.negatives)} negatives for {schedule.steps} steps")
     meter = Meter(model)
     for i, t in enumerate(Progress(schedule.timesteps, desc=progress, unit="step")):
-        state = StepState(i, t, z, branches, schedule)
+        if pair_start is not None and i == 0:
+            z_prev, z = z, pair_start
+            continue
+        state = StepState(i, t, z, branches, schedule, z_prev=z_prev if pair_start is not None else None)
         for hook in hooks:
             hook.before_step(state)
         state.rows = _rows(branches, i, guidance.needs_negative, state.known)
@@ -136,11 +154,16 @@ def sample(
         eps_neg = torch.cat([out.get((b, "neg"), out[(b, "cond")]) for b in range(len(branches))])
         guided = guidance.guide(eps_neg, eps_cond)
         state.guidance_mask = guided.mask
-        state.z_next = schedule.denoise_step(z, guided.eps, i)
+        state.z_next = state.advance(guided.eps)
         for hook in hooks:
             hook.after_step(state)
-        z = state.z_next
+        z_prev, z = z, state.z_next
     return SampleResult(z, meter.cost)
+
+
+def _per_branch(z: torch.Tensor, n: int) -> torch.Tensor:
+    z = z.to(torch.float32)
+    return z.expand(n, *z.shape[1:]).clone() if z.shape[0] == 1 and n > 1 else z
 
 
 def _shares(branch: Branch, i: int) -> bool:

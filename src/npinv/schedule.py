@@ -104,6 +104,27 @@ class Schedule:
         """The denoising step that undoes inversion step ``k`` (from level ``t_k`` down to ``t_k - D``)."""
         return self.denoise_step(z, output, self.steps - 1 - k)
 
+    # -- BDIA (bidirectional integration, Zhang et al. 2023): one UNet call a step, invertible exactly --
+    def bdia_terms(self, z: torch.Tensor, output: torch.Tensor, level: int) -> torch.Tensor:
+        """``D(z; level -> level + D) - D(z; level -> level - D)``: the DDIM steps up and down from ``z`` at
+        ``level`` with the one model output there."""
+        e = self.to_epsilon(output, z, level)
+        a = self.alpha(level)
+        return ddim_step(z, e, a, self.alpha(level + self.stride)) - ddim_step(z, e, a, self.alpha(level - self.stride))
+
+    def bdia_step(self, z: torch.Tensor, z_prev: torch.Tensor, output: torch.Tensor, i: int) -> torch.Tensor:
+        """Denoising step ``i >= 1``: ``z_{k-1} = z_{k+1} - D(z_k; up) + D(z_k; down)``, ``z_prev`` = ``z_{k+1}``."""
+        return z_prev.to(torch.float32) - self.bdia_terms(z, output, self.denoise_timestep(i))
+
+    def bdia_invert_step(self, z_before: torch.Tensor, z: torch.Tensor, output: torch.Tensor, k: int) -> torch.Tensor:
+        """``z*[k+1] = z*[k-1] + D(z*[k]; up) - D(z*[k]; down)``: the exact inverse of :meth:`bdia_step`
+        (``k >= 1``, the output taken at ``z*[k]``'s own level ``(k - 1) * D + offset``)."""
+        return z_before.to(torch.float32) + self.bdia_terms(z, output, self.level(k))
+
+    def level(self, k: int) -> int:
+        """The noise level of trajectory latent ``z*[k]`` (``k = 0``: below the grid, the final alpha)."""
+        return (k - 1) * self.stride + self.offset
+
     def to_dict(self) -> dict:
         return {"steps": self.steps, "offset": self.offset, "final_alpha": self.final_alpha,
                 "prediction_type": self.prediction_type}

@@ -8,7 +8,11 @@ on, ``z_{i+1}``. The schemes:
 - ``fixed-point``: solve ``z = invert_step(z_i, e(z, t_i))`` by iterating from the plain step's
   result, checking after each UNet call how far the denoising step from the current ``z`` lands
   from ``z_i`` (relative to ``|z_i|``), and stopping below the tolerance (AIDI / fixed-point
-  inversion). ``1 + k`` UNet calls for ``k`` iterations; at most ``1 + iters``.
+  inversion). ``1 + k`` UNet calls for ``k`` iterations; at most ``1 + iters``;
+- ``anderson``: the same fixed point with Anderson mixing;
+- ``bdia``: bidirectional integration (BDIA-DDIM, Zhang et al. 2023): ``z*[k+1] = z*[k-1] +
+  D(z*[k]; up) - D(z*[k]; down)``, one UNet call a step and exactly invertible by sampling with the
+  mirrored step from the pair ``(z*[n], z*[n-1])`` (:attr:`InversionScheme.pair_start`).
 
 A scheme is one object in :data:`SCHEMES`; the CLI, manifests and the web app list them from there.
 """
@@ -40,6 +44,8 @@ class InversionTrace:
 class InversionScheme:
     name = ""
     summary = ""
+    # Sampling from this scheme's inversions starts from the pair (z*[n], z*[n-1]) and takes BDIA steps.
+    pair_start = False
 
     def invert(self, model: Model, z0: torch.Tensor, schedule: Schedule, cond: PromptEmbedding, *,
                iters: int = 0, tol: float = 0.0, progress: str | None = None) -> InversionTrace:
@@ -116,8 +122,31 @@ class AndersonFixedPoint(InversionScheme):
         return z_next, residual, iters
 
 
+class BDIA(InversionScheme):
+    """Bidirectional integration: after a plain first step, each latent comes from the two below it with
+    one UNet call, the exact inverse of BDIA sampling (which then needs no fixed point at all)."""
+
+    name, summary = "bdia", "bidirectional integration: exact with one UNet call a step (sampling takes BDIA steps)"
+    pair_start = True
+
+    def invert(self, model: Model, z0: torch.Tensor, schedule: Schedule, cond: PromptEmbedding, *,
+               iters: int = 0, tol: float = 0.0, progress: str | None = None) -> InversionTrace:
+        z = z0.to(torch.float32)
+        trajectory = [z]
+        with torch.no_grad():
+            for i, t in enumerate(Progress(list(reversed(schedule.timesteps)), desc=progress, unit="step")):
+                if i == 0:  # any map will do: sampling's last BDIA step gives z*[0] back from z*[1] and z*[2]
+                    z = schedule.invert_step(z, model.unet_output(z, t, cond), 0)
+                else:
+                    k = i  # z*[k] is at level t_{k-1}
+                    z = schedule.bdia_invert_step(trajectory[k - 1], z, model.unet_output(z, schedule.level(k), cond), k)
+                trajectory.append(z)
+        n = schedule.steps
+        return InversionTrace(torch.stack(trajectory), [None] * n, [0] * n)
+
+
 SCHEMES: Mapping[str, InversionScheme] = MappingProxyType(
-    {s.name: s for s in (DDIMScheme(), FixedPoint(), AndersonFixedPoint())})
+    {s.name: s for s in (DDIMScheme(), FixedPoint(), AndersonFixedPoint(), BDIA())})
 
 
 def scheme_names() -> tuple[str, ...]:
