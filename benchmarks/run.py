@@ -24,15 +24,16 @@ from npinv.io import write_text
 ROOT = Path(__file__).resolve().parent.parent
 BASE_METHODS = ("ddim1", "ddim", "nti", "npi")
 # NPI on exact inversions (npinv.schemes) and with decoder inversion (npinv.decoder) first.
-EXACT_METHODS = ("npi@fixed-point", "npi@anderson", "npi@dec100", "npi@anderson+dec100")
-EXACT_EDIT_SCHEME = "anderson"
+EXACT_METHODS = ("npi@fixed-point", "npi@anderson", "npi@bdia", "npi@dec100", "npi@anderson+dec100", "npi@bdia+dec100")
+EXACT_EDIT_SCHEMES = ("anderson", "bdia")
 
 
 def frontier_section(rec: dict) -> str:
     """One table a newcomer can read: quality against time for the plain and exact inversions."""
     by = {(r["method"], r["steps"]): r for r in rec["rows"]}
     picks = [("npi", 10), ("npi", 50), ("nti", 50), ("npi@fixed-point", 10), ("npi@anderson", 5), ("npi@anderson", 10),
-             ("npi@anderson", 50), ("npi@dec100", 50), ("npi@anderson+dec100", 10), ("npi@anderson+dec100", 50)]
+             ("npi@anderson", 50), ("npi@bdia", 5), ("npi@bdia", 10), ("npi@bdia", 50), ("npi@dec100", 50),
+             ("npi@anderson+dec100", 50), ("npi@bdia+dec100", 10), ("npi@bdia+dec100", 50)]
     rows = [by[k] for k in picks if k in by]
     if not rows:
         return ""
@@ -94,8 +95,9 @@ def main() -> None:
                            controllers=("none",), guidances=(2.0, 7.5), blend=False)
     # Exact inversion + NPI + word swap + local blend at the model's recommended guidance, beside plain NPI
     # (the blend_maps run's rule-of-16 row at 2.5 is the same edit on a plain DDIM inversion).
-    exact_edits = run_edit_shapes(model, out / "edit_exact", n_scenes=args.edit_scenes, methods=("npi",),
-                                  directs=(False,), guidances=(2.5,), invert_scheme=EXACT_EDIT_SCHEME)
+    exact_edits = [run_edit_shapes(model, out / f"edit_exact_{scheme}", n_scenes=args.edit_scenes, methods=("npi",),
+                                   directs=(False,), guidances=(2.5, 7.5), invert_scheme=scheme)
+                   for scheme in EXACT_EDIT_SCHEMES]
     throughput = run_throughput(model, out / "throughput", n_images=args.batch_images)
     sd15 = None
     if args.sd15_steps:
@@ -121,8 +123,9 @@ one process; UNet calls are exact counts (inversion included). Raw rows: `{out}/
 
 `npi@fixed-point` and `npi@anderson` invert with `--invert-scheme fixed-point|anderson` (each step
 iterated until its denoising step lands back within 0.001 of where it started, at most 10 extra UNet
-calls a step); `dec100` fits the clean latent to the image through the VAE decoder first
-(`--decoder-steps 100`). "vs VAE round trip": the mean PSNR minus the mean of `decode(encode(x))`.
+calls a step); `npi@bdia` with `--invert-scheme bdia` (bidirectional integration: exact by
+construction, one UNet call a step); `dec100` fits the clean latent to the image through the VAE
+decoder first (`--decoder-steps 100`). "vs VAE round trip": the mean PSNR minus the mean of `decode(encode(x))`.
 
 {frontier_section(rec)}
 ![PSNR vs steps]({out}/reconstruct/psnr_vs_steps.png) ![PSNR vs seconds]({out}/reconstruct/psnr_vs_seconds.png)
@@ -151,12 +154,12 @@ took a quarter of the latent side (4x4 here).
 ### Without attention control (NPI, target as condition, source as negative, no blend)
 
 {edit_table(bare)}
-### Exact inversion + NPI + word swap + local blend (w = 2.5)
+### Exact inversion + NPI + word swap + local blend
 
-Each scene inverted with `--invert-scheme {EXACT_EDIT_SCHEME}` instead of plain DDIM; the same edits as
-the 16x16 row of the local-blend table above at w = 2.5 (plain DDIM inversion, same run).
+Each scene inverted with `--invert-scheme anderson` or `bdia` instead of plain DDIM; the same edits as
+the 16x16 rows of the local-blend table above (plain DDIM inversion, same run).
 
-{edit_table(exact_edits)}
+{"".join(edit_table(e) for e in exact_edits)}
 ## Batch throughput (`npinv edit-batch --batch-size`, {args.batch_images} held-out scenes, colour swap)
 
 NPI + word swap at w = 2.5, 50 steps; each batch size edits the whole manifest from scratch
