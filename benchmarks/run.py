@@ -159,7 +159,7 @@ took a quarter of the latent side (4x4 here).
 Each scene inverted with `--invert-scheme anderson` or `bdia` instead of plain DDIM; the same edits as
 the 16x16 rows of the local-blend table above (plain DDIM inversion, same run).
 
-{"".join(edit_table(e) for e in exact_edits)}
+{edit_table({"rows": [r for e in exact_edits for r in e["rows"]]})}
 ## Batch throughput (`npinv edit-batch --batch-size`, {args.batch_images} held-out scenes, colour swap)
 
 NPI + word swap at w = 2.5, 50 steps; each batch size edits the whole manifest from scratch

@@ -21,7 +21,7 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("method,calls", [("npi", 8), ("ddim", 8), ("nti", None)])
+@pytest.mark.parametrize("method,calls", [("npi", 7), ("ddim", 7), ("nti", None)])
 def test_reconstruct_writes_image_and_json(capsys, tmp_path, sd_folder, image_file, method, calls):
     out = tmp_path / "rec.png"
     code, stdout, stderr = run(capsys, "reconstruct", str(image_file), "--prompt", "a red circle on a blue background",
@@ -31,7 +31,9 @@ def test_reconstruct_writes_image_and_json(capsys, tmp_path, sd_folder, image_fi
     assert KEYS <= row.keys()
     assert row["method"] == method and row["steps"] == 4 and row["out"] == str(out)
     if calls is not None:
-        assert row["unet_calls"] == calls  # 4 inversion + 4 sampling calls
+        # 4 inversion calls + 3 sampling calls: reconstruct inverts with BDIA by default, whose sampling
+        # takes its first step from the inversion.
+        assert row["unet_calls"] == calls and row["invert_scheme"] == "bdia"
     with Image.open(out) as img:
         assert img.size == (32, 32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.png", "rec.png"]

@@ -62,7 +62,7 @@ def test_reconstruct_rotated_photo(capsys, tmp_path, rotated_photo, sd15_layout_
     row = json.loads(stdout)
     assert {"method", "psnr", "ssim", "mse", "seconds", "unet_calls", "unet_rows", "out", "size"} <= row.keys()
     assert row["size"] == [PORTRAIT[1], PORTRAIT[0]]  # (h, w)
-    assert row["unet_calls"] == 2 * STEPS and np.isfinite(row["psnr"])
+    assert row["unet_calls"] == 2 * STEPS - 1 and np.isfinite(row["psnr"])  # BDIA: sampling starts at z*[n-1]
     with Image.open(out) as img:
         assert img.size == PORTRAIT
 

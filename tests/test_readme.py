@@ -23,3 +23,28 @@ def test_readme_python_example_runs_as_printed(tmp_path, monkeypatch):
     assert edited.settings.guidance == 2.5 and edited.edit_cost.unet_calls == 50
     assert read_scene(tensor_to_image(edited.images[:1])).matches(Scene("circle", "green", "blue"))
     assert (tmp_path / "inv.safetensors").is_file() and inverted.inversion.steps == 50
+
+
+def test_readme_exact_inversion_command_runs_as_printed(tmp_path, monkeypatch, capsys):
+    """The exact-inversion command (BDIA by default for reconstruct, 5 steps, decoder inversion) beats
+    the VAE's own round trip of the example, at one UNet call a step."""
+    import json
+    import shlex
+
+    from npinv.cli import main
+    from npinv.io import image_to_tensor, load_image
+    from npinv.metrics import image_metrics, tensor_to_unit
+    from npinv.model import load_model
+
+    block = re.search(r"## Exact inversion.*?```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    argv = shlex.split(block.replace("\\\n", " "))
+    assert argv[:2] == [".venv/bin/npinv", "reconstruct"] and "--invert-scheme" not in argv
+    (tmp_path / "src").symlink_to(ROOT / "src")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--quiet", *argv[1:]]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["invert_scheme"] == "bdia" and row["decoder_steps"] == 100 and row["unet_calls"] == 5 + 4
+    model = load_model()
+    x = image_to_tensor(load_image(ROOT / "src/npinv/examples/red_circle.png"))
+    vae = image_metrics(tensor_to_unit(x), tensor_to_unit(model.decode(model.encode_image(x))))["psnr"]
+    assert row["psnr"] > vae + 1.0, (row["psnr"], vae)

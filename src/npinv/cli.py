@@ -84,6 +84,12 @@ def _settings(args, cls: type, base=None):
     return from_text(cls, given, base)
 
 
+# `npinv reconstruct` inverts with BDIA unless told otherwise: exact at one UNet call a step, the best
+# PSNR per second of every scheme in BENCHMARKS.md. Edits keep plain DDIM inversion by default (the
+# published NPI + Prompt-to-Prompt setting, whose figures BENCHMARKS.md reports beside BDIA's).
+RECONSTRUCT_SCHEME = "bdia"
+
+
 def _invert_settings(args, **base):
     from npinv.settings import InvertSettings
 
@@ -101,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image")
     p.add_argument("--prompt", required=True, help="the source prompt describing the image")
     _setting_flags(p, ReconstructSettings)
-    _setting_flags(p, InvertSettings)
+    _setting_flags(p, InvertSettings, defaults={"invert_scheme": RECONSTRUCT_SCHEME})
     p.add_argument("--save-inversion", default=None, help="write the inversion (.safetensors) for later edits")
     p.add_argument("--out", required=True, help="reconstruction image path (.png, .jpg, .webp)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -247,7 +253,7 @@ def cmd_reconstruct(args) -> int:
         check_output_path(args.save_inversion, inputs=(args.image, args.out), image=False)
     _check_prompts(prompt=args.prompt)
     settings = _settings(args, ReconstructSettings)
-    inv_settings = _invert_settings(args)
+    inv_settings = _invert_settings(args, invert_scheme=RECONSTRUCT_SCHEME)
     load_image(args.image)  # bad input fails before the (slow) model load
     _check_before_load(args, inv_settings)
     model = _load(args)

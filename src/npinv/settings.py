@@ -406,8 +406,9 @@ class InvertSettings:
                           "crop: centre square crop; fit: keep aspect, sides multiples of 8",
                           label="Resize (crop: centre square)")
     invert_scheme: str = setting("ddim", Choice(_scheme_names),
-                                 "how each inversion step finds the next latent: ddim (one UNet call a step) or "
-                                 "fixed-point (iterate until the step inverts exactly; see --invert-iters)",
+                                 "how each inversion step finds the next latent: ddim (one UNet call a step), "
+                                 "fixed-point or anderson (iterate until the step inverts exactly; see "
+                                 "--invert-iters), bdia (exact with one UNet call a step)",
                                  label="Inversion scheme")
     invert_iters: int = setting(10, Number(1, 100, integer=True),
                                 "fixed-point: at most this many extra UNet calls a step (default 10)",
