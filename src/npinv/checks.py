@@ -6,7 +6,8 @@ model work.
 from __future__ import annotations
 
 import math
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, TypeVar
 
 from npinv.errors import NpinvError
 
@@ -15,6 +16,7 @@ from npinv.errors import NpinvError
 SIZE_MULTIPLE = 8
 MIN_SIZE, MAX_SIZE = 8, 4096
 MAX_SEED = 2**64 - 1  # torch.Generator.manual_seed takes an unsigned 64-bit seed
+T = TypeVar("T")
 
 
 def short_repr(value: Any, limit: int = 40) -> str:
@@ -24,6 +26,14 @@ def short_repr(value: Any, limit: int = 40) -> str:
     except ValueError:  # an int past Python's 4300-digit limit for conversion to text
         text = f"a {type(value).__name__} too long to show"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def lookup(registry: Mapping[str, T], name: Any, what: str) -> T:
+    """``registry[name]``, or one line naming the choices (the method, controller and scheme registries)."""
+    try:
+        return registry[name]
+    except (KeyError, TypeError):
+        raise NpinvError(f"unknown {what} {short_repr(name)}; choose one of {', '.join(registry)}") from None
 
 
 def finite(value: Any, what: str) -> float:

@@ -23,9 +23,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from npinv.checks import check_guidance, short_repr
+from npinv.checks import check_guidance, lookup
 from npinv.cost import Cost, Costed
-from npinv.errors import NpinvError
 from npinv.guidance import CFG, ProximalGuidance
 from npinv.inversion import Inversion, NullTextOptimisation
 from npinv.model import Model, PromptEmbedding
@@ -152,12 +151,7 @@ def method_names() -> tuple[str, ...]:
 
 
 def get_method(name: str | Method) -> Method:
-    if isinstance(name, Method):
-        return name
-    try:
-        return METHODS[name]
-    except (KeyError, TypeError):
-        raise NpinvError(f"unknown method {short_repr(name)}; choose one of {', '.join(METHODS)}") from None
+    return name if isinstance(name, Method) else lookup(METHODS, name, "method")
 
 
 @dataclasses.dataclass

@@ -154,10 +154,6 @@ def scheme_names() -> tuple[str, ...]:
 
 
 def get_scheme(name: str) -> InversionScheme:
-    from npinv.checks import short_repr
-    from npinv.errors import NpinvError
+    from npinv.checks import lookup
 
-    try:
-        return SCHEMES[name]
-    except (KeyError, TypeError):
-        raise NpinvError(f"unknown inversion scheme {short_repr(name)}; choose one of {', '.join(SCHEMES)}") from None
+    return lookup(SCHEMES, name, "inversion scheme")

@@ -123,10 +123,6 @@ def controller_names() -> tuple[str, ...]:
 
 
 def get_controller(name: str) -> Controller:
-    from npinv.checks import short_repr
-    from npinv.errors import NpinvError
+    from npinv.checks import lookup
 
-    try:
-        return CONTROLLERS[name]
-    except (KeyError, TypeError):
-        raise NpinvError(f"unknown controller {short_repr(name)}; choose one of {', '.join(CONTROLLERS)}") from None
+    return lookup(CONTROLLERS, name, "controller")
