@@ -226,9 +226,9 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def inversion_key(row: ManifestRow, model: Model) -> str:
+def inversion_key(row: ManifestRow, fingerprint: str) -> str:
     """The service's key of the row's inversion (:class:`npinv.service.InversionKey`), as text."""
-    return _digest(dataclasses.astuple(InversionKey.of_file(model, row.image_sha256, row.source, row.invert)))
+    return _digest(dataclasses.astuple(InversionKey.of_file(fingerprint, row.image_sha256, row.source, row.invert)))
 
 
 def settings_key(row: ManifestRow) -> str:
@@ -237,10 +237,11 @@ def settings_key(row: ManifestRow) -> str:
 
 def plan(rows: list[ManifestRow], out: Path, model: Model) -> list[EditItem]:
     items = []
+    fingerprint = model.fingerprint  # hashes weights: once, not per row
     for row in rows:
-        inv_key, set_key = inversion_key(row, model), settings_key(row)
+        inv_key, set_key = inversion_key(row, fingerprint), settings_key(row)
         for k, target in enumerate(row.targets):
-            key = f"L{row.line}T{k}:" + _digest(inv_key, set_key, target, model.fingerprint)
+            key = f"L{row.line}T{k}:" + _digest(inv_key, set_key, target, fingerprint)
             items.append(EditItem(row, k, key, out / "edits" / f"{row.line:05d}-{k}-{row.name}.png", inv_key, set_key))
     return items
 

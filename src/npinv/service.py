@@ -79,11 +79,11 @@ class InversionKey:
 
     @classmethod
     def of(cls, model: Model, source: Source, prompt: str, settings: InvertSettings) -> InversionKey:
-        return cls.of_file(model, source.digest, prompt, settings)
+        return cls.of_file(model.fingerprint, source.digest, prompt, settings)
 
     @classmethod
-    def of_file(cls, model: Model, digest: str, prompt: str, settings: InvertSettings) -> InversionKey:
-        return cls(model.fingerprint, digest, prompt, settings.steps, settings.offset, settings.resize, settings.size,
+    def of_file(cls, fingerprint: str, digest: str, prompt: str, settings: InvertSettings) -> InversionKey:
+        return cls(fingerprint, digest, prompt, settings.steps, settings.offset, settings.resize, settings.size,
                    settings.key()[4:])
 
     def variant(self, method: str, guidance: float) -> InversionKey:
@@ -115,8 +115,10 @@ def invert(model: Model, sources: Sequence[Source], prompts: Sequence[str], sett
         check_prompt(p, "the source prompt")
     out: list[Inverted | None] = [None] * len(sources)
     misses: dict[tuple, list[int]] = {}
-    for n, (src, prompt) in enumerate(zip(sources, prompts, strict=True)):
-        key = InversionKey.of(model, src, prompt, settings) if cache is not None else None
+    fingerprint = model.fingerprint if cache is not None else ""  # hashes weights: once per call
+    keys = [InversionKey.of_file(fingerprint, src.digest, prompt, settings) if cache is not None else None
+            for src, prompt in zip(sources, prompts, strict=True)]
+    for n, (src, key) in enumerate(zip(sources, keys, strict=True)):
         hit = cache.get(key) if cache is not None else None
         if hit is not None:
             out[n] = Inverted(hit, src.image, Cost(), True, key)
@@ -129,10 +131,9 @@ def invert(model: Model, sources: Sequence[Source], prompts: Sequence[str], sett
                                           progress=progress, **settings.scheme_kwargs())
         cost = meter.cost
         for n, inv in zip(group, inversions, strict=True):
-            key = InversionKey.of(model, sources[n], prompts[n], settings) if cache is not None else None
-            out[n] = Inverted(inv, sources[n].image, cost, False, key, len(group))
+            out[n] = Inverted(inv, sources[n].image, cost, False, keys[n], len(group))
             if cache is not None:
-                cache.put(key, inv)
+                cache.put(keys[n], inv)
     return [o for o in out if o is not None]
 
 
