@@ -24,7 +24,7 @@ from npinv.checks import check_prompt
 from npinv.cost import Cost, Costed, Meter
 from npinv.errors import NpinvError
 from npinv.inversion import Inversion
-from npinv.methods import EditGroup, get_method, method_names, prepared_negatives
+from npinv.methods import EditGroup, get_method, prepared_negatives
 from npinv.model import Model, PromptEmbedding
 from npinv.sampling import Branch, StepHook, StepState, sample
 from npinv.settings import EditSettings
@@ -191,7 +191,3 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
             settings=settings, first_branch=g.source, prepare_cost=prepare_cost)
         for j, (g, job, inv) in enumerate(zip(groups, jobs, inversions, strict=True))
     ]
-
-
-def edit_methods() -> tuple[str, ...]:
-    return method_names()
