@@ -173,7 +173,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-scenes", help="train the embedded shapes model from a config")
     p.add_argument("--config", required=True, help="training config JSON (see configs/shapes64.json)")
     p.add_argument("--out", required=True, help="output diffusers folder")
-    p.add_argument("--run-dir", default=None, help="checkpoints and log (default: OUT.run); reruns resume")
+    p.add_argument("--run-dir", default=None, help="checkpoints and log (default: OUT.run)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in the run folder from its last checkpoint (same weights as an "
+                        "uninterrupted run)")
+    p.add_argument("--device", default="cpu", help="torch device to train on (default: cpu)")
 
     bench = sub.add_parser("bench", help="benchmarks: reconstruct, edit-shapes")
     bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
@@ -438,7 +442,7 @@ def cmd_train_scenes(args) -> int:
 
     if not Path(args.config).is_file():
         raise NpinvError(f"no such config file: {args.config}")
-    train_scenes(args.config, args.out, args.run_dir)
+    train_scenes(args.config, args.out, args.run_dir, resume=args.resume, device=args.device)
     return 0
 
 

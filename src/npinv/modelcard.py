@@ -57,7 +57,7 @@ def sample_accuracy(model: Model, n: int, guidance: float, steps: int, chunk: in
         part = scenes[start : start + chunk]
         branches = [Branch.constant(model.encode_prompt(s.caption), null, steps) for s in part]
         noise = torch.randn((len(part), model.unet.config.in_channels, side, side),
-                            generator=torch.Generator().manual_seed(start))
+                            generator=torch.Generator().manual_seed(start)).to(model.device)
         latents = sample(model, noise, schedule, branches, CFG(guidance)).latents
         decoded = model.decode(latents)
         for k, scene in enumerate(part):

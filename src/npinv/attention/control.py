@@ -121,6 +121,20 @@ class EditController:
         return total / max(1, self.map_count)
 
 
+def blend_mask(controller: EditController, branch: int, tokens: list[int], latent_hw: tuple[int, int],
+               threshold: float = 0.3) -> torch.Tensor:
+    """Local blend's mask (1, h, w) of ``tokens`` in ``branch``: their maps at the blend layers, summed
+    over layers and the steps so far, max-pooled (3x3), resized to the latent, normalised by the max
+    and thresholded, as in the reference code."""
+    flat = controller.blend_sum[branch][:, tokens].sum(-1)  # (side*side,)
+    side_h, side_w = map_size(latent_hw, controller.blend_downscale or 1)
+    m = flat.reshape(1, 1, side_h, side_w)
+    m = F.max_pool2d(m, 3, stride=1, padding=1)
+    m = F.interpolate(m, size=latent_hw)
+    m = m / m.amax().clamp_min(1e-12)
+    return (m > threshold)[0]
+
+
 @dataclasses.dataclass
 class BlendWords:
     """Local blend of one group: the source word's tokens and each target's word tokens."""
@@ -148,14 +162,7 @@ class LocalBlend(StepHook):
         self.last_masks: list[torch.Tensor | None] = [None] * len(groups)
 
     def mask(self, branch: int, tokens: list[int], latent_hw: tuple[int, int]) -> torch.Tensor:
-        flat = self.controller.blend_sum[branch][:, tokens].sum(-1)  # (side*side,)
-        down = self.controller.blend_downscale or 1
-        side_h, side_w = map_size(latent_hw, down)
-        m = flat.reshape(1, 1, side_h, side_w)
-        m = F.max_pool2d(m, 3, stride=1, padding=1)
-        m = F.interpolate(m, size=latent_hw)
-        m = m / m.amax().clamp_min(1e-12)
-        return (m > self.threshold)[0]
+        return blend_mask(self.controller, branch, tokens, latent_hw, self.threshold)
 
     def after_step(self, state: StepState) -> None:
         if state.i < int(self.start * state.schedule.steps) or not self.controller.blend_sum:

@@ -9,6 +9,9 @@ from the edited scene. Per method / controller / direct-inversion setting it rep
 - ``success``: the scene reader sees exactly the edited scene's colour, shape and background;
 - ``blend_iou``: with local blend, the IoU of its last mask (upsampled to the image) with the region
   the edit is meant to change (:func:`edited_region`); ``blend_maps``: the size of the maps it read;
+- ``word_iou``: with local blend, how well the source's object words attend to their object: local
+  blend's mask rule applied to the source branch's maps of the object's colour and shape words, against
+  the true object mask (see :mod:`npinv.bench.localisation`);
 - ``seconds`` (edit, inversion excluded), ``invert_seconds`` and exact UNet calls and rows.
 
 Each scene is inverted once and every edit of it goes through :func:`npinv.service.edit` with one
@@ -29,6 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from npinv.attention.align import find_word
+from npinv.attention.control import blend_mask
 from npinv.bench.results import group, markdown_table, nanmean
 from npinv.cache import InversionCache
 from npinv.cost import Cost
@@ -159,6 +164,7 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
                 "direct": direct, "controller": controller, "guidance": w, "steps": steps, "blend": blend,
                 "blend_res": blend_res, "blend_maps": _blend_maps(result), "blend_iou": (
                     math.nan if result.blend_mask is None else mask_iou(result.blend_mask[0, 0], edited_region(case, res))),
+                "word_iou": _word_iou(model, result, case.scene),
                 "psnr_gt": 10 * math.log10(1.0 / gt_err) if gt_err > 0 else math.inf,
                 "ssim_gt": ssim(edited, truth), "psnr_bg": region_psnr(edited, source, keep_region(case, res)),
                 "success": bool(read_scene(tensor_to_image(result.images[:1])).matches(case.target)),
@@ -188,6 +194,18 @@ def _key(case: EditCase, setting: tuple, steps: int, invert_scheme: str = "ddim"
             f"{scheme}")
 
 
+def _word_iou(model: Model, result, scene: Scene) -> float:
+    """IoU of the source's object words' blend mask with the scene's true object mask (nan without blend)."""
+    controller = result.controller
+    if controller is None or result.first_branch not in controller.blend_sum:
+        return math.nan
+    tok, caption = model.pipe.tokenizer, scene.caption
+    tokens = find_word(tok, caption, scene.color) + find_word(tok, caption, scene.shape)
+    hw = tuple(result.latents.shape[-2:])
+    mask = blend_mask(controller, result.first_branch, tokens, hw).cpu()
+    return mask_iou(mask[0], scene.mask(model.resolution) > 0.5)
+
+
 def _blend_maps(result) -> str | None:
     seen = result.controller.seen.get("blend_read") if result.controller is not None else None
     return ",".join(f"{h}x{w}" for h, w in sorted(seen)) if seen else None
@@ -207,6 +225,7 @@ def summarize(rows: list[dict]) -> dict:
                 "ssim_gt": nanmean(r["ssim_gt"] for r in sel), "psnr_bg": nanmean(r["psnr_bg"] for r in sel),
                 "success": nanmean(float(r["success"]) for r in sel),
                 "blend_iou": nanmean(r.get("blend_iou", math.nan) for r in sel),
+                "word_iou": nanmean(r.get("word_iou", math.nan) for r in sel),
             }
         entry["seconds_median"] = float(np.median([r["seconds"] for r in items]))
         entry["unet_calls_mean"] = nanmean(r["unet_calls"] for r in items)
@@ -219,11 +238,11 @@ def summarize(rows: list[dict]) -> dict:
 def edit_table(summary: dict) -> str:
     header = ["method", "inversion", "direct", "controller", "w", "steps", "n", "PSNR vs truth", "SSIM vs truth",
               "bg PSNR", "success", "colour swaps ok", "shape swaps ok", "bg swaps ok", "blend maps", "blend IoU",
-              "edit s (median)", "UNet rows"]
+              "word IoU", "edit s (median)", "UNet rows"]
     rows = [[r["method"], r.get("inversion", "ddim"), "yes" if r["direct"] else "no", r["controller"], r["guidance"],
              r["steps"], r["n"],
              r["all"]["psnr_gt"], r["all"]["ssim_gt"], r["all"]["psnr_bg"], f"{r['all']['success']:.0%}",
              f"{r['color']['success']:.0%}", f"{r['shape']['success']:.0%}", f"{r['background']['success']:.0%}",
-             r.get("blend_maps") or "none", r["all"].get("blend_iou", math.nan),
+             r.get("blend_maps") or "none", r["all"].get("blend_iou", math.nan), r["all"].get("word_iou", math.nan),
              r["seconds_median"], r["unet_rows_mean"]] for r in summary["rows"]]
     return markdown_table(header, rows)
