@@ -118,3 +118,25 @@ def test_grounding_loss_prefers_maps_on_their_regions():
     logits = torch.zeros(1, 2, 16, 6, requires_grad=True)
     sum(grounding_losses([logits.softmax(-1)], mask, positions)).backward()
     assert logits.grad.abs().sum() > 0
+
+
+def test_model_card_measures_a_trained_model_against_every_target(tmp_path):
+    from npinv import modelcard
+
+    out = tmp_path / "m"
+    training.train_scenes(_config(tmp_path), out)
+    (out / modelcard.HISTORY_FILE).write_text("## History\n\n### v0\n- older figures\n")
+    assert modelcard.main(["--model", str(out), "--n-vae", "2", "--n-captions", "2", "--n-recon", "1", "--steps", "2,3",
+                           "--sample-steps", "2", "--n-edit", "1", "--edit-steps", "3", "--n-iou", "2",
+                           "--iou-steps", "3"]) == 0
+    figures = json.loads((out / "model_card_figures.json").read_text())
+    loc = figures["localisation"]
+    assert loc["n"] == 2 and loc["maps"] == "16x16" and 0 <= loc["object_iou"] <= 1 and 0 <= loc["background_iou"] <= 1
+    assert {r["blend_maps"] for r in figures["edit_sweep"]["rows"]} == {"16x16"}
+    assert {r["blend_maps"] for r in figures["edit_sweep_noblend"]["rows"]} == {None}
+    assert json.loads((out / "npinv.json").read_text()) == {"edit_guidance": figures["recommended_guidance"]}
+    card = (out / "MODEL_CARD.md").read_text()
+    targets = card.split("## Targets")[1].split("##")[0]
+    assert len([ln for ln in targets.splitlines() if ln.endswith(("| yes |", "| **no** |"))]) == 6
+    assert "Without local blend" in card and card.rstrip().endswith("- older figures")
+    assert "1 CPU" not in card and "2 CPU cores" in card
