@@ -124,8 +124,9 @@ def test_model_card_measures_a_trained_model_against_every_target(tmp_path):
     from npinv import modelcard
 
     out = tmp_path / "m"
-    training.train_scenes(_config(tmp_path), out)
+    out.mkdir()
     (out / modelcard.HISTORY_FILE).write_text("## History\n\n### v0\n- older figures\n")
+    training.train_scenes(_config(tmp_path), out)  # replaces the folder; the history stays
     assert modelcard.main(["--model", str(out), "--n-vae", "2", "--n-captions", "2", "--n-recon", "1", "--steps", "2,3",
                            "--sample-steps", "2", "--n-edit", "1", "--edit-steps", "3", "--n-iou", "2",
                            "--iou-steps", "3"]) == 0

@@ -387,6 +387,9 @@ def save_model(parts: dict[str, Any], cfg: dict[str, Any], run: Path, out: Path)
     write_vocabulary_list(staging)
     shutil.copy(run / "train_log.jsonl", staging / "train_log.jsonl")
     (staging / "train_config.json").write_text(json.dumps(cfg, indent=2) + "\n")
+    history = out / "MODEL_CARD_HISTORY.md"  # earlier versions' figures outlive a retrain (npinv.modelcard)
+    if history.is_file():
+        shutil.copy(history, staging / history.name)
     if out.exists():
         shutil.rmtree(out)
     staging.replace(out)
