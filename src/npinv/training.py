@@ -192,7 +192,7 @@ def encode_dataset(vae, cfg: dict[str, Any], run: Path, device: torch.device) ->
         masks.append(F.adaptive_avg_pool2d(cover, post.mean.shape[-1]).half())
     data = {"mean": torch.cat(means), "std": torch.cat(stds), "captions": [s.caption for s in scenes],
             "masks": torch.cat(masks), "words": [(s.color, s.shape, s.background) for s in scenes]}
-    torch.save(data, cache)
+    _save_ckpt(cache, **data)  # atomic: a run killed while writing leaves no half cache to resume from
     return data
 
 
