@@ -121,3 +121,13 @@ def test_non_finite_unet_output_is_reported(sd_folder, picture):
         model.unet.conv_out.weight.mul_(1e8)  # overflows fp16, as large activations do in real models
     with pytest.raises(NpinvError, match="non-finite"):
         ddim_inversion(model, picture, "a cat", steps=3)
+
+
+@pytest.mark.parametrize("part", ["unet", "vae", "text_encoder", "text_encoder_2"])
+def test_fingerprint_tells_apart_models_that_differ_in_any_network(sdxl_folder, part):
+    """An inversion is refused on another model: a changed VAE or text encoder changes the latents too."""
+    model = load_model(str(sdxl_folder), device="cpu")
+    before = model.fingerprint
+    with torch.no_grad():
+        list(getattr(model.pipe, part).parameters())[-1].add_(0.5)
+    assert model.fingerprint != before

@@ -192,8 +192,12 @@ class Model:
         """Identifies the weights well enough to refuse reusing an inversion on another model."""
         h = hashlib.sha256()
         h.update(json.dumps(dict(self.unet.config), sort_keys=True, default=str).encode())
-        for p in list(self.unet.parameters())[:4] + list(self.unet.parameters())[-4:]:
-            h.update(repr(float(p.detach().double().sum())).encode())
+        # Every network that shapes an inversion: a swapped text encoder or VAE changes the latents too.
+        parts = [self.unet, self.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)]
+        for part in filter(None, parts):
+            params = list(part.parameters())
+            for p in params[:4] + params[-4:]:
+                h.update(repr(float(p.detach().double().sum())).encode())
         return h.hexdigest()[:16]
 
     def schedule(self, steps: int, offset: int | None = None) -> Schedule:
