@@ -12,7 +12,7 @@ from npinv.demo import bundled_examples
 from npinv.editing import EditSettings, edit
 from npinv.io import tensor_to_image
 from npinv.metrics import psnr, tensor_to_unit
-from npinv.model import NpinvWarning, embedded_model_path
+from npinv.model import NpinvWarning, embedded_model_path, model_edit_guidance
 from npinv.scenes import Scene, read_scene
 from npinv.service import generate, prepare_file
 from npinv.settings import InvertSettings
@@ -73,7 +73,7 @@ def test_colour_swap_edit_keeps_the_background(shapes, example):
     case = EditCase(0, scene, Edit("color", "green"))
     inv = ddim_inversion(shapes, image, scene.caption, steps=30)
     # The model card's recommended editing guidance for this model.
-    settings = EditSettings(method="npi", controller="replace", blend=("red", "green"), guidance=2.5)
+    settings = EditSettings(method="npi", controller="replace", blend=("red", "green"), guidance=shapes.edit_guidance)
     result = edit(shapes, inv, [case.target.caption], settings)
     edited = tensor_to_image(result.images)
     assert read_scene(edited).matches(case.target)
@@ -124,7 +124,7 @@ def test_readme_edit_example_runs_as_printed(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     assert main(["--quiet", *argv[1:]]) == 0
     row = json.loads(capsys.readouterr().out)
-    assert row["guidance"] == 2.5
+    assert row["guidance"] == model_edit_guidance(None) != 7.5  # the embedded model's declared guidance
     readings = [read_scene(Image.open(p)) for p in row["outputs"]]
     assert readings[0].matches(Scene("circle", "green", "blue"))
     assert readings[1].matches(Scene("square", "red", "blue"))

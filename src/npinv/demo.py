@@ -60,7 +60,7 @@ def _demo_edit(model: Model, inverted: service.Inverted, item: dict, out_dir: Pa
     tiles = [tensor_to_image(inverted.image)]
     for target, word in zip(targets, changed, strict=True):
         new_word = target.split()[src_words.index(word)]
-        # Guidance: the model's declared editing guidance (2.5 for the embedded model, from its card's sweep).
+        # Guidance: the model's declared editing guidance (for the embedded model, from its card's sweep).
         settings = EditSettings(method="npi", controller="replace", blend=(word, new_word), guidance=None)
         done = service.edit(model, [(inverted, [target])], settings, progress=progress)[0]
         tiles.append(tensor_to_image(done.images))

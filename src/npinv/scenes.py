@@ -73,6 +73,10 @@ class Scene:
         _, cover = self._render(resolution)
         return cover
 
+    def render_with_mask(self, resolution: int = 64) -> tuple[Image.Image, np.ndarray]:
+        """The image and the object's coverage, from one rendering."""
+        return self._render(resolution)
+
     def _render(self, resolution: int) -> tuple[Image.Image, np.ndarray]:
         big = resolution * _SUPERSAMPLE
         canvas = Image.new("L", (big, big), 0)

@@ -92,7 +92,11 @@ def build_components(cfg: dict[str, Any], tokenizer_dir: Path) -> dict[str, Any]
 
 
 def _scene_batch(scenes: list, resolution: int) -> torch.Tensor:
-    arr = np.stack([np.asarray(s.render(resolution), dtype=np.float32) for s in scenes])
+    return _image_batch([s.render(resolution) for s in scenes])
+
+
+def _image_batch(images: list) -> torch.Tensor:
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2) / 127.5 - 1.0
 
 
@@ -184,11 +188,11 @@ def encode_dataset(vae, cfg: dict[str, Any], run: Path, device: torch.device) ->
     scenes = training_scenes(cfg)
     means, stds, masks = [], [], []
     for i in range(0, len(scenes), 256):
-        part = scenes[i : i + 256]
-        post = vae.encode(_scene_batch(part, cfg["resolution"]).to(device)).latent_dist
+        images, covers = zip(*(s.render_with_mask(cfg["resolution"]) for s in scenes[i : i + 256]))
+        post = vae.encode(_image_batch(list(images)).to(device)).latent_dist
         means.append(post.mean.cpu())
         stds.append(post.std.cpu())
-        cover = torch.from_numpy(np.stack([s.mask(cfg["resolution"]) for s in part]))[:, None]
+        cover = torch.from_numpy(np.stack(covers))[:, None]
         masks.append(F.adaptive_avg_pool2d(cover, post.mean.shape[-1]).half())
     data = {"mean": torch.cat(means), "std": torch.cat(stds), "captions": [s.caption for s in scenes],
             "masks": torch.cat(masks), "words": [(s.color, s.shape, s.background) for s in scenes]}

@@ -223,6 +223,9 @@ def summarize(rows: list[dict]) -> dict:
             entry[kind] = {
                 "n": len(sel), "psnr_gt": nanmean(r["psnr_gt"] for r in sel),
                 "ssim_gt": nanmean(r["ssim_gt"] for r in sel), "psnr_bg": nanmean(r["psnr_bg"] for r in sel),
+                # A failed edit that changes nothing keeps the whole background: judge the kept region on
+                # the edits that succeeded too.
+                "psnr_bg_ok": nanmean(r["psnr_bg"] for r in sel if r["success"]),
                 "success": nanmean(float(r["success"]) for r in sel),
                 "blend_iou": nanmean(r.get("blend_iou", math.nan) for r in sel),
                 "word_iou": nanmean(r.get("word_iou", math.nan) for r in sel),
@@ -237,11 +240,12 @@ def summarize(rows: list[dict]) -> dict:
 
 def edit_table(summary: dict) -> str:
     header = ["method", "inversion", "direct", "controller", "w", "steps", "n", "PSNR vs truth", "SSIM vs truth",
-              "bg PSNR", "success", "colour swaps ok", "shape swaps ok", "bg swaps ok", "blend maps", "blend IoU",
+              "bg PSNR", "bg PSNR (successes)", "success", "colour swaps ok", "shape swaps ok", "bg swaps ok", "blend maps", "blend IoU",
               "word IoU", "edit s (median)", "UNet rows"]
     rows = [[r["method"], r.get("inversion", "ddim"), "yes" if r["direct"] else "no", r["controller"], r["guidance"],
              r["steps"], r["n"],
-             r["all"]["psnr_gt"], r["all"]["ssim_gt"], r["all"]["psnr_bg"], f"{r['all']['success']:.0%}",
+             r["all"]["psnr_gt"], r["all"]["ssim_gt"], r["all"]["psnr_bg"], r["all"].get("psnr_bg_ok", math.nan),
+             f"{r['all']['success']:.0%}",
              f"{r['color']['success']:.0%}", f"{r['shape']['success']:.0%}", f"{r['background']['success']:.0%}",
              r.get("blend_maps") or "none", r["all"].get("blend_iou", math.nan), r["all"].get("word_iou", math.nan),
              r["seconds_median"], r["unet_rows_mean"]] for r in summary["rows"]]

@@ -36,8 +36,10 @@ def write_scene_manifest(folder: Path, model: Model, n_images: int) -> Path:
 
 
 def run_throughput(model: Model, out: str | Path, *, batch_sizes=(1, 2, 4, 8), n_images: int = 8, steps: int = 50,
-                   guidance: float = 2.5) -> dict:
+                   guidance: float | None = None) -> dict:
+    """``guidance``: None is the model's recommended editing guidance."""
     out = Path(out)
+    guidance = model.edit_guidance if guidance is None else guidance
     manifest = write_scene_manifest(out / "data", model, n_images)
     rows = read_manifest(manifest, EditSettings(controller="replace", guidance=guidance), InvertSettings(steps=steps))
     results, reference = [], None
