@@ -169,8 +169,8 @@ by changing nothing keeps the whole background.
 {edit_table({"rows": [r for e in exact_edits for r in e["rows"]]})}
 ## Batch throughput (`npinv edit-batch --batch-size`, {args.batch_images} held-out scenes, colour swap)
 
-NPI + word swap at w = {rec_w:g} (the model's recommended guidance), 50 steps; each batch size edits the whole manifest from scratch
-(inversion, editing, PNGs and results rows written). Several images share one UNet call a step.
+NPI + word swap at w = {rec_w:g} (the model's recommended guidance), 50 steps; each batch size edits the
+whole manifest from scratch (inversion, editing, PNGs and results rows written). Several images share one UNet call a step.
 
 {throughput_table(throughput)}
 {sd15_section(sd15, args.sd15_steps)}"""

@@ -188,7 +188,7 @@ def encode_dataset(vae, cfg: dict[str, Any], run: Path, device: torch.device) ->
     scenes = training_scenes(cfg)
     means, stds, masks = [], [], []
     for i in range(0, len(scenes), 256):
-        images, covers = zip(*(s.render_with_mask(cfg["resolution"]) for s in scenes[i : i + 256]))
+        images, covers = zip(*(s.render_with_mask(cfg["resolution"]) for s in scenes[i : i + 256]), strict=True)
         post = vae.encode(_image_batch(list(images)).to(device)).latent_dist
         means.append(post.mean.cpu())
         stds.append(post.std.cpu())

@@ -240,8 +240,8 @@ def summarize(rows: list[dict]) -> dict:
 
 def edit_table(summary: dict) -> str:
     header = ["method", "inversion", "direct", "controller", "w", "steps", "n", "PSNR vs truth", "SSIM vs truth",
-              "bg PSNR", "bg PSNR (successes)", "success", "colour swaps ok", "shape swaps ok", "bg swaps ok", "blend maps", "blend IoU",
-              "word IoU", "edit s (median)", "UNet rows"]
+              "bg PSNR", "bg PSNR (successes)", "success", "colour swaps ok", "shape swaps ok", "bg swaps ok",
+              "blend maps", "blend IoU", "word IoU", "edit s (median)", "UNet rows"]
     rows = [[r["method"], r.get("inversion", "ddim"), "yes" if r["direct"] else "no", r["controller"], r["guidance"],
              r["steps"], r["n"],
              r["all"]["psnr_gt"], r["all"]["ssim_gt"], r["all"]["psnr_bg"], r["all"].get("psnr_bg_ok", math.nan),
