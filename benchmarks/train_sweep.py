@@ -49,7 +49,7 @@ def shared_stage(base: dict, out: Path, device: torch.device) -> None:
 
     run = out / "shared.run"
     run.mkdir(parents=True, exist_ok=True)
-    log = T._Log(run / "train_log.jsonl")
+    log = T.TrainLog(run / "train_log.jsonl")
     parts = T.build_components(base, run / "tokenizer")
     T.train_vae(parts["vae"], base, run, log, device)
     parts["vae"].requires_grad_(False)
@@ -68,7 +68,7 @@ def train_variant(name: str, cfg: dict, out: Path, device: torch.device) -> None
     parts["vae"].requires_grad_(False).eval()
     data = torch.load(shared / "latents.pt", weights_only=False)
     parts["vae"].register_to_config(scaling_factor=round(float(1.0 / data["mean"].std()), 5))
-    file_log = T._Log(run / "train_log.jsonl")
+    file_log = T.TrainLog(run / "train_log.jsonl")
     progress = out / f"{name}.progress"
     first: list[tuple[int, float]] = []  # the first logged step: the rate excludes start-up
 

@@ -242,11 +242,12 @@ def test_model_warnings_reach_the_page(engine):
 
 
 def test_example_rows_swap_the_changed_word():
+    from npinv.model import model_edit_guidance
     from npinv.webapp.app import example_rows
 
     row = example_rows()[0]
-    assert row == [EXAMPLE["path"], EXAMPLE["prompt"], "a green circle on a blue background", "replace", 2.5,
-                   "red green"]
+    assert row == [EXAMPLE["path"], EXAMPLE["prompt"], "a green circle on a blue background", "replace",
+                   model_edit_guidance(None), "red green"]
     request = parse_edit_request(row[2], {"controller": row[3], "guidance": row[4], "blend": row[5]})
     assert request.settings.blend == ("red", "green")  # the example fills the form with values it takes
 

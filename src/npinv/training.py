@@ -113,7 +113,10 @@ def _step_generator(seed: int, stage: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + stage) * 10_000_019 + step)
 
 
-class _Log:
+class TrainLog:
+    """The loss log (``train_log.jsonl``): one JSON row per call, with the seconds since this segment
+    began; the stages (and ``benchmarks/train_sweep.py``) write through it."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
         self.start = time.time()
@@ -360,7 +363,7 @@ def train_scenes(config_path: str | Path, out: str | Path, run_dir: str | Path |
         torch.backends.cudnn.allow_tf32 = False
     torch.manual_seed(cfg["seed"])
     parts = build_components(cfg, run / "tokenizer")
-    log = _Log(run / "train_log.jsonl")
+    log = TrainLog(run / "train_log.jsonl")
     log(stage="start", config=cfg, threads=torch.get_num_threads(), device=str(dev), resume=resume)
     train_vae(parts["vae"], cfg, run, log, dev)
     parts["vae"].requires_grad_(False)

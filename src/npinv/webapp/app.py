@@ -166,7 +166,7 @@ def _show_warnings(messages: list[str]) -> None:
 def example_rows(guidance: float | None = None) -> list[list]:
     """The bundled examples as form rows: image, source and target prompts, controller, guidance and
     blend (:data:`EXAMPLE_FIELDS`): a word swap blended on the changed word ("red green") at ``guidance``
-    (default: the embedded model's declared editing guidance, 2.5 from its model card)."""
+    (default: the embedded model's declared editing guidance, from its model card's sweep)."""
     from npinv.demo import bundled_examples
     from npinv.model import model_edit_guidance
 
