@@ -37,11 +37,12 @@ e2e: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/npinv demo --out out
 
-# Measure the embedded model on held-out scenes and rewrite its MODEL_CARD.md (about 15 min on 2 cores).
+# Measure the embedded model on held-out scenes and rewrite its MODEL_CARD.md (about 25 min on 2 cores).
 model-card: $(STAMP)
 	$(PY) -m npinv.modelcard
 
-# Rerun the benchmarks and regenerate BENCHMARKS.md from what this run measured.
+# Rerun the benchmarks afresh and regenerate BENCHMARKS.md from what this run measured (about an hour on
+# 2 cores; after an interruption, `$(PY) benchmarks/run.py --out bench --resume` keeps the finished rows).
 bench: $(STAMP)
 	$(PY) benchmarks/run.py --out bench
 

@@ -67,6 +67,18 @@ def sd15_section(sd15: dict | None, steps: int) -> str:
         f"(NTI / NPI = {sd15['nti_over_npi_time']:.1f}x). GPU figures: run `benchmarks/gpu.sh` on a GPU machine.\n")
 
 
+def clear_outputs(out: Path) -> None:
+    """Remove what an earlier run wrote in ``out`` (and nothing else), so every figure is measured now."""
+    import shutil
+
+    for name in ("reconstruct", "edit_shapes", "edit_guidance", "edit_blend", "edit_noblend", "edit_bare", "throughput"):
+        shutil.rmtree(out / name, ignore_errors=True)
+    for path in out.glob("edit_exact_*"):
+        shutil.rmtree(path, ignore_errors=True)
+    for name in ("sd15_cpu.json", "benchmarks.json"):
+        (out / name).unlink(missing_ok=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="bench")
@@ -76,10 +88,14 @@ def main() -> None:
     parser.add_argument("--exact-edit-scenes", type=int, default=8,
                         help="held-out scenes for the exact-inversion edit comparison (at the recommended guidance only)")
     parser.add_argument("--batch-images", type=int, default=8, help="images for the edit-batch throughput figure")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the rows an interrupted run of the same model left in --out (default: measure afresh)")
     parser.add_argument("--sd15-steps", type=int, default=5,
                         help="also time an SD-1.5-shaped random model at 256 px on this CPU (0: skip)")
     args = parser.parse_args()
     out = Path(args.out)
+    if not args.resume:
+        clear_outputs(out)
     start = time.perf_counter()
     model = load_model(device="cpu")
     rec_w = model.edit_guidance  # the model folder's recommended editing guidance (npinv.json)

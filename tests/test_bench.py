@@ -236,3 +236,36 @@ def test_reconstruct_bench_refuses_no_scenes(tmp_path, capsys, shapes):
 
     with pytest.raises(NpinvError, match="--shapes must be at least 1"):
         image_items(None, None, 0)  # the library refuses too
+
+
+def test_a_results_folder_refuses_another_models_rows(tmp_path, sd_model, sd_v_folder):
+    """Rerunning a bench on other weights re-measures instead of reporting the old model's rows."""
+    from npinv import load_model
+    from npinv.errors import NpinvError
+
+    run_reconstruct_bench(sd_model, tmp_path / "r", shapes=1, steps_list=(2,), methods=("npi",))
+    other = load_model(str(sd_v_folder), device="cpu")
+    with pytest.raises(NpinvError, match="holds results of another model"):
+        run_reconstruct_bench(other, tmp_path / "r", shapes=1, steps_list=(2,), methods=("npi",))
+    with pytest.raises(NpinvError, match="holds results of another model"):
+        run_edit_shapes(other, tmp_path / "r", n_scenes=1, methods=("npi",), directs=(False,), steps=2)
+    (tmp_path / "r" / "model.json").unlink()  # rows from before the record existed
+    with pytest.raises(NpinvError, match="unrecorded model"):
+        run_reconstruct_bench(sd_model, tmp_path / "r", shapes=1, steps_list=(2,), methods=("npi",))
+    run_reconstruct_bench(other, tmp_path / "fresh", shapes=1, steps_list=(2,), methods=("npi",))
+
+
+def test_make_bench_measures_afresh_and_touches_nothing_else(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_run", Path(__file__).parent.parent / "benchmarks" / "run.py")
+    run = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(run)
+    for name in ("reconstruct", "edit_exact_bdia", "throughput/batch1", "mine"):
+        (tmp_path / name).mkdir(parents=True)
+        (tmp_path / name / "results.jsonl").write_text("{}\n")
+    (tmp_path / "benchmarks.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("keep")
+    run.clear_outputs(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from npinv.attention.align import find_word
 from npinv.attention.control import blend_mask
-from npinv.bench.results import group, markdown_table, nanmean
+from npinv.bench.results import claim_for_model, group, markdown_table, nanmean
 from npinv.cache import InversionCache
 from npinv.cost import Cost
 from npinv.io import image_grid, image_to_tensor, save_image, tensor_to_image, write_text
@@ -119,6 +119,7 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
     invert_settings.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    claim_for_model(out, model)
     results = ShardedResults(out, shard, name="edit_results")  # under accelerate: every N-th scene
     res = model.resolution
     cases = edit_cases(n_scenes)

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from npinv.bench.netmetrics import NetworkMetrics
-from npinv.bench.results import group, markdown_table, nanmean
+from npinv.bench.results import claim_for_model, group, markdown_table, nanmean
 from npinv.checks import short_repr
 from npinv.errors import NpinvError
 from npinv.io import IMAGE_SUFFIXES, atomic_path, write_text
@@ -111,6 +111,7 @@ def run_reconstruct_bench(model: Model, out_dir: str | Path, *, images: str | No
     chosen = {m: reconstruct_settings(m, guidance) for m in methods}  # refuses unknown labels, before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    claim_for_model(out, model)
     results = ShardedResults(out, shard)  # under accelerate: every N-th image, merged at the end
     items = image_items(model, images, shapes)
     nets = NetworkMetrics.load(structure=False, lpips=lpips, clip=False, device=model.device, allow_pickle=allow_pickle)

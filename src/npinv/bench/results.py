@@ -14,7 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from npinv.io import atomic_path
+from npinv.errors import NpinvError
+from npinv.io import atomic_path, write_text
 
 
 class ResultsFile:
@@ -84,3 +85,29 @@ def markdown_table(header: list[str], rows: list[list[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+MODEL_FILE = "model.json"  # which model a results folder's rows were measured on
+
+
+def claim_for_model(folder: str | Path, model) -> None:
+    """A results folder holds one model's rows: a rerun on other weights would otherwise skip their
+    keys and report the old model's figures as its own. Refuses a folder of another model, or one
+    with rows but no record of its model (written before this check), in one error line."""
+    from npinv.errors import NpinvError
+
+    folder = Path(folder)
+    path = folder / MODEL_FILE
+    want = {"model": model.name, "fingerprint": model.fingerprint}
+    if path.is_file():
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}
+        if old != want:
+            raise NpinvError(f"{folder} holds results of another model ({old.get('model')!r}, fingerprint "
+                             f"{old.get('fingerprint')!r}; now {want['fingerprint']!r}): use another folder or delete it")
+    elif any(folder.glob("*.jsonl")):
+        raise NpinvError(f"{folder} holds results of an unrecorded model: use another folder or delete it")
+    else:
+        write_text(path, json.dumps(want) + "\n")
