@@ -94,8 +94,6 @@ def claim_for_model(folder: str | Path, model) -> None:
     """A results folder holds one model's rows: a rerun on other weights would otherwise skip their
     keys and report the old model's figures as its own. Refuses a folder of another model, or one
     with rows but no record of its model (written before this check), in one error line."""
-    from npinv.errors import NpinvError
-
     folder = Path(folder)
     path = folder / MODEL_FILE
     want = {"model": model.name, "fingerprint": model.fingerprint}
