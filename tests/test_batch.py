@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from locks import lock_holder
 from npinv.cli import main
 from npinv.scenes import Scene
 
@@ -250,22 +251,11 @@ def test_throughput_benchmark_counts_and_agrees(tmp_path, sd_model):
     assert "images / minute" in throughput_table(summary)
 
 
-def _lock_holder(folder: Path) -> subprocess.Popen:
-    """Another process that holds FOLDER's edit-batch lock until its stdin closes; returned once it holds it."""
-    code = ("import sys; from npinv.parallel import FolderLock\n"
-            f"with FolderLock({str(folder)!r}):\n"
-            "    print('held', flush=True); sys.stdin.read()\n")
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.stdout.readline().strip() == "held"  # blocks until the lock is taken: no timing involved
-    return proc
-
-
 def test_a_second_run_on_a_held_folder_is_refused_naming_the_holder(tmp_path, manifest, sd_folder, capsys):
     import socket
 
     out = tmp_path / "out"
-    holder = _lock_holder(out)
+    holder = lock_holder(out)
     try:
         code, stdout, err = run(capsys, "edit-batch", manifest, "--out", out, "--model", sd_folder, "--steps", STEPS)
         assert code == 2 and stdout == ""

@@ -269,3 +269,25 @@ def test_make_bench_measures_afresh_and_touches_nothing_else(tmp_path):
     (tmp_path / "notes.txt").write_text("keep")
     run.clear_outputs(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "notes.txt"]
+
+
+@pytest.mark.parametrize("bench", ["reconstruct", "edit-shapes"])
+def test_a_bench_folder_in_use_is_refused_naming_the_holder(tmp_path, sd_model, bench):
+    """Two runs appending to one results folder would interleave their rows: the second is refused."""
+    from locks import lock_holder
+    from npinv.errors import NpinvError
+
+    out = tmp_path / "out"
+    holder = lock_holder(out)
+    try:
+        with pytest.raises(NpinvError, match=f"pid {holder.pid}@"):
+            if bench == "reconstruct":
+                run_reconstruct_bench(sd_model, out, shapes=1, steps_list=(2,), methods=("npi",))
+            else:
+                run_edit_shapes(sd_model, out, n_scenes=1, methods=("npi",), directs=(False,), steps=2)
+        assert not any(out.glob("*.jsonl"))  # refused before any row
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    run_reconstruct_bench(sd_model, out, shapes=1, steps_list=(2,), methods=("npi",))  # free again
+    assert not (out / ".npinv.lock").exists()

@@ -41,7 +41,7 @@ from npinv.io import image_grid, image_to_tensor, save_image, tensor_to_image, w
 from npinv.methods import get_method
 from npinv.metrics import ssim, tensor_to_unit
 from npinv.model import Model
-from npinv.parallel import Shard, ShardedResults
+from npinv.parallel import FolderLock, Shard, ShardedResults
 from npinv.scenes import Edit, Scene, random_edit, random_scenes, read_scene
 from npinv.service import edit, invert_one, prepare_picture
 from npinv.settings import EditSettings, InvertSettings
@@ -119,72 +119,73 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
     invert_settings.validate()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    claim_for_model(out, model)
-    results = ShardedResults(out, shard, name="edit_results")  # under accelerate: every N-th scene
-    res = model.resolution
-    cases = edit_cases(n_scenes)
-    sizes = blend_sizes if blend else (None,)
-    settings_list = list(itertools.product(methods, directs, controllers, guidances, sizes))
-    grid_rows: dict[tuple, list] = {}
-    by_scene = group([dataclasses.asdict(c) | {"case": c} for c in cases], ("index",))
-    for n, ((index,), items) in enumerate(by_scene.items()):
-        if not results.shard.owns(n):
-            continue
-        scene_cases = [it["case"] for it in items]
-        scene = scene_cases[0].scene
-        todo = [(c, s) for c in scene_cases for s in settings_list
-                if _key(c, s, steps, invert_scheme) not in results]
-        if not todo:
-            continue
-        picture = prepare_picture(scene.render(res), model, invert_settings, name=f"scene{index:03d}")
-        image = picture.image
-        # The scene's inversion and each method's prepared variant of it (NTI's negatives at each
-        # guidance), kept for the whole scene: room for all of them, so that nothing is evicted.
-        cache = InversionCache(max_entries=2 + len(methods) * len(guidances), max_bytes=2**62)
-        inverted = invert_one(model, picture, scene.caption, invert_settings, cache=cache)
-        prepared: dict[tuple[str, float], Cost] = {}  # what preparing each method's negatives cost (NTI)
-        for case, (method, direct, controller, w, blend_res) in todo:
-            src_word, tgt_word = case.words
-            settings = EditSettings(method=method, controller=controller, guidance=w, cross_replace=cross_replace,
-                                    self_replace=self_replace, blend=(src_word, tgt_word) if blend else None,
-                                    direct=direct, blend_res=blend_res)
-            done = edit(model, [(inverted, [case.target.caption])], settings, cache=cache)[0]
-            result = done.result
-            if done.prepare_cost != Cost():  # this edit prepared the method's negatives (NTI's first at w)
-                prepared[(method, w)] = done.prepare_cost
-            edit_cost = done.edit_cost - done.prepare_cost  # the edit alone
-            invert_cost = inverted.cost + prepared.get((method, w), Cost())
-            edited = tensor_to_unit(result.images[:1])
-            truth = tensor_to_unit(image_to_tensor(case.target.render(res)))
-            source = tensor_to_unit(image)
-            gt_err = float(((edited - truth) ** 2).mean())
-            row = {
-                "key": _key(case, (method, direct, controller, w, blend_res), steps, invert_scheme), "scene": index,
-                "inversion": invert_scheme, "invert_unet_calls": inverted.cost.unet_calls,
-                "kind": case.edit.kind, "source": case.scene.caption, "target": case.target.caption, "method": method,
-                "direct": direct, "controller": controller, "guidance": w, "steps": steps, "blend": blend,
-                "blend_res": blend_res, "blend_maps": _blend_maps(result), "blend_iou": (
-                    math.nan if result.blend_mask is None else mask_iou(result.blend_mask[0, 0], edited_region(case, res))),
-                "word_iou": _word_iou(model, result, case.scene),
-                "psnr_gt": 10 * math.log10(1.0 / gt_err) if gt_err > 0 else math.inf,
-                "ssim_gt": ssim(edited, truth), "psnr_bg": region_psnr(edited, source, keep_region(case, res)),
-                "success": bool(read_scene(tensor_to_image(result.images[:1])).matches(case.target)),
-                "seconds": edit_cost.seconds, "invert_seconds": invert_cost.seconds,
-                "unet_calls": edit_cost.unet_calls, "unet_rows": edit_cost.unet_rows,
-            }
-            results.add(row)
-            if case.index * 3 + KINDS.index(case.edit.kind) < grid_cases:
-                grid_rows.setdefault((method, direct, controller, w, blend_res), []).append(
-                    [tensor_to_image(image), tensor_to_image(result.images[:1]),
-                     case.target.render(res)])
-    summary = summarize(results.merge())
-    write_text(out / "edit_summary.json", __import__("json").dumps(summary, indent=2, default=float))
-    write_text(out / "edit_table.md", edit_table(summary))
-    for (method, direct, controller, w, blend_res), rows in grid_rows.items():
-        size = "" if blend_res is None else f"_blend{blend_res}"
-        name = f"edits_{method}{'_direct' if direct else ''}_{controller}_w{w:g}{size}.png"
-        save_image(image_grid(rows, scale=2), out / name)
-    return summary
+    with FolderLock(out, shard, what="npinv bench edit-shapes"):  # one run at a time in a results folder
+        claim_for_model(out, model)
+        results = ShardedResults(out, shard, name="edit_results")  # under accelerate: every N-th scene
+        res = model.resolution
+        cases = edit_cases(n_scenes)
+        sizes = blend_sizes if blend else (None,)
+        settings_list = list(itertools.product(methods, directs, controllers, guidances, sizes))
+        grid_rows: dict[tuple, list] = {}
+        by_scene = group([dataclasses.asdict(c) | {"case": c} for c in cases], ("index",))
+        for n, ((index,), items) in enumerate(by_scene.items()):
+            if not results.shard.owns(n):
+                continue
+            scene_cases = [it["case"] for it in items]
+            scene = scene_cases[0].scene
+            todo = [(c, s) for c in scene_cases for s in settings_list
+                    if _key(c, s, steps, invert_scheme) not in results]
+            if not todo:
+                continue
+            picture = prepare_picture(scene.render(res), model, invert_settings, name=f"scene{index:03d}")
+            image = picture.image
+            # The scene's inversion and each method's prepared variant of it (NTI's negatives at each
+            # guidance), kept for the whole scene: room for all of them, so that nothing is evicted.
+            cache = InversionCache(max_entries=2 + len(methods) * len(guidances), max_bytes=2**62)
+            inverted = invert_one(model, picture, scene.caption, invert_settings, cache=cache)
+            prepared: dict[tuple[str, float], Cost] = {}  # what preparing each method's negatives cost (NTI)
+            for case, (method, direct, controller, w, blend_res) in todo:
+                src_word, tgt_word = case.words
+                settings = EditSettings(method=method, controller=controller, guidance=w, cross_replace=cross_replace,
+                                        self_replace=self_replace, blend=(src_word, tgt_word) if blend else None,
+                                        direct=direct, blend_res=blend_res)
+                done = edit(model, [(inverted, [case.target.caption])], settings, cache=cache)[0]
+                result = done.result
+                if done.prepare_cost != Cost():  # this edit prepared the method's negatives (NTI's first at w)
+                    prepared[(method, w)] = done.prepare_cost
+                edit_cost = done.edit_cost - done.prepare_cost  # the edit alone
+                invert_cost = inverted.cost + prepared.get((method, w), Cost())
+                edited = tensor_to_unit(result.images[:1])
+                truth = tensor_to_unit(image_to_tensor(case.target.render(res)))
+                source = tensor_to_unit(image)
+                gt_err = float(((edited - truth) ** 2).mean())
+                row = {
+                    "key": _key(case, (method, direct, controller, w, blend_res), steps, invert_scheme), "scene": index,
+                    "inversion": invert_scheme, "invert_unet_calls": inverted.cost.unet_calls,
+                    "kind": case.edit.kind, "source": case.scene.caption, "target": case.target.caption, "method": method,
+                    "direct": direct, "controller": controller, "guidance": w, "steps": steps, "blend": blend,
+                    "blend_res": blend_res, "blend_maps": _blend_maps(result), "blend_iou": (
+                        math.nan if result.blend_mask is None else mask_iou(result.blend_mask[0, 0], edited_region(case, res))),
+                    "word_iou": _word_iou(model, result, case.scene),
+                    "psnr_gt": 10 * math.log10(1.0 / gt_err) if gt_err > 0 else math.inf,
+                    "ssim_gt": ssim(edited, truth), "psnr_bg": region_psnr(edited, source, keep_region(case, res)),
+                    "success": bool(read_scene(tensor_to_image(result.images[:1])).matches(case.target)),
+                    "seconds": edit_cost.seconds, "invert_seconds": invert_cost.seconds,
+                    "unet_calls": edit_cost.unet_calls, "unet_rows": edit_cost.unet_rows,
+                }
+                results.add(row)
+                if case.index * 3 + KINDS.index(case.edit.kind) < grid_cases:
+                    grid_rows.setdefault((method, direct, controller, w, blend_res), []).append(
+                        [tensor_to_image(image), tensor_to_image(result.images[:1]),
+                         case.target.render(res)])
+        summary = summarize(results.merge())
+        write_text(out / "edit_summary.json", __import__("json").dumps(summary, indent=2, default=float))
+        write_text(out / "edit_table.md", edit_table(summary))
+        for (method, direct, controller, w, blend_res), rows in grid_rows.items():
+            size = "" if blend_res is None else f"_blend{blend_res}"
+            name = f"edits_{method}{'_direct' if direct else ''}_{controller}_w{w:g}{size}.png"
+            save_image(image_grid(rows, scale=2), out / name)
+        return summary
 
 
 def _key(case: EditCase, setting: tuple, steps: int, invert_scheme: str = "ddim") -> str:

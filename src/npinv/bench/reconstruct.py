@@ -30,7 +30,7 @@ from npinv.io import IMAGE_SUFFIXES, atomic_path, write_text
 from npinv.methods import get_method, method_names
 from npinv.metrics import image_metrics, tensor_to_unit
 from npinv.model import Model
-from npinv.parallel import Shard, ShardedResults
+from npinv.parallel import FolderLock, Shard, ShardedResults
 from npinv.scenes import random_scenes
 from npinv.schemes import get_scheme
 from npinv.service import Source, prepare_file, prepare_picture, reconstruct_each
@@ -111,52 +111,53 @@ def run_reconstruct_bench(model: Model, out_dir: str | Path, *, images: str | No
     chosen = {m: reconstruct_settings(m, guidance) for m in methods}  # refuses unknown labels, before any work
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    claim_for_model(out, model)
-    results = ShardedResults(out, shard)  # under accelerate: every N-th image, merged at the end
-    items = image_items(model, images, shapes)
-    nets = NetworkMetrics.load(structure=False, lpips=lpips, clip=False, device=model.device, allow_pickle=allow_pickle)
-    if nets.lpips is None and lpips is not False:
-        print(f"LPIPS not computed (null in the results): {nets.missing['lpips']}", flush=True)
-    for n, (name, load, prompt) in enumerate(items):
-        if not results.shard.owns(n):
-            continue
-        vae_psnr = None
-        for steps in steps_list:
-            todo = [m for m in methods if _key(name, m, steps, guidance) not in results]
-            if not todo:
+    with FolderLock(out, shard, what="npinv bench reconstruct"):  # one run at a time in a results folder
+        claim_for_model(out, model)
+        results = ShardedResults(out, shard)  # under accelerate: every N-th image, merged at the end
+        items = image_items(model, images, shapes)
+        nets = NetworkMetrics.load(structure=False, lpips=lpips, clip=False, device=model.device, allow_pickle=allow_pickle)
+        if nets.lpips is None and lpips is not False:
+            print(f"LPIPS not computed (null in the results): {nets.missing['lpips']}", flush=True)
+        for n, (name, load, prompt) in enumerate(items):
+            if not results.shard.owns(n):
                 continue
-            source = load()
-            if vae_psnr is None:
-                vae_psnr = image_metrics(tensor_to_unit(source.image),
-                                         tensor_to_unit(model.decode(model.encode_image(source.image))))["psnr"]
-            # One inversion per tag, shared by its methods; each method's row is kept as soon as it is
-            # scored: a killed run loses only the one in progress.
-            tags = {m: m.partition("@")[2] for m in todo}
-            for tag in dict.fromkeys(tags.values()):
-                labels = [m for m in todo if tags[m] == tag]
-                scores = reconstruct_each(model, source, prompt, [chosen[m] for m in labels],
-                                          InvertSettings(steps=steps, offset=offset, **inversion_tag(tag)))
-                for m, sc in zip(labels, scores, strict=True):
-                    lpips_value = None
-                    if nets.lpips is not None:
-                        a, b = tensor_to_unit(source.image), tensor_to_unit(sc.reconstruction.image)
-                        lpips_value = nets.lpips_distance(a, b, np.zeros(a.shape[:2], dtype=bool))
-                    report = sc.inverted.inversion.scheme_report()
-                    # seconds and unet_calls: the shared inversion plus this method's reconstruction.
-                    results.add({"key": _key(name, m, steps, guidance), "image": name, "prompt": prompt, "method": m,
-                                 "steps": steps, "guidance": sc.guidance, "offset": sc.offset,
-                                 "psnr": sc.psnr, "ssim": sc.ssim, "mse": sc.mse, "lpips": lpips_value,
-                                 "seconds": sc.cost.seconds, "invert_seconds": sc.invert_cost.seconds,
-                                 "unet_calls": sc.cost.unet_calls, "model": model.name, "vae_psnr": vae_psnr,
-                                 "invert_residual": report["invert_residual"],
-                                 "invert_extra_calls": report["invert_extra_calls"]})
-            if progress:
-                print(f"{name} {steps} steps done", flush=True)
-    summary = summarize(results.merge(), methods, steps_list)
-    write_text(out / "summary.json", json.dumps(summary, indent=2, default=float))
-    write_text(out / "table.md", reconstruct_table(summary))
-    plot(summary, out)
-    return summary
+            vae_psnr = None
+            for steps in steps_list:
+                todo = [m for m in methods if _key(name, m, steps, guidance) not in results]
+                if not todo:
+                    continue
+                source = load()
+                if vae_psnr is None:
+                    vae_psnr = image_metrics(tensor_to_unit(source.image),
+                                             tensor_to_unit(model.decode(model.encode_image(source.image))))["psnr"]
+                # One inversion per tag, shared by its methods; each method's row is kept as soon as it is
+                # scored: a killed run loses only the one in progress.
+                tags = {m: m.partition("@")[2] for m in todo}
+                for tag in dict.fromkeys(tags.values()):
+                    labels = [m for m in todo if tags[m] == tag]
+                    scores = reconstruct_each(model, source, prompt, [chosen[m] for m in labels],
+                                              InvertSettings(steps=steps, offset=offset, **inversion_tag(tag)))
+                    for m, sc in zip(labels, scores, strict=True):
+                        lpips_value = None
+                        if nets.lpips is not None:
+                            a, b = tensor_to_unit(source.image), tensor_to_unit(sc.reconstruction.image)
+                            lpips_value = nets.lpips_distance(a, b, np.zeros(a.shape[:2], dtype=bool))
+                        report = sc.inverted.inversion.scheme_report()
+                        # seconds and unet_calls: the shared inversion plus this method's reconstruction.
+                        results.add({"key": _key(name, m, steps, guidance), "image": name, "prompt": prompt, "method": m,
+                                     "steps": steps, "guidance": sc.guidance, "offset": sc.offset,
+                                     "psnr": sc.psnr, "ssim": sc.ssim, "mse": sc.mse, "lpips": lpips_value,
+                                     "seconds": sc.cost.seconds, "invert_seconds": sc.invert_cost.seconds,
+                                     "unet_calls": sc.cost.unet_calls, "model": model.name, "vae_psnr": vae_psnr,
+                                     "invert_residual": report["invert_residual"],
+                                     "invert_extra_calls": report["invert_extra_calls"]})
+                if progress:
+                    print(f"{name} {steps} steps done", flush=True)
+        summary = summarize(results.merge(), methods, steps_list)
+        write_text(out / "summary.json", json.dumps(summary, indent=2, default=float))
+        write_text(out / "table.md", reconstruct_table(summary))
+        plot(summary, out)
+        return summary
 
 
 def _key(name: str, method: str, steps: int, guidance: float) -> str:
