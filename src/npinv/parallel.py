@@ -64,7 +64,7 @@ class ShardedResults:
 
     One process appends to ``NAME.jsonl`` itself; with several, each appends to its own
     ``NAME.partR-of-N.jsonl`` and :meth:`merge` folds every part into ``NAME.jsonl`` (under a
-    file lock, atomically, one row per key, in the caller's order). Every process merges when it
+    file lock, atomically, one row per key (its latest), in the caller's order). Every process merges when it
     finishes, so the last one to finish leaves the complete file; a killed process's finished
     rows stay in its part and count as done on the next run, whatever its number of processes.
     """
@@ -81,7 +81,7 @@ class ShardedResults:
             # Only this process writes its own file; the others' are read as they are.
             rows = self.own.rows if path == self.own.path else ResultsFile(path, repair=False).rows
             for row in rows:
-                self.done.setdefault(row["key"], row)
+                self.done[row["key"]] = row  # a key written again (a redone edit) is its latest row
 
     def _parts(self) -> list[Path]:
         return sorted(self.folder.glob(f"{self.name}.part*-of-*.jsonl"))
@@ -100,7 +100,7 @@ class ShardedResults:
             rows: dict[str, dict[str, Any]] = {}
             for path in [self.final, *self._parts()]:
                 for row in ResultsFile(path, repair=False).rows if path.exists() else []:
-                    rows.setdefault(row["key"], row)
+                    rows[row["key"]] = row  # the latest row of a key wins: parts are newer than the final file
             merged = sorted(rows.values(), key=order) if order else list(rows.values())
             remove_stale_temporaries(self.final)  # from a merge that was killed; the lock makes this the one writer
             with atomic_path(self.final) as tmp:
