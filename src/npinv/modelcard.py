@@ -178,15 +178,19 @@ TARGETS = {"vae_psnr": 34.0, "samples": 0.92, "object_iou": 0.5, "blend_gain_db"
            "npi_vs_nti_db": 1.0}
 
 
-def _sweep_row(sweep: dict, guidance: float) -> dict:
-    return next(r for r in sweep["rows"] if r["guidance"] == guidance)
+def _with_and_without_blend(figures: dict, guidance: float) -> tuple[dict, dict]:
+    """The sweep's figures over all edits at ``guidance``, with local blend and without it."""
+    def row(sweep: dict) -> dict:
+        return next(r for r in sweep["rows"] if r["guidance"] == guidance)["all"]
+
+    return row(figures["edit_sweep"]), row(figures["edit_sweep_noblend"])
 
 
 def _edit_rows(figures: dict, w: float) -> list[tuple[str, str, bool]]:
     """The editing targets at guidance ``w``: local blend's gain over the same edits without it, and
     the success of NPI + word swap + local blend."""
     t = TARGETS
-    blend, bare = _sweep_row(figures["edit_sweep"], w)["all"], _sweep_row(figures["edit_sweep_noblend"], w)["all"]
+    blend, bare = _with_and_without_blend(figures, w)
     gain = blend["psnr_bg"] - bare["psnr_bg"]
     return [
         (f"local blend raises background PSNR by >= {t['blend_gain_db']:g} dB at w {w:g}, success not lower",
@@ -225,7 +229,7 @@ def target_rows(figures: dict) -> list[str]:
 
 def blend_sentence(figures: dict) -> str:
     rec = figures["recommended_guidance"]
-    blend, bare = _sweep_row(figures["edit_sweep"], rec)["all"], _sweep_row(figures["edit_sweep_noblend"], rec)["all"]
+    blend, bare = _with_and_without_blend(figures, rec)
     return (f"At that guidance local blend gives success {blend['success']:.0%} (without it {bare['success']:.0%}) "
             f"and background PSNR {blend['psnr_bg']:.2f} dB (without it {bare['psnr_bg']:.2f} dB).")
 

@@ -65,19 +65,16 @@ class Scene:
 
     def render(self, resolution: int = 64) -> Image.Image:
         """The anti-aliased RGB image."""
-        rgb, _ = self._render(resolution)
+        rgb, _ = self.render_with_mask(resolution)
         return rgb
 
     def mask(self, resolution: int = 64) -> np.ndarray:
         """The object's coverage of each pixel, float32 in [0, 1], shape (H, W)."""
-        _, cover = self._render(resolution)
+        _, cover = self.render_with_mask(resolution)
         return cover
 
     def render_with_mask(self, resolution: int = 64) -> tuple[Image.Image, np.ndarray]:
         """The image and the object's coverage, from one rendering."""
-        return self._render(resolution)
-
-    def _render(self, resolution: int) -> tuple[Image.Image, np.ndarray]:
         big = resolution * _SUPERSAMPLE
         canvas = Image.new("L", (big, big), 0)
         draw = ImageDraw.Draw(canvas)
