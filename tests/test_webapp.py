@@ -325,7 +325,7 @@ def test_the_edit_form_is_derived_from_the_schema(engine):
     scheme = by_id["npinv-invert-scheme"]
     assert isinstance(scheme, (gr.Radio, gr.Dropdown)) and [c[1] for c in scheme.choices] == list(scheme_names())
     assert scheme.value == "ddim" and scheme.info
-    assert by_id["npinv-invert-iters"].value == 10 and by_id["npinv-invert-tol"].value == 0.001  # not snapped
+    assert by_id["npinv-invert-iters"].value == 60 and by_id["npinv-invert-tol"].value == 0.001  # not snapped
     fns = {d.api_name: d for d in demo.fns.values()}
     assert fns["invert"].input_parameter_names == ["image", "source_prompt", "session", *INVERT_FIELDS]
     assert fns["edit"].input_parameter_names == ["image", "source_prompt", *INVERT_FIELDS, "target_prompt",

@@ -174,7 +174,7 @@ def case_id(value) -> str:
 
 
 POSITIONAL = dict(source_prompt=EXAMPLE["prompt"], target_prompt=TARGET)
-SETTINGS = dict(steps=2, offset="default", resize="crop", invert_scheme="ddim", invert_iters=10, invert_tol=0.001,
+SETTINGS = dict(steps=2, offset="default", resize="crop", invert_scheme="ddim", invert_iters=60, invert_tol=0.001,
                 decoder_steps=0)  # the page's inversion settings, as its controls send them
 FORM = dict(method="npi", controller="replace", guidance=2.5, cross_replace="0.8", self_replace="0.6", blend="",
             reweight="", direct=False, keep_attention_maps=False)

@@ -20,6 +20,7 @@ from npinv.io import Stage, atomic_path, writing
 from npinv.model import Model, PromptEmbedding
 from npinv.sampling import StepHook, StepState
 from npinv.schedule import Schedule
+from npinv.settings import DEFAULT_INVERT_ITERS, DEFAULT_INVERT_TOL
 
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
@@ -229,7 +230,8 @@ def _embedding_from(prefix: str, tensors: dict[str, torch.Tensor]) -> PromptEmbe
 
 def ddim_inversion(
     model: Model, image: torch.Tensor, prompt: str, *, steps: int = 50, offset: int | None = None,
-    progress: bool = False, scheme: str = "ddim", iters: int = 10, tol: float = 1e-3, decoder_steps: int = 0,
+    progress: bool = False, scheme: str = "ddim", iters: int = DEFAULT_INVERT_ITERS, tol: float = DEFAULT_INVERT_TOL,
+    decoder_steps: int = 0,
 ) -> Inversion:
     """Encode ``image`` (1, 3, H, W) in [-1, 1] and invert it with DDIM under ``prompt``."""
     return ddim_inversion_batch(model, image, [prompt], steps=steps, offset=offset, progress=progress, scheme=scheme,
@@ -238,7 +240,8 @@ def ddim_inversion(
 
 def ddim_inversion_batch(
     model: Model, images: torch.Tensor, prompts: list[str], *, steps: int = 50, offset: int | None = None,
-    progress: bool = False, scheme: str = "ddim", iters: int = 10, tol: float = 1e-3, decoder_steps: int = 0,
+    progress: bool = False, scheme: str = "ddim", iters: int = DEFAULT_INVERT_ITERS, tol: float = DEFAULT_INVERT_TOL,
+    decoder_steps: int = 0,
 ) -> list[Inversion]:
     """Invert several same-size images (B, 3, H, W), one prompt each, in one UNet batch per step.
 
