@@ -419,7 +419,7 @@ class InvertSettings:
                                  label="Inversion scheme")
     invert_iters: int = setting(DEFAULT_INVERT_ITERS, Number(1, 100, integer=True),
                                 f"fixed-point: at most this many extra UNet calls a step (default {DEFAULT_INVERT_ITERS}; "
-                                "a step stops earlier once it meets --invert-tol, usually after 3 to 5)",
+                                "a step stops as soon as it meets --invert-tol)",
                                 label="Fixed-point iterations (most)")
     invert_tol: float = setting(DEFAULT_INVERT_TOL, Number(0, 1), "fixed-point: stop a step once its denoising step "
                                 f"lands within this relative distance of where it started (default {DEFAULT_INVERT_TOL:g})",
