@@ -120,7 +120,7 @@ def main() -> None:
                            controllers=("none",), guidances=(2.0, 7.5), blend=False)
     # Exact inversion + NPI + word swap + local blend at the model's recommended guidance, beside the same
     # edits on plain DDIM inversions, on more scenes than the other edit tables.
-    # At 10 steps, where plain inversion loses 1.5 dB of reconstruction, and at 50 like every other edit table.
+    # At 10 steps, where plain inversion's reconstruction error is largest, and at 50 like every other edit table.
     exact_steps = [int(s) for s in args.exact_edit_steps.split(",")]
     exact_edits = [run_edit_shapes(model, out / f"edit_exact_{scheme}_s{steps}", n_scenes=args.exact_edit_scenes,
                                    methods=("npi",), directs=(False,), guidances=(rec_w,), steps=steps,

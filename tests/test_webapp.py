@@ -27,7 +27,7 @@ from npinv.errors import NpinvError
 from npinv.inversion import Inversion
 from npinv.schemes import scheme_names
 from npinv.service import prepare_file
-from npinv.settings import EditSettings, InvertSettings, flag_name, from_value, specs
+from npinv.settings import DEFAULT_INVERT_ITERS, DEFAULT_INVERT_TOL, EditSettings, InvertSettings, flag_name, from_value, specs
 from npinv.webapp.app import ServeOptions, build_app, is_loopback, launch
 from npinv.webapp.engine import (
     FORM_FIELDS,
@@ -325,7 +325,8 @@ def test_the_edit_form_is_derived_from_the_schema(engine):
     scheme = by_id["npinv-invert-scheme"]
     assert isinstance(scheme, (gr.Radio, gr.Dropdown)) and [c[1] for c in scheme.choices] == list(scheme_names())
     assert scheme.value == "ddim" and scheme.info
-    assert by_id["npinv-invert-iters"].value == 60 and by_id["npinv-invert-tol"].value == 0.001  # not snapped
+    assert by_id["npinv-invert-iters"].value == DEFAULT_INVERT_ITERS  # the defaults, not snapped
+    assert by_id["npinv-invert-tol"].value == DEFAULT_INVERT_TOL
     fns = {d.api_name: d for d in demo.fns.values()}
     assert fns["invert"].input_parameter_names == ["image", "source_prompt", "session", *INVERT_FIELDS]
     assert fns["edit"].input_parameter_names == ["image", "source_prompt", *INVERT_FIELDS, "target_prompt",

@@ -20,6 +20,7 @@ from npinv.checks import short_repr
 from npinv.demo import bundled_examples
 from npinv.errors import NpinvError
 from npinv.schemes import scheme_names
+from npinv.settings import DEFAULT_INVERT_ITERS, DEFAULT_INVERT_TOL
 from npinv.webapp.app import ServeOptions, build_app, launch, page_message
 from npinv.webapp.engine import FORM_FIELDS, INVERT_DEFAULTS, INVERT_FIELDS, QuietTruncation
 from test_webapp import engine, free_port, model  # noqa: F401  (the app tests' server fixtures)
@@ -174,8 +175,8 @@ def case_id(value) -> str:
 
 
 POSITIONAL = dict(source_prompt=EXAMPLE["prompt"], target_prompt=TARGET)
-SETTINGS = dict(steps=2, offset="default", resize="crop", invert_scheme="ddim", invert_iters=60, invert_tol=0.001,
-                decoder_steps=0)  # the page's inversion settings, as its controls send them
+SETTINGS = dict(steps=2, offset="default", resize="crop", invert_scheme="ddim", invert_iters=DEFAULT_INVERT_ITERS,
+                invert_tol=DEFAULT_INVERT_TOL, decoder_steps=0)  # the page's inversion settings, as its controls send them
 FORM = dict(method="npi", controller="replace", guidance=2.5, cross_replace="0.8", self_replace="0.6", blend="",
             reweight="", direct=False, keep_attention_maps=False)
 
