@@ -5,16 +5,22 @@ model's held-out scenes, for each inversion scheme at each step count and guidan
     python benchmarks/exact_edit_sweep.py --steps 20 --schemes ddim anderson fixed-point
     python benchmarks/exact_edit_sweep.py --steps 10 --guidances 2 2.5 --schemes anderson ddim
 
+and the self-attention windows (`--self-replace`) from
+
+    python benchmarks/exact_edit_sweep.py --steps 50 --self-replace 0.2 0.4 --scenes 24
+
 Rows go to OUT/s{steps}_{scheme} (`bench edit-shapes` results folders); a rerun keeps them.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 from pathlib import Path
 
 from npinv import load_model
 from npinv.bench.edit_shapes import run_edit_shapes
+from npinv.bench.paired import compare_paired, load_edit_rows, paired_table
 
 
 def main() -> None:
@@ -24,19 +30,29 @@ def main() -> None:
     parser.add_argument("--schemes", nargs="+", default=["ddim", "anderson"])
     parser.add_argument("--guidances", type=float, nargs="+", default=None,
                         help="default: the model's recommended editing guidance")
+    parser.add_argument("--self-replace", type=float, nargs="+", default=[0.6],
+                        help="fractions of the steps with self-attention replaced (make bench: 0.6)")
     parser.add_argument("--out", default="runs/exact_edit_sweep")
     args = parser.parse_args()
     model = load_model(device="cpu")
     guidances = tuple(args.guidances or (model.edit_guidance,))
-    for steps in args.steps:
-        for scheme in args.schemes:
-            summary = run_edit_shapes(model, Path(args.out) / f"s{steps}_{scheme}", n_scenes=args.scenes,
-                                      methods=("npi",), directs=(False,), guidances=guidances, steps=steps,
-                                      invert_scheme=scheme)
-            for row in summary["rows"]:
-                a = row["all"]
-                print(f"{steps} steps, {scheme}, w {row['guidance']:g}: success {a['success']:.0%}, background "
-                      f"{a['psnr_bg']:.2f} dB ({a['psnr_bg_ok']:.2f} on the successes), n {a['n']}", flush=True)
+    for steps, self_replace, scheme in itertools.product(args.steps, args.self_replace, args.schemes):
+        window = "" if self_replace == 0.6 else f"_self{self_replace:g}"
+        summary = run_edit_shapes(model, Path(args.out) / f"s{steps}{window}_{scheme}", n_scenes=args.scenes,
+                                  methods=("npi",), directs=(False,), guidances=guidances, steps=steps,
+                                  invert_scheme=scheme, self_replace=self_replace)
+        for row in summary["rows"]:
+            a = row["all"]
+            print(f"{steps} steps, self-replace {self_replace:g}, {scheme}, w {row['guidance']:g}: success "
+                  f"{a['success']:.0%}, background "
+                  f"{a['psnr_bg']:.2f} dB ({a['psnr_bg_ok']:.2f} on the successes), n {a['n']}", flush=True)
+    if "ddim" in args.schemes:  # each exact scheme case by case against plain inversion
+        for steps, self_replace in itertools.product(args.steps, args.self_replace):
+            window = "" if self_replace == 0.6 else f"_self{self_replace:g}"
+            base = load_edit_rows(Path(args.out) / f"s{steps}{window}_ddim")
+            print(f"\n{steps} steps, self-replace {self_replace:g}:\n" + paired_table(
+                [compare_paired(base, load_edit_rows(Path(args.out) / f"s{steps}{window}_{scheme}"))
+                 for scheme in args.schemes if scheme != "ddim"]))
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ Every figure in BENCHMARKS.md comes from the summaries this script writes in the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import time
@@ -17,6 +18,7 @@ import torch
 
 from npinv import load_model
 from npinv.bench.edit_shapes import edit_table, run_edit_shapes
+from npinv.bench.paired import compare_paired, load_edit_rows, paired_table
 from npinv.bench.reconstruct import reconstruct_table, run_reconstruct_bench
 from npinv.bench.throughput import run_throughput, throughput_table
 from npinv.io import write_text
@@ -28,6 +30,8 @@ BASE_METHODS = ("ddim1", "ddim", "nti", "npi")
 EXACT_METHODS = ("npi@fixed-point", "npi@anderson", "npi@bdia", "npi@dec100", "npi@anderson+dec100", "npi@bdia+dec100")
 # Plain DDIM inversion first: the baseline the exact schemes' edits are held against, in the same run.
 EXACT_EDIT_SCHEMES = ("ddim", "anderson", "bdia")
+# The results folders main() writes (besides edit_exact_*), which a fresh run clears first.
+OUTPUT_FOLDERS = ("reconstruct", "edit_shapes", "edit_guidance", "edit_blend", "edit_noblend", "edit_bare", "throughput")
 
 
 def frontier_section(rec: dict) -> str:
@@ -74,7 +78,7 @@ def clear_outputs(out: Path) -> None:
     """Remove what an earlier run wrote in ``out`` (and nothing else), so every figure is measured now."""
     import shutil
 
-    for name in ("reconstruct", "edit_shapes", "edit_guidance", "edit_blend", "edit_noblend", "edit_bare", "throughput"):
+    for name in OUTPUT_FOLDERS:
         shutil.rmtree(out / name, ignore_errors=True)
     for path in out.glob("edit_exact_*"):
         shutil.rmtree(path, ignore_errors=True)
@@ -88,7 +92,7 @@ def main() -> None:
     parser.add_argument("--shapes", type=int, default=8)
     parser.add_argument("--steps", default="5,10,20,50,100")
     parser.add_argument("--edit-scenes", type=int, default=4)
-    parser.add_argument("--exact-edit-scenes", type=int, default=8,
+    parser.add_argument("--exact-edit-scenes", type=int, default=24,
                         help="held-out scenes for the exact-inversion edit comparison (at the recommended guidance only)")
     parser.add_argument("--exact-edit-steps", default="10,50", help="step counts of the exact-inversion edit comparison")
     parser.add_argument("--batch-images", type=int, default=8, help="images for the edit-batch throughput figure")
@@ -126,6 +130,10 @@ def main() -> None:
                                    methods=("npi",), directs=(False,), guidances=(rec_w,), steps=steps,
                                    invert_scheme=scheme)
                    for steps in exact_steps for scheme in EXACT_EDIT_SCHEMES]
+    # Each exact scheme against plain inversion case by case (same scenes, same swaps).
+    paired = [compare_paired(load_edit_rows(out / f"edit_exact_ddim_s{steps}"),
+                             load_edit_rows(out / f"edit_exact_{scheme}_s{steps}"))
+              for steps in exact_steps for scheme in EXACT_EDIT_SCHEMES if scheme != "ddim"]
     throughput = run_throughput(model, out / "throughput", n_images=args.batch_images, guidance=rec_w)
     sd15 = None
     if args.sd15_steps:
@@ -191,6 +199,11 @@ guidance (w = {rec_w:g}), at {" and ".join(map(str, exact_steps))} steps, each s
 by changing nothing keeps the whole background.
 
 {edit_table({"rows": [r for e in exact_edits for r in e["rows"]]})}
+Case by case against plain DDIM inversion: the edits only one of the two gets right, McNemar's exact
+test of those counts, and the mean paired differences with 95 % intervals from resampling whole scenes
+(`npinv.bench.paired`). An interval that spans 0 is a difference these cases cannot tell from chance.
+
+{paired_table(paired)}
 ## Batch throughput (`npinv edit-batch --batch-size`, {args.batch_images} held-out scenes, colour swap)
 
 NPI + word swap at w = {rec_w:g} (the model's recommended guidance), 50 steps; each batch size edits the
@@ -202,6 +215,7 @@ whole manifest from scratch (inversion, editing, PNGs and results rows written).
     write_text(out / "benchmarks.json", json.dumps({"reconstruct": rec, "edit": edits, "edit_guidance": sweep,
                                                     "edit_bare": bare, "edit_blend": blend_maps, "edit_noblend": no_blend,
                                                     "edit_exact": exact_edits,
+                                                    "edit_exact_paired": [dataclasses.asdict(c) for c in paired],
                                                     "throughput": throughput,
                                                     "minutes": minutes}, indent=2, default=float))
     print(text)

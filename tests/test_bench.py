@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from npinv.bench.edit_shapes import EditCase, edit_cases, keep_region, region_psnr, run_edit_shapes
+from npinv.bench.paired import compare_paired, load_edit_rows
 from npinv.bench.reconstruct import run_reconstruct_bench
 from npinv.bench.results import ResultsFile, nanmean
 from npinv.errors import NpinvError
@@ -136,6 +137,16 @@ def test_edit_shapes_runs_and_resumes(tmp_path, sd_model):
     assert (tmp_path / "edit_results.jsonl").read_text().splitlines() == rows
     assert all(0 <= json.loads(r)["blend_iou"] <= 1 for r in rows)
     assert {json.loads(r)["blend_maps"] for r in rows} == {"16x16"}  # the toy model's finest maps are 16x16
+
+
+def test_edit_shapes_runs_pair_case_by_case(tmp_path, sd_model):
+    """Two inversions' edit runs on the same scene compare swap by swap (benchmarks/run.py's paired table)."""
+    for scheme in ("ddim", "bdia"):
+        run_edit_shapes(sd_model, tmp_path / scheme, n_scenes=1, methods=("npi",), directs=(False,), steps=3,
+                        invert_scheme=scheme)
+    c = compare_paired(load_edit_rows(tmp_path / "ddim"), load_edit_rows(tmp_path / "bdia"))
+    assert (c.base, c.other, c.steps, c.n, c.scenes) == ("ddim", "bdia", 3, 3, 1)
+    assert c.both_ok + c.base_only + c.other_only <= 3
 
 
 def test_edit_shapes_optimises_nti_once_per_guidance_and_reports_the_edit_alone(tmp_path, sd_model, monkeypatch):
