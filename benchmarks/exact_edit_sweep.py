@@ -9,6 +9,10 @@ and the self-attention windows (`--self-replace`) from
 
     python benchmarks/exact_edit_sweep.py --steps 50 --self-replace 0.2 0.4 --scenes 24
 
+and BDIA's damping factor (`--bdia-gamma`) from
+
+    python benchmarks/exact_edit_sweep.py --steps 10 50 --schemes ddim bdia --bdia-gammas 1 0.9 0.8 --scenes 24
+
 Rows go to OUT/s{steps}_{scheme} (`bench edit-shapes` results folders); a rerun keeps them.
 """
 
@@ -32,18 +36,23 @@ def main() -> None:
                         help="default: the model's recommended editing guidance")
     parser.add_argument("--self-replace", type=float, nargs="+", default=[0.6],
                         help="fractions of the steps with self-attention replaced (make bench: 0.6)")
+    parser.add_argument("--bdia-gammas", type=float, nargs="+", default=[1.0],
+                        help="BDIA's damping factors, for the scheme bdia (make bench: 1)")
     parser.add_argument("--out", default="runs/exact_edit_sweep")
     args = parser.parse_args()
     model = load_model(device="cpu")
     guidances = tuple(args.guidances or (model.edit_guidance,))
-    for steps, self_replace, scheme in itertools.product(args.steps, args.self_replace, args.schemes):
+    # (scheme, gamma, label): each BDIA damping factor is an inversion of its own.
+    inversions = [(s, g, s if g == 1.0 else f"bdia-g{g:g}") for s in args.schemes
+                  for g in (args.bdia_gammas if s == "bdia" else [1.0])]
+    for steps, self_replace, (scheme, gamma, label) in itertools.product(args.steps, args.self_replace, inversions):
         window = "" if self_replace == 0.6 else f"_self{self_replace:g}"
-        summary = run_edit_shapes(model, Path(args.out) / f"s{steps}{window}_{scheme}", n_scenes=args.scenes,
+        summary = run_edit_shapes(model, Path(args.out) / f"s{steps}{window}_{label}", n_scenes=args.scenes,
                                   methods=("npi",), directs=(False,), guidances=guidances, steps=steps,
-                                  invert_scheme=scheme, self_replace=self_replace)
+                                  invert_scheme=scheme, bdia_gamma=gamma, self_replace=self_replace)
         for row in summary["rows"]:
             a = row["all"]
-            print(f"{steps} steps, self-replace {self_replace:g}, {scheme}, w {row['guidance']:g}: success "
+            print(f"{steps} steps, self-replace {self_replace:g}, {label}, w {row['guidance']:g}: success "
                   f"{a['success']:.0%}, background "
                   f"{a['psnr_bg']:.2f} dB ({a['psnr_bg_ok']:.2f} on the successes), n {a['n']}", flush=True)
     if "ddim" in args.schemes:  # each exact scheme case by case against plain inversion
@@ -51,8 +60,8 @@ def main() -> None:
             window = "" if self_replace == 0.6 else f"_self{self_replace:g}"
             base = load_edit_rows(Path(args.out) / f"s{steps}{window}_ddim")
             print(f"\n{steps} steps, self-replace {self_replace:g}:\n" + paired_table(
-                [compare_paired(base, load_edit_rows(Path(args.out) / f"s{steps}{window}_{scheme}"))
-                 for scheme in args.schemes if scheme != "ddim"]))
+                [compare_paired(base, load_edit_rows(Path(args.out) / f"s{steps}{window}_{label}"))
+                 for _, _, label in inversions if label != "ddim"]))
 
 
 if __name__ == "__main__":

@@ -27,9 +27,15 @@ from npinv.settings import DEFAULT_INVERT_ITERS, DEFAULT_INVERT_TOL
 ROOT = Path(__file__).resolve().parent.parent
 BASE_METHODS = ("ddim1", "ddim", "nti", "npi")
 # NPI on exact inversions (npinv.schemes) and with decoder inversion (npinv.decoder) first.
-EXACT_METHODS = ("npi@fixed-point", "npi@anderson", "npi@bdia", "npi@dec100", "npi@anderson+dec100", "npi@bdia+dec100")
-# Plain DDIM inversion first: the baseline the exact schemes' edits are held against, in the same run.
-EXACT_EDIT_SCHEMES = ("ddim", "anderson", "bdia")
+EXACT_METHODS = ("npi@fixed-point", "npi@anderson", "npi@bdia", "npi@bdia+g0.9", "npi@dec100", "npi@anderson+dec100",
+                 "npi@bdia+dec100")
+# (scheme, BDIA gamma): plain DDIM inversion first, the baseline the exact schemes' edits are held
+# against in the same run.
+EXACT_EDIT_INVERSIONS = (("ddim", 1.0), ("anderson", 1.0), ("bdia", 1.0), ("bdia", 0.9))
+
+
+def edit_label(scheme: str, gamma: float) -> str:
+    return scheme if gamma == 1.0 else f"{scheme}-g{gamma:g}"  # as npinv.bench.edit_shapes labels the rows
 # The results folders main() writes (besides edit_exact_*), which a fresh run clears first.
 OUTPUT_FOLDERS = ("reconstruct", "edit_shapes", "edit_guidance", "edit_blend", "edit_noblend", "edit_bare", "throughput")
 
@@ -126,14 +132,14 @@ def main() -> None:
     # edits on plain DDIM inversions, on more scenes than the other edit tables.
     # At 10 steps, where plain inversion's reconstruction error is largest, and at 50 like every other edit table.
     exact_steps = [int(s) for s in args.exact_edit_steps.split(",")]
-    exact_edits = [run_edit_shapes(model, out / f"edit_exact_{scheme}_s{steps}", n_scenes=args.exact_edit_scenes,
-                                   methods=("npi",), directs=(False,), guidances=(rec_w,), steps=steps,
-                                   invert_scheme=scheme)
-                   for steps in exact_steps for scheme in EXACT_EDIT_SCHEMES]
+    exact_edits = [run_edit_shapes(model, out / f"edit_exact_{edit_label(scheme, gamma)}_s{steps}",
+                                   n_scenes=args.exact_edit_scenes, methods=("npi",), directs=(False,),
+                                   guidances=(rec_w,), steps=steps, invert_scheme=scheme, bdia_gamma=gamma)
+                   for steps in exact_steps for scheme, gamma in EXACT_EDIT_INVERSIONS]
     # Each exact scheme against plain inversion case by case (same scenes, same swaps).
     paired = [compare_paired(load_edit_rows(out / f"edit_exact_ddim_s{steps}"),
-                             load_edit_rows(out / f"edit_exact_{scheme}_s{steps}"))
-              for steps in exact_steps for scheme in EXACT_EDIT_SCHEMES if scheme != "ddim"]
+                             load_edit_rows(out / f"edit_exact_{edit_label(scheme, gamma)}_s{steps}"))
+              for steps in exact_steps for scheme, gamma in EXACT_EDIT_INVERSIONS if scheme != "ddim"]
     throughput = run_throughput(model, out / "throughput", n_images=args.batch_images, guidance=rec_w)
     sd15 = None
     if args.sd15_steps:
@@ -159,9 +165,10 @@ one process; UNet calls are exact counts (inversion included). Raw rows: `{out}/
 
 `npi@fixed-point` and `npi@anderson` invert with `--invert-scheme fixed-point|anderson` (each step
 iterated until its denoising step lands back within {DEFAULT_INVERT_TOL:g} of where it started, at most
-{DEFAULT_INVERT_ITERS} extra UNet calls a step); `npi@bdia` with `--invert-scheme bdia` (bidirectional integration: exact by
-construction, one UNet call a step); `dec100` fits the clean latent to the image through the VAE
-decoder first (`--decoder-steps 100`). "vs VAE round trip": the mean PSNR minus the mean of `decode(encode(x))`.
+{DEFAULT_INVERT_ITERS} extra UNet calls a step); `npi@bdia` with `--invert-scheme bdia` (bidirectional
+integration: exact by construction, one UNet call a step; `+g0.9`: with BDIA's damping factor
+`--bdia-gamma 0.9`); `dec100` fits the clean latent to the image through the VAE decoder first
+(`--decoder-steps 100`). "vs VAE round trip": the mean PSNR minus the mean of `decode(encode(x))`.
 
 {frontier_section(rec)}
 ![PSNR vs steps]({out}/reconstruct/psnr_vs_steps.png) ![PSNR vs seconds]({out}/reconstruct/psnr_vs_seconds.png)
@@ -194,7 +201,7 @@ took a quarter of the latent side (4x4 here).
 
 {args.exact_edit_scenes} held-out scenes x colour, shape and background swaps at the model's recommended
 guidance (w = {rec_w:g}), at {" and ".join(map(str, exact_steps))} steps, each scene inverted with plain DDIM
-(`ddim`), `--invert-scheme anderson` or `bdia`.
+(`ddim`), `--invert-scheme anderson`, `bdia`, or `bdia` with `--bdia-gamma 0.9` (`bdia-g0.9`).
 "bg PSNR (successes)" averages the kept region over the edits that succeeded only: an edit that fails
 by changing nothing keeps the whole background.
 

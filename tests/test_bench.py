@@ -192,6 +192,16 @@ def test_reconstruct_bench_methods_come_from_the_registry(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_reconstruct_bench_labels_name_the_inversion():
+    from npinv.bench.reconstruct import inversion_tag
+
+    assert inversion_tag("") == {}
+    assert inversion_tag("anderson+dec100") == {"invert_scheme": "anderson", "decoder_steps": 100}
+    assert inversion_tag("bdia+g0.9") == {"invert_scheme": "bdia", "bdia_gamma": 0.9}
+    with pytest.raises(NpinvError, match="unknown inversion scheme 'g2'"):
+        inversion_tag("bdia+g2")
+
+
 def test_edit_shapes_compares_blend_map_sizes(tmp_path, sd_model):
     summary = run_edit_shapes(sd_model, tmp_path, n_scenes=1, methods=("npi",), directs=(False,), steps=2,
                               blend_sizes=(None, 8))

@@ -3,6 +3,7 @@ SD 1.x, SD 2.x (v-prediction) and SDXL models."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 
 from npinv.cli import main
 from npinv.cost import Meter
+from npinv.errors import NpinvError
 from npinv.guidance import CFG
 from npinv.inversion import Inversion, ddim_inversion
 from npinv.io import image_to_tensor
@@ -37,7 +39,8 @@ def model(request):
 def round_trip_error(model, inv: Inversion) -> float:
     """max |z0' - z0| of guidance-1 sampling from the inversion's noise with the source prompt."""
     branch = Branch.constant(inv.source, inv.source, inv.steps)
-    result = sample(model, inv.noise, inv.schedule_for(model), [branch], CFG(1.0), pair_start=inv.pair_start)
+    result = sample(model, inv.noise, inv.schedule_for(model), [branch], CFG(1.0), pair_start=inv.pair_start,
+                    pair_gamma=inv.pair_gamma)
     return float((result.latents - inv.trajectory[:1]).abs().max())
 
 
@@ -56,6 +59,35 @@ def test_bdia_is_exact_at_one_unet_call_a_step_on_any_grid(model):
         rec = reconstruct(model, exact, "npi", 7.5)
         assert rec.cost.unet_calls == steps - 1  # the first step is the stored z*[n-1]
         assert float((rec.latent - exact.trajectory[:1]).abs().max()) < 1e-3 * scale
+
+
+def test_bdia_damping_factor_stays_exact_and_travels_with_the_inversion(model, tmp_path):
+    """BDIA with gamma < 1 is still exact (the inversion divides by gamma where sampling multiplies);
+    the inversion records gamma, and sampling with another gamma misses z0."""
+    x = picture(model.resolution)
+    inv = ddim_inversion(model, x, SOURCE, steps=10, scheme="bdia", gamma=0.8)
+    scale = float(inv.trajectory[0].abs().max())
+    assert inv.pair_gamma == 0.8 and inv.scheme_report()["bdia_gamma"] == 0.8
+    exact_err = round_trip_error(model, inv)
+    wrong_err = round_trip_error(model, dataclasses.replace(inv, scheme={**inv.scheme, "gamma": 1.0}))
+    assert exact_err < 1e-3 * scale and wrong_err > 100 * exact_err, (exact_err, wrong_err)
+    back = Inversion.load(inv.save(tmp_path / "inv.safetensors"))
+    assert back.pair_gamma == 0.8 and round_trip_error(model, back) == exact_err
+    rec = reconstruct(model, back, "npi", 7.5)  # NPI at any w: the source prompt at guidance 1
+    assert float((rec.latent - inv.trajectory[:1]).abs().max()) < 1e-3 * scale
+
+
+def test_a_damaged_bdia_gamma_is_refused(tmp_path, sd_model):
+    inv = ddim_inversion(sd_model, picture(32), SOURCE, steps=STEPS, scheme="bdia", gamma=0.9)
+    for bad in (0, 1.5, "x", True):
+        path = dataclasses.replace(inv, scheme={**inv.scheme, "gamma": bad}).save(tmp_path / "bad.safetensors")
+        with pytest.raises(NpinvError, match="BDIA gamma"):
+            Inversion.load(path)
+    with pytest.raises(NpinvError, match=r"bdia-gamma must be a number in \(0, 1\], got 0"):
+        ddim_inversion(sd_model, picture(32), SOURCE, steps=STEPS, scheme="bdia", gamma=0)
+    # Rounding grows as gamma^-steps: refused past 1e5, with what would do.
+    with pytest.raises(NpinvError, match=r"^bdia-gamma 0.8 with 100 steps: .* 4.9e\+09 .* at least 0.892 or at most 51 steps$"):
+        ddim_inversion(sd_model, picture(32), SOURCE, steps=100, scheme="bdia", gamma=0.8)
 
 
 @pytest.mark.parametrize("scheme", ["fixed-point", "anderson"])
@@ -126,4 +158,21 @@ def test_cli_reports_the_scheme_and_refuses_bad_values(capsys, tmp_path, sd_fold
         assert main([*argv, flag, value, "--out", str(tmp_path / "b.png")]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "b.png").exists()
+
+
+def test_cli_takes_bdias_damping_factor(capsys, tmp_path, sd_folder, image_file):
+    argv = ["--quiet", "reconstruct", str(image_file), "--prompt", SOURCE, "--steps", str(STEPS), "--model",
+            str(sd_folder), "--json", "--invert-scheme", "bdia"]
+    saved = tmp_path / "inv.safetensors"
+    assert main([*argv, "--bdia-gamma", "0.9", "--save-inversion", str(saved), "--out", str(tmp_path / "a.png")]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert (row["invert_scheme"], row["bdia_gamma"]) == ("bdia", 0.9) and Inversion.load(saved).pair_gamma == 0.9
+    for value in ("0", "1.1", "x"):
+        assert main([*argv, "--bdia-gamma", value, "--out", str(tmp_path / "b.png")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "bdia-gamma must be a number in (0, 1]" in err, err
+    assert main([*argv, "--bdia-gamma", "0.8", "--steps", "100", "--out", str(tmp_path / "b.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "bdia-gamma 0.8 with 100 steps" in err, err
     assert not (tmp_path / "b.png").exists()

@@ -204,7 +204,7 @@ def test_decoder_steps_reach_the_inversion(engine):
 
 def test_invert_settings_are_the_schemas_web_fields(engine):
     assert INVERT_FIELDS == ("steps", "offset", "resize", "invert_scheme", "invert_iters", "invert_tol",
-                             "decoder_steps")  # the size is the model's: not on the page
+                             "bdia_gamma", "decoder_steps")  # the size is the model's: not on the page
     assert engine.invert_settings() == InvertSettings()  # the schema's defaults
     assert INVERT_DEFAULTS == {f.name: getattr(InvertSettings(), f.name) for f, spec in specs(InvertSettings)
                                if spec.web}

@@ -106,6 +106,7 @@ BLEND = "blend must be two words, SOURCE_WORD TARGET_WORD (or none), got "
 SCHEME = f"invert-scheme must be one of {', '.join(scheme_names())}, got "  # the registry's schemes
 ITERS = "invert-iters must be a whole number in 1..100, got "
 TOL = "invert-tol must be a number in 0..1, got "
+GAMMA = "bdia-gamma must be a number in (0, 1], got "
 DECODER = "decoder-steps must be a whole number in 0..10000, got "
 
 INVERT_CASES = [  # (field, value, the message's start)
@@ -124,6 +125,7 @@ INVERT_CASES = [  # (field, value, the message's start)
     *[("invert_iters", v, ITERS + m) for v, m in
       ((0, "0"), (101, "101"), (2.5, "2.5"), (float("nan"), "nan"), ("Infinity", "inf"), (True, "True"), (None, "None"))],
     *[("invert_tol", v, TOL + m) for v, m in ((-0.1, "-0.1"), (2, "2.0"), (float("inf"), "inf"), ("tight", "'tight'"))],
+    *[("bdia_gamma", v, GAMMA + m) for v, m in ((0, "0.0"), (1.5, "1.5"), (float("nan"), "nan"), ("soft", "'soft'"))],
     *[("decoder_steps", v, DECODER + m) for v, m in ((-1, "-1"), (10001, "10001"), (0.5, "0.5"), ("lots", "'lots'"))],
     ("decoder_steps", 1001, "decoder-steps must be a whole number in 0..1000 on this server, got 1001"),  # the server's
     ("source_prompt", HUGE, "the source prompt is 100,000 characters long; this server accepts at most 1,000"),
@@ -176,7 +178,8 @@ def case_id(value) -> str:
 
 POSITIONAL = dict(source_prompt=EXAMPLE["prompt"], target_prompt=TARGET)
 SETTINGS = dict(steps=2, offset="default", resize="crop", invert_scheme="ddim", invert_iters=DEFAULT_INVERT_ITERS,
-                invert_tol=DEFAULT_INVERT_TOL, decoder_steps=0)  # the page's inversion settings, as its controls send them
+                invert_tol=DEFAULT_INVERT_TOL, bdia_gamma=1.0,
+                decoder_steps=0)  # the page's inversion settings, as its controls send them
 FORM = dict(method="npi", controller="replace", guidance=2.5, cross_replace="0.8", self_replace="0.6", blend="",
             reweight="", direct=False, keep_attention_maps=False)
 
@@ -314,7 +317,8 @@ def test_raw_json_infinity_and_nan_are_one_line_errors(server, server_log):
         ("invert", [image, EXAMPLE["prompt"], inf, *settings], "steps must be a whole number in 1..1000, got inf"),
         ("invert", [image, EXAMPLE["prompt"], nan, *settings], "steps must be a whole number in 1..1000, got nan"),
         ("invert", [image, EXAMPLE["prompt"], 2, -inf, *settings[1:]], "offset must be one of 0, 1, default, got -inf"),
-        ("invert", [*invert[:-2], nan, 0], "invert-tol must be a number in 0..1, got nan"),
+        ("invert", [*invert[:-3], nan, 1.0, 0], "invert-tol must be a number in 0..1, got nan"),
+        ("invert", [*invert[:-2], nan, 0], "bdia-gamma must be a number in (0, 1], got nan"),
         ("invert", [*invert[:-1], inf], "decoder-steps must be a whole number in 0..10000, got inf"),
         ("edit", edit(guidance=nan), "guidance must be a number in 0..30 (or none), got nan"),
         ("edit", edit(cross_replace=inf), "cross-replace must be a fraction in 0..1 or a window"),

@@ -627,6 +627,7 @@ def cmd_edit_video(args) -> int:
            "controller": settings.controller, "steps": inv_settings.steps, "guidance": settings.guidance,
            "direct": settings.direct, "invert_scheme": inv_settings.invert_scheme,
            "invert_iters": inv_settings.invert_iters if inv_settings.invert_scheme != "ddim" else 0,
+           "bdia_gamma": inv_settings.bdia_gamma if inv_settings.invert_scheme == "bdia" else 1.0,
            "decoder_steps": inv_settings.decoder_steps,
            "batch_size": args.batch_size, "model": model.name, "source_frames": info.frames} | result.summary()
     if args.json:

@@ -124,7 +124,8 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
     for job in jobs[1:]:
         inv = job.inversion
         if (inv.schedule != first.schedule or inv.trajectory.shape != first.trajectory.shape
-                or inv.model != first.model or (inv.pair_start is None) != (first.pair_start is None)):
+                or inv.model != first.model or (inv.pair_start is None) != (first.pair_start is None)
+                or inv.pair_gamma != first.pair_gamma):
             raise NpinvError("images edited in one batch need the same model, steps, offset, size and inversion scheme")
     tok = model.pipe.tokenizer
     steps = first.steps
@@ -180,7 +181,8 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
                                 for inv, job in zip(inversions, jobs, strict=True)])
     with controlled_attention(model.unet, controller, self_min_downscale=1 / settings.self_replace_size):
         result = sample(model, z_start, first.schedule_for(model), branches, guidance, controller=controller,
-                        hooks=hooks, progress="edit" if progress else None, pair_start=pair_start)
+                        hooks=hooks, progress="edit" if progress else None, pair_start=pair_start,
+                        pair_gamma=first.pair_gamma)
     images = model.decode(result.latents)
     cost = meter.cost
     return [

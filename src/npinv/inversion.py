@@ -20,7 +20,7 @@ from npinv.io import Stage, atomic_path, writing
 from npinv.model import Model, PromptEmbedding
 from npinv.sampling import StepHook, StepState
 from npinv.schedule import Schedule
-from npinv.settings import DEFAULT_INVERT_ITERS, DEFAULT_INVERT_TOL
+from npinv.settings import DEFAULT_INVERT_ITERS, DEFAULT_INVERT_TOL, check_bdia_gamma
 
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
@@ -52,7 +52,8 @@ class Inversion:
     dtype: str
     negatives: list[PromptEmbedding] | None = None
     nti: dict[str, Any] | None = None
-    # How it was made: {"name", "iters", "tol", "residuals", "iterations", "decoder_steps", "decoder_losses"};
+    # How it was made: {"name", "iters", "tol", "residuals", "iterations", "decoder_steps", "decoder_losses"},
+    # and "gamma" for bdia;
     # None for files written before schemes existed (plain DDIM).
     scheme: dict[str, Any] | None = None
 
@@ -67,6 +68,11 @@ class Inversion:
 
         return self.trajectory[-2:-1] if get_scheme(self.scheme_name).pair_start else None
 
+    @property
+    def pair_gamma(self) -> float:
+        """BDIA's damping factor the inversion was made with (sampling must use the same; 1 otherwise)."""
+        return float((self.scheme or {}).get("gamma", 1.0))
+
     def scheme_report(self) -> dict[str, Any]:
         """What reports print beside the UNet calls: the scheme, its iteration cap, the extra UNet calls
         it made, its worst step residual, and the decoder-inversion steps."""
@@ -74,7 +80,8 @@ class Inversion:
         residuals = [r for r in s.get("residuals", []) if r is not None]
         return {"invert_scheme": self.scheme_name, "invert_iters": s.get("iters", 0),
                 "invert_extra_calls": sum(s.get("iterations", [])),
-                "invert_residual": max(residuals) if residuals else None, "decoder_steps": s.get("decoder_steps", 0)}
+                "invert_residual": max(residuals) if residuals else None, "decoder_steps": s.get("decoder_steps", 0),
+                "bdia_gamma": self.pair_gamma}
 
     @property
     def steps(self) -> int:
@@ -190,6 +197,9 @@ def _check_file(name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor
     scheme = meta.get("scheme")
     if scheme is not None and not (isinstance(scheme, dict) and isinstance(scheme.get("name"), str)):
         raise bad(f"inversion scheme {scheme!r}")
+    gamma = (scheme or {}).get("gamma", 1.0)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+        raise bad(f"BDIA gamma {gamma!r}")
     for key in ("trajectory", "source.hidden", "null.hidden"):
         if key not in tensors:
             raise bad(f"no {key!r} tensor")
@@ -231,23 +241,23 @@ def _embedding_from(prefix: str, tensors: dict[str, torch.Tensor]) -> PromptEmbe
 def ddim_inversion(
     model: Model, image: torch.Tensor, prompt: str, *, steps: int = 50, offset: int | None = None,
     progress: bool = False, scheme: str = "ddim", iters: int = DEFAULT_INVERT_ITERS, tol: float = DEFAULT_INVERT_TOL,
-    decoder_steps: int = 0,
+    gamma: float = 1.0, decoder_steps: int = 0,
 ) -> Inversion:
     """Encode ``image`` (1, 3, H, W) in [-1, 1] and invert it with DDIM under ``prompt``."""
     return ddim_inversion_batch(model, image, [prompt], steps=steps, offset=offset, progress=progress, scheme=scheme,
-                                iters=iters, tol=tol, decoder_steps=decoder_steps)[0]
+                                iters=iters, tol=tol, gamma=gamma, decoder_steps=decoder_steps)[0]
 
 
 def ddim_inversion_batch(
     model: Model, images: torch.Tensor, prompts: list[str], *, steps: int = 50, offset: int | None = None,
     progress: bool = False, scheme: str = "ddim", iters: int = DEFAULT_INVERT_ITERS, tol: float = DEFAULT_INVERT_TOL,
-    decoder_steps: int = 0,
+    gamma: float = 1.0, decoder_steps: int = 0,
 ) -> list[Inversion]:
     """Invert several same-size images (B, 3, H, W), one prompt each, in one UNet batch per step.
 
     ``scheme`` (:mod:`npinv.schemes`): ``ddim``, or ``fixed-point`` with at most ``iters`` extra UNet
-    calls a step, stopping when a step inverts to ``tol``. ``decoder_steps``: fit the clean latent to
-    the image through the VAE decoder first (:mod:`npinv.decoder`)."""
+    calls a step, stopping when a step inverts to ``tol``; ``bdia`` with damping factor ``gamma``.
+    ``decoder_steps``: fit the clean latent to the image through the VAE decoder first (:mod:`npinv.decoder`)."""
     from npinv.decoder import invert_decoder
     from npinv.schemes import get_scheme
 
@@ -256,16 +266,20 @@ def ddim_inversion_batch(
     for p in prompts:
         check_prompt(p, "the source prompt")
     how = get_scheme(scheme)
+    if how.pair_start:
+        check_bdia_gamma(gamma, steps)
     schedule = model.schedule(steps, offset)
     sources = [model.encode_prompt(p) for p in prompts]
     z0 = model.encode_image(images)
     fit = invert_decoder(model, images, z0, decoder_steps)
     trace = how.invert(model, fit.latent, schedule, PromptEmbedding.cat(sources), iters=iters, tol=tol,
-                       progress="invert" if progress else None)
+                       gamma=gamma, progress="invert" if progress else None)
     null = model.null_embedding()
     record = {"name": how.name, "iters": iters if how.name != "ddim" else 0, "tol": tol if how.name != "ddim" else 0.0,
               "residuals": trace.residuals, "iterations": trace.iterations, "decoder_steps": decoder_steps,
               "decoder_losses": fit.losses[:1] + fit.losses[-1:]}  # first and last
+    if how.pair_start:
+        record["gamma"] = gamma
     return [
         Inversion(
             trajectory=trace.trajectory[:, b].contiguous(), source_prompt=prompt, source=source, null=null,

@@ -187,7 +187,8 @@ def reconstruct(model: Model, inv: Inversion, method: str | Method, guidance: fl
         negatives, hooks = [inv.null] * inv.steps, [optimiser]
     branch = Branch(inv.source, list(negatives))
     result = sample(model, inv.noise, inv.schedule_for(model), [branch], rule, hooks=hooks,
-                    progress=f"{method.name} sample" if progress else None, pair_start=inv.pair_start)
+                    progress=f"{method.name} sample" if progress else None, pair_start=inv.pair_start,
+                    pair_gamma=inv.pair_gamma)
     if optimiser is not None:
         inv = dataclasses.replace(inv, negatives=branch.negatives,
                                   nti={"guidance": guidance, "inner_steps": nti_inner_steps, "losses": optimiser.losses})

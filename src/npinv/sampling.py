@@ -60,6 +60,7 @@ class StepState:
     z_next: torch.Tensor | None = None
     guidance_mask: torch.Tensor | None = None
     z_prev: torch.Tensor | None = None  # BDIA sampling: each branch's latent before this one
+    gamma: float = 1.0  # BDIA sampling: the inversion's damping factor
 
     def advance(self, eps: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         """The step's rule applied to the branches in ``rows`` with model output ``eps``: the DDIM
@@ -67,7 +68,7 @@ class StepState:
         like null-text inversion, must use)."""
         if self.z_prev is None:
             return self.schedule.denoise_step(self.z[rows], eps, self.i)
-        return self.schedule.bdia_step(self.z[rows], self.z_prev[rows], eps, self.i)
+        return self.schedule.bdia_step(self.z[rows], self.z_prev[rows], eps, self.i, self.gamma)
 
 
 class StepHook:
@@ -111,12 +112,14 @@ def sample(
     hooks: Sequence[StepHook] = (),
     progress: str | None = None,
     pair_start: torch.Tensor | None = None,
+    pair_gamma: float = 1.0,
 ) -> SampleResult:
     """Denoise ``z_start`` (one latent per branch, or one shared by all) from the top of the grid.
 
     ``pair_start`` (an inversion's ``z*[n-1]``, per branch or shared): BDIA sampling. The first step
     is not computed (every branch takes ``pair_start``: no UNet call, no hooks), and each later step
-    is the BDIA step from the branch's last two latents (:meth:`Schedule.bdia_step`)."""
+    is the BDIA step from the branch's last two latents (:meth:`Schedule.bdia_step`) with damping
+    factor ``pair_gamma`` (the inversion's)."""
     branches = list(branches)
     z = _per_branch(z_start, len(branches))
     if pair_start is not None:
@@ -132,7 +135,8 @@ def sample(
         if pair_start is not None and i == 0:
             z_prev, z = z, pair_start
             continue
-        state = StepState(i, t, z, branches, schedule, z_prev=z_prev if pair_start is not None else None)
+        state = StepState(i, t, z, branches, schedule, z_prev=z_prev if pair_start is not None else None,
+                          gamma=pair_gamma)
         for hook in hooks:
             hook.before_step(state)
         state.rows = _rows(branches, i, guidance.needs_negative, state.known)

@@ -105,21 +105,31 @@ class Schedule:
         return self.denoise_step(z, output, self.steps - 1 - k)
 
     # -- BDIA (bidirectional integration, Zhang et al. 2023): one UNet call a step, invertible exactly --
-    def bdia_terms(self, z: torch.Tensor, output: torch.Tensor, level: int) -> torch.Tensor:
-        """``D(z; level -> level + D) - D(z; level -> level - D)``: the DDIM steps up and down from ``z`` at
-        ``level`` with the one model output there."""
+    def bdia_ends(self, z: torch.Tensor, output: torch.Tensor, level: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``D(z; level -> level + D)`` and ``D(z; level -> level - D)``: the DDIM steps up and down from
+        ``z`` at ``level`` with the one model output there."""
         e = self.to_epsilon(output, z, level)
         a = self.alpha(level)
-        return ddim_step(z, e, a, self.alpha(level + self.stride)) - ddim_step(z, e, a, self.alpha(level - self.stride))
+        return ddim_step(z, e, a, self.alpha(level + self.stride)), ddim_step(z, e, a, self.alpha(level - self.stride))
 
-    def bdia_step(self, z: torch.Tensor, z_prev: torch.Tensor, output: torch.Tensor, i: int) -> torch.Tensor:
-        """Denoising step ``i >= 1``: ``z_{k-1} = z_{k+1} - D(z_k; up) + D(z_k; down)``, ``z_prev`` = ``z_{k+1}``."""
-        return z_prev.to(torch.float32) - self.bdia_terms(z, output, self.denoise_timestep(i))
+    def bdia_step(self, z: torch.Tensor, z_prev: torch.Tensor, output: torch.Tensor, i: int,
+                  gamma: float = 1.0) -> torch.Tensor:
+        """Denoising step ``i >= 1``: ``z_{k-1} = gamma (z_{k+1} - D(z_k; up)) + D(z_k; down)``, ``z_prev`` =
+        ``z_{k+1}`` (BDIA's damping factor ``gamma``; 1 is the plain BDIA step)."""
+        up, down = self.bdia_ends(z, output, self.denoise_timestep(i))
+        if gamma == 1.0:
+            return z_prev.to(torch.float32) - (up - down)
+        return gamma * (z_prev.to(torch.float32) - up) + down
 
-    def bdia_invert_step(self, z_before: torch.Tensor, z: torch.Tensor, output: torch.Tensor, k: int) -> torch.Tensor:
-        """``z*[k+1] = z*[k-1] + D(z*[k]; up) - D(z*[k]; down)``: the exact inverse of :meth:`bdia_step`
-        (``k >= 1``, the output taken at ``z*[k]``'s own level ``(k - 1) * D + offset``)."""
-        return z_before.to(torch.float32) + self.bdia_terms(z, output, self.level(k))
+    def bdia_invert_step(self, z_before: torch.Tensor, z: torch.Tensor, output: torch.Tensor, k: int,
+                         gamma: float = 1.0) -> torch.Tensor:
+        """``z*[k+1] = (z*[k-1] - D(z*[k]; down)) / gamma + D(z*[k]; up)``: the exact inverse of
+        :meth:`bdia_step` (``k >= 1``, the output taken at ``z*[k]``'s own level ``(k - 1) * D + offset``).
+        It divides by ``gamma`` every step: exact in exact arithmetic, rounding grows as ``gamma**-n``."""
+        up, down = self.bdia_ends(z, output, self.level(k))
+        if gamma == 1.0:
+            return z_before.to(torch.float32) + (up - down)
+        return (z_before.to(torch.float32) - down) / gamma + up
 
     def level(self, k: int) -> int:
         """The noise level of trajectory latent ``z*[k]`` (``k = 0``: below the grid, the final alpha)."""

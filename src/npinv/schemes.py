@@ -10,9 +10,10 @@ on, ``z_{i+1}``. The schemes:
   from ``z_i`` (relative to ``|z_i|``), and stopping below the tolerance (AIDI / fixed-point
   inversion). ``1 + k`` UNet calls for ``k`` iterations; at most ``1 + iters``;
 - ``anderson``: the same fixed point with Anderson mixing;
-- ``bdia``: bidirectional integration (BDIA-DDIM, Zhang et al. 2023): ``z*[k+1] = z*[k-1] +
-  D(z*[k]; up) - D(z*[k]; down)``, one UNet call a step and exactly invertible by sampling with the
-  mirrored step from the pair ``(z*[n], z*[n-1])`` (:attr:`InversionScheme.pair_start`).
+- ``bdia``: bidirectional integration (BDIA-DDIM, Zhang et al. 2023): ``z*[k+1] = (z*[k-1] -
+  D(z*[k]; down)) / gamma + D(z*[k]; up)``, one UNet call a step and exactly invertible by sampling
+  with the mirrored step from the pair ``(z*[n], z*[n-1])`` (:attr:`InversionScheme.pair_start`);
+  ``gamma`` (BDIA's damping factor, 1 by default) is recorded in the inversion, since sampling must use it.
 
 A scheme is one object in :data:`SCHEMES`; the CLI, manifests and the web app list them from there.
 """
@@ -48,7 +49,7 @@ class InversionScheme:
     pair_start = False
 
     def invert(self, model: Model, z0: torch.Tensor, schedule: Schedule, cond: PromptEmbedding, *,
-               iters: int = 0, tol: float = 0.0, progress: str | None = None) -> InversionTrace:
+               iters: int = 0, tol: float = 0.0, gamma: float = 1.0, progress: str | None = None) -> InversionTrace:
         z = z0.to(torch.float32)
         trajectory, residuals, iterations = [z], [], []
         with torch.no_grad():
@@ -130,7 +131,7 @@ class BDIA(InversionScheme):
     pair_start = True
 
     def invert(self, model: Model, z0: torch.Tensor, schedule: Schedule, cond: PromptEmbedding, *,
-               iters: int = 0, tol: float = 0.0, progress: str | None = None) -> InversionTrace:
+               iters: int = 0, tol: float = 0.0, gamma: float = 1.0, progress: str | None = None) -> InversionTrace:
         z = z0.to(torch.float32)
         trajectory = [z]
         with torch.no_grad():
@@ -139,7 +140,8 @@ class BDIA(InversionScheme):
                     z = schedule.invert_step(z, model.unet_output(z, t, cond), 0)
                 else:
                     k = i  # z*[k] is at level t_{k-1}
-                    z = schedule.bdia_invert_step(trajectory[k - 1], z, model.unet_output(z, schedule.level(k), cond), k)
+                    z = schedule.bdia_invert_step(trajectory[k - 1], z, model.unet_output(z, schedule.level(k), cond), k,
+                                                  gamma)
                 trajectory.append(z)
         n = schedule.steps
         return InversionTrace(torch.stack(trajectory), [None] * n, [0] * n)

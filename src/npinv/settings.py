@@ -385,6 +385,23 @@ def _method_names() -> tuple[str, ...]:
 # embedded model a cap of 10 leaves it 0.05 dB short of NTI@50, 60 reaches it (docs/method.md).
 DEFAULT_INVERT_ITERS = 60
 DEFAULT_INVERT_TOL = 1e-3
+# BDIA with damping factor gamma < 1 divides by gamma at every inversion step, multiplying float rounding
+# by gamma^-steps. On the embedded model 0.8^-50 (7e4) still reconstructs exactly and 0.8^-100 (5e9)
+# gives noise (docs/method.md): refuse amplifications above this.
+MAX_BDIA_AMPLIFICATION = 1e5
+
+
+def check_bdia_gamma(gamma: float, steps: int) -> None:
+    """Refuse a BDIA damping factor outside (0, 1], or one whose inversion would amplify rounding past
+    :data:`MAX_BDIA_AMPLIFICATION` over ``steps`` steps."""
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
+        raise NpinvError(f"bdia-gamma must be a number in (0, 1], got {gamma!r}")
+    if gamma < 1 and steps * -math.log(gamma) > math.log(MAX_BDIA_AMPLIFICATION):
+        most = int(math.log(MAX_BDIA_AMPLIFICATION) / -math.log(gamma))
+        least = math.ceil(MAX_BDIA_AMPLIFICATION ** (-1 / steps) * 1000) / 1000
+        raise NpinvError(f"bdia-gamma {gamma:g} with {steps} steps: inverting divides by gamma at every step, "
+                         f"which multiplies float rounding by {gamma ** -steps:.1e} (at most "
+                         f"{MAX_BDIA_AMPLIFICATION:.0e}); use a gamma of at least {least:g} or at most {most} steps")
 
 
 def _scheme_names() -> tuple[str, ...]:
@@ -424,6 +441,11 @@ class InvertSettings:
     invert_tol: float = setting(DEFAULT_INVERT_TOL, Number(0, 1), "fixed-point: stop a step once its denoising step "
                                 f"lands within this relative distance of where it started (default {DEFAULT_INVERT_TOL:g})",
                                 label="Fixed-point tolerance")
+    bdia_gamma: float = setting(1.0, Number(0, 1, low_open=True),
+                                "bdia: damping factor gamma of each step (BDIA's; 1: the plain step; below 1 edits "
+                                "follow the target prompt more, and inverting divides by it every step, so rounding "
+                                "grows as gamma^-steps); recorded in the inversion",
+                                label="BDIA gamma")
     decoder_steps: int = setting(0, Number(0, 10000, integer=True),
                                  "decoder inversion: Adam steps fitting the clean latent to the image through the VAE "
                                  "decoder before inverting (default 0: off; 100 gains 4-6 dB on the embedded model)",
@@ -431,15 +453,19 @@ class InvertSettings:
 
     def validate(self) -> None:
         check_fields(self)
+        if self.invert_scheme == "bdia":
+            check_bdia_gamma(self.bdia_gamma, self.steps)
 
     def key(self) -> tuple:
         """Everything that changes the inversion (the scheme's knobs only when the scheme uses them)."""
         exact = (self.invert_iters, self.invert_tol) if self.invert_scheme != "ddim" else ()
+        if self.invert_scheme == "bdia":
+            exact = (*exact, self.bdia_gamma)
         return (self.steps, self.offset, self.size, self.resize, self.invert_scheme, *exact, self.decoder_steps)
 
     def scheme_kwargs(self) -> dict[str, Any]:
         return {"scheme": self.invert_scheme, "iters": self.invert_iters, "tol": self.invert_tol,
-                "decoder_steps": self.decoder_steps}
+                "gamma": self.bdia_gamma, "decoder_steps": self.decoder_steps}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -111,12 +111,14 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
                     directs=(False, True), controllers=("replace",), guidances=(7.5,), steps: int = 50,
                     blend: bool = True, cross_replace: float = 0.8, self_replace: float = 0.6,
                     blend_sizes: tuple[int | None, ...] = (None,), progress: bool = False, grid_cases: int = 6,
-                    invert_scheme: str = "ddim", shard: Shard | None = None) -> dict:
+                    invert_scheme: str = "ddim", bdia_gamma: float = 1.0, shard: Shard | None = None) -> dict:
     """``blend_sizes``: the local-blend map sizes to compare (None: npinv's rule, see ``blend_downscale``);
-    ``invert_scheme``: how each scene is inverted (:mod:`npinv.schemes`)."""
+    ``invert_scheme``: how each scene is inverted (:mod:`npinv.schemes`), ``bdia_gamma`` BDIA's damping
+    factor (rows label such inversions ``bdia-g<gamma>``)."""
     methods = tuple(get_method(m).name for m in methods)  # unknown names refused before any work
-    invert_settings = InvertSettings(steps=steps, invert_scheme=invert_scheme)
+    invert_settings = InvertSettings(steps=steps, invert_scheme=invert_scheme, bdia_gamma=bdia_gamma)
     invert_settings.validate()
+    label = f"bdia-g{bdia_gamma:g}" if invert_scheme == "bdia" and bdia_gamma != 1.0 else invert_scheme
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out, shard, what="npinv bench edit-shapes"):  # one run at a time in a results folder
@@ -134,7 +136,7 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
             scene_cases = [it["case"] for it in items]
             scene = scene_cases[0].scene
             todo = [(c, s) for c in scene_cases for s in settings_list
-                    if _key(c, s, steps, invert_scheme) not in results]
+                    if _key(c, s, steps, label) not in results]
             if not todo:
                 continue
             picture = prepare_picture(scene.render(res), model, invert_settings, name=f"scene{index:03d}")
@@ -160,8 +162,8 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
                 source = tensor_to_unit(image)
                 gt_err = float(((edited - truth) ** 2).mean())
                 row = {
-                    "key": _key(case, (method, direct, controller, w, blend_res), steps, invert_scheme), "scene": index,
-                    "inversion": invert_scheme, "invert_unet_calls": inverted.cost.unet_calls,
+                    "key": _key(case, (method, direct, controller, w, blend_res), steps, label), "scene": index,
+                    "inversion": label, "invert_unet_calls": inverted.cost.unet_calls,
                     "kind": case.edit.kind, "source": case.scene.caption, "target": case.target.caption, "method": method,
                     "direct": direct, "controller": controller, "guidance": w, "steps": steps, "blend": blend,
                     "blend_res": blend_res, "blend_maps": _blend_maps(result), "blend_iou": (

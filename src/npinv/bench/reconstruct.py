@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -57,18 +58,21 @@ def reconstruct_settings(label: str, guidance: float) -> ReconstructSettings:
         method = get_method(label)
     except NpinvError:
         raise NpinvError(f"unknown benchmark method {short_repr(label)}; choose from "
-                         f"{', '.join(method_labels())} (optionally @SCHEME, @decN or @SCHEME+decN)") from None
+                         f"{', '.join(method_labels())} (optionally @SCHEME, @decN, @SCHEME+decN or @bdia+gGAMMA)") from None
     settings = ReconstructSettings(method.name, guidance)
     settings.validate()
     return settings
 
 
 def inversion_tag(tag: str) -> dict:
-    """``""`` (plain DDIM), ``SCHEME``, ``decN`` or ``SCHEME+decN`` -> InvertSettings fields."""
+    """``""`` (plain DDIM), ``SCHEME``, ``decN``, ``gGAMMA`` (BDIA's damping factor) or several joined
+    by ``+`` (``bdia+g0.9+dec100``) -> InvertSettings fields."""
     out: dict = {}
     for part in filter(None, tag.split("+")):
         if part.startswith("dec") and part[3:].isdigit():
             out["decoder_steps"] = int(part[3:])
+        elif re.fullmatch(r"g(0?\.\d+|1(\.0*)?)", part):
+            out["bdia_gamma"] = float(part[1:])
         else:
             out["invert_scheme"] = get_scheme(part).name
     return out

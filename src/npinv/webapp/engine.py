@@ -236,6 +236,7 @@ class Timings:
     invert_extra_calls: int = 0
     invert_residual: float | None = None  # the worst step's relative residual (fixed-point); None: unchecked
     decoder_steps: int = 0
+    bdia_gamma: float = 1.0
 
     def as_dict(self) -> dict:
         """Seconds to 0.1 ms; the residual (often far below that) to 4 significant digits."""
@@ -338,7 +339,7 @@ class Engine:
                stage: Stage | None = None, progress: bool = False, **settings: Any) -> InvertReport:
         """Invert an upload (or take it from the session's cache) and reconstruct it with NPI.
         ``settings``: the inversion settings by field name (:meth:`invert_settings`: steps, offset,
-        resize, invert_scheme, invert_iters, invert_tol, decoder_steps; missing ones are the schema's
+        resize, invert_scheme, invert_iters, invert_tol, bdia_gamma, decoder_steps; missing ones are the schema's
         defaults); they are the cache key's, so another scheme is another inversion."""
         prompt = self._source_prompt(prompt)
         settings = self.invert_settings(**settings)
