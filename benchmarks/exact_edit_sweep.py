@@ -23,7 +23,7 @@ import itertools
 from pathlib import Path
 
 from npinv import load_model
-from npinv.bench.edit_shapes import run_edit_shapes
+from npinv.bench.edit_shapes import inversion_label, run_edit_shapes
 from npinv.bench.paired import compare_paired, load_edit_rows, paired_table
 
 
@@ -43,7 +43,7 @@ def main() -> None:
     model = load_model(device="cpu")
     guidances = tuple(args.guidances or (model.edit_guidance,))
     # (scheme, gamma, label): each BDIA damping factor is an inversion of its own.
-    inversions = [(s, g, s if g == 1.0 else f"bdia-g{g:g}") for s in args.schemes
+    inversions = [(s, g, inversion_label(s, g)) for s in args.schemes
                   for g in (args.bdia_gammas if s == "bdia" else [1.0])]
     for steps, self_replace, (scheme, gamma, label) in itertools.product(args.steps, args.self_replace, inversions):
         window = "" if self_replace == 0.6 else f"_self{self_replace:g}"

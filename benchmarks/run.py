@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from npinv import load_model
-from npinv.bench.edit_shapes import edit_table, run_edit_shapes
+from npinv.bench.edit_shapes import edit_table, inversion_label, run_edit_shapes
 from npinv.bench.paired import compare_paired, load_edit_rows, paired_table
 from npinv.bench.reconstruct import reconstruct_table, run_reconstruct_bench
 from npinv.bench.throughput import run_throughput, throughput_table
@@ -32,10 +32,6 @@ EXACT_METHODS = ("npi@fixed-point", "npi@anderson", "npi@bdia", "npi@bdia+g0.9",
 # (scheme, BDIA gamma): plain DDIM inversion first, the baseline the exact schemes' edits are held
 # against in the same run.
 EXACT_EDIT_INVERSIONS = (("ddim", 1.0), ("anderson", 1.0), ("bdia", 1.0), ("bdia", 0.9))
-
-
-def edit_label(scheme: str, gamma: float) -> str:
-    return scheme if gamma == 1.0 else f"{scheme}-g{gamma:g}"  # as npinv.bench.edit_shapes labels the rows
 # The results folders main() writes (besides edit_exact_*), which a fresh run clears first.
 OUTPUT_FOLDERS = ("reconstruct", "edit_shapes", "edit_guidance", "edit_blend", "edit_noblend", "edit_bare", "throughput")
 
@@ -132,13 +128,13 @@ def main() -> None:
     # edits on plain DDIM inversions, on more scenes than the other edit tables.
     # At 10 steps, where plain inversion's reconstruction error is largest, and at 50 like every other edit table.
     exact_steps = [int(s) for s in args.exact_edit_steps.split(",")]
-    exact_edits = [run_edit_shapes(model, out / f"edit_exact_{edit_label(scheme, gamma)}_s{steps}",
+    exact_edits = [run_edit_shapes(model, out / f"edit_exact_{inversion_label(scheme, gamma)}_s{steps}",
                                    n_scenes=args.exact_edit_scenes, methods=("npi",), directs=(False,),
                                    guidances=(rec_w,), steps=steps, invert_scheme=scheme, bdia_gamma=gamma)
                    for steps in exact_steps for scheme, gamma in EXACT_EDIT_INVERSIONS]
     # Each exact scheme against plain inversion case by case (same scenes, same swaps).
     paired = [compare_paired(load_edit_rows(out / f"edit_exact_ddim_s{steps}"),
-                             load_edit_rows(out / f"edit_exact_{edit_label(scheme, gamma)}_s{steps}"))
+                             load_edit_rows(out / f"edit_exact_{inversion_label(scheme, gamma)}_s{steps}"))
               for steps in exact_steps for scheme, gamma in EXACT_EDIT_INVERSIONS if scheme != "ddim"]
     throughput = run_throughput(model, out / "throughput", n_images=args.batch_images, guidance=rec_w)
     sd15 = None

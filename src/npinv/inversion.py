@@ -198,8 +198,10 @@ def _check_file(name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor
     if scheme is not None and not (isinstance(scheme, dict) and isinstance(scheme.get("name"), str)):
         raise bad(f"inversion scheme {scheme!r}")
     gamma = (scheme or {}).get("gamma", 1.0)
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
-        raise bad(f"BDIA gamma {gamma!r}")
+    try:
+        check_bdia_gamma(gamma, schedule["steps"])
+    except NpinvError:
+        raise bad(f"BDIA gamma {gamma!r}") from None
     for key in ("trajectory", "source.hidden", "null.hidden"):
         if key not in tensors:
             raise bad(f"no {key!r} tensor")

@@ -65,6 +65,12 @@ class EditCase:
         return self.edit.words(self.scene)
 
 
+def inversion_label(scheme: str, bdia_gamma: float = 1.0) -> str:
+    """How rows, keys and results folders name an inversion: the scheme, ``bdia-g0.9`` for BDIA with a
+    damping factor below 1."""
+    return f"{scheme}-g{bdia_gamma:g}" if scheme == "bdia" and bdia_gamma != 1.0 else scheme
+
+
 def edit_cases(n_scenes: int, seed: int = HELD_OUT_SEED) -> list[EditCase]:
     rng = np.random.default_rng(seed)
     out = []
@@ -118,7 +124,7 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
     methods = tuple(get_method(m).name for m in methods)  # unknown names refused before any work
     invert_settings = InvertSettings(steps=steps, invert_scheme=invert_scheme, bdia_gamma=bdia_gamma)
     invert_settings.validate()
-    label = f"bdia-g{bdia_gamma:g}" if invert_scheme == "bdia" and bdia_gamma != 1.0 else invert_scheme
+    label = inversion_label(invert_scheme, bdia_gamma)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out, shard, what="npinv bench edit-shapes"):  # one run at a time in a results folder
