@@ -171,7 +171,10 @@ unless `--guidance` says otherwise. Reconstruction with NPI does not depend on g
 
 ## Limits
 - 64x64 px scenes of three shapes and six colours only; anything else is out of distribution.
-- Small VAE: edges are slightly soft; colours are exact.
+- Small VAE: edges are slightly soft; colours are exact. Its latents are not local: with the target
+  scene's latents outside the object and the source's inside, the object decodes wrongly in 6 of 24
+  held-out background swaps (object 6 to 13 dB; `benchmarks/vae_composite.py`), so local blend cannot
+  always keep the object through a background swap.
 {history}"""
 
 TARGETS = {"vae_psnr": 34.0, "samples": 0.92, "object_iou": 0.5, "blend_gain_db": 3.0, "edit_success": 0.80,
