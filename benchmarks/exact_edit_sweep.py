@@ -25,6 +25,7 @@ from pathlib import Path
 from npinv import load_model
 from npinv.bench.edit_shapes import inversion_label, run_edit_shapes
 from npinv.bench.paired import compare_paired, load_edit_rows, paired_table
+from npinv.settings import DEFAULT_INVERT_TOL
 
 
 def main() -> None:
@@ -38,18 +39,24 @@ def main() -> None:
                         help="fractions of the steps with self-attention replaced (make bench: 0.6)")
     parser.add_argument("--bdia-gammas", type=float, nargs="+", default=[1.0],
                         help="BDIA's damping factors, for the scheme bdia (make bench: 1)")
+    parser.add_argument("--invert-tols", type=float, nargs="+", default=[DEFAULT_INVERT_TOL],
+                        help="fixed-point tolerances, for the schemes fixed-point and anderson (make bench: the default)")
     parser.add_argument("--out", default="runs/exact_edit_sweep")
     args = parser.parse_args()
     model = load_model(device="cpu")
     guidances = tuple(args.guidances or (model.edit_guidance,))
-    # (scheme, gamma, label): each BDIA damping factor is an inversion of its own.
-    inversions = [(s, g, inversion_label(s, g)) for s in args.schemes
-                  for g in (args.bdia_gammas if s == "bdia" else [1.0])]
-    for steps, self_replace, (scheme, gamma, label) in itertools.product(args.steps, args.self_replace, inversions):
+    # (scheme, gamma, tolerance, label): each BDIA damping factor and fixed-point tolerance is an inversion
+    # of its own.
+    inversions = [(s, g, tol, inversion_label(s, g, tol)) for s in args.schemes
+                  for g in (args.bdia_gammas if s == "bdia" else [1.0])
+                  for tol in (args.invert_tols if s in ("fixed-point", "anderson") else [DEFAULT_INVERT_TOL])]
+    for steps, self_replace, (scheme, gamma, tol, label) in itertools.product(args.steps, args.self_replace,
+                                                                              inversions):
         window = "" if self_replace == 0.6 else f"_self{self_replace:g}"
         summary = run_edit_shapes(model, Path(args.out) / f"s{steps}{window}_{label}", n_scenes=args.scenes,
                                   methods=("npi",), directs=(False,), guidances=guidances, steps=steps,
-                                  invert_scheme=scheme, bdia_gamma=gamma, self_replace=self_replace)
+                                  invert_scheme=scheme, bdia_gamma=gamma, invert_tol=tol,
+                                  self_replace=self_replace)
         for row in summary["rows"]:
             a = row["all"]
             print(f"{steps} steps, self-replace {self_replace:g}, {label}, w {row['guidance']:g}: success "
@@ -61,7 +68,7 @@ def main() -> None:
             base = load_edit_rows(Path(args.out) / f"s{steps}{window}_ddim")
             print(f"\n{steps} steps, self-replace {self_replace:g}:\n" + paired_table(
                 [compare_paired(base, load_edit_rows(Path(args.out) / f"s{steps}{window}_{label}"))
-                 for _, _, label in inversions if label != "ddim"]))
+                 for *_, label in inversions if label != "ddim"]))
 
 
 if __name__ == "__main__":

@@ -123,6 +123,20 @@ def test_non_finite_unet_output_is_reported(sd_folder, picture):
         ddim_inversion(model, picture, "a cat", steps=3)
 
 
+def test_fingerprint_follows_the_weights_not_the_folder(sd_folder, tmp_path, picture):
+    """The same weights in another place (a copied model folder, another checkout) are the same model: an
+    inversion saved with one loads with the other."""
+    import shutil
+
+    copy = shutil.copytree(sd_folder, tmp_path / "elsewhere" / "model")
+    model, moved = load_model(str(sd_folder), device="cpu"), load_model(str(copy), device="cpu")
+    assert moved.fingerprint == model.fingerprint
+    inv = ddim_inversion(model, picture, "a cat", steps=3)
+    back = Inversion.load(inv.save(tmp_path / "cat.safetensors"))
+    back.check_compatible(moved)  # a file saved with one loads with the other
+    torch.testing.assert_close(reconstruct(moved, back, "npi", 7.5).latent, reconstruct(model, inv, "npi", 7.5).latent)
+
+
 @pytest.mark.parametrize("part", ["unet", "vae", "text_encoder", "text_encoder_2"])
 def test_fingerprint_tells_apart_models_that_differ_in_any_network(sdxl_folder, part):
     """An inversion is refused on another model: a changed VAE or text encoder changes the latents too."""

@@ -191,7 +191,10 @@ class Model:
     def fingerprint(self) -> str:
         """Identifies the weights well enough to refuse reusing an inversion on another model."""
         h = hashlib.sha256()
-        h.update(json.dumps(dict(self.unet.config), sort_keys=True, default=str).encode())
+        # The architecture only: the config's private keys hold the folder's path and the diffusers version,
+        # and an inversion must still load when the same weights move (another checkout, a copied folder).
+        arch = {k: v for k, v in dict(self.unet.config).items() if not k.startswith("_")}
+        h.update(json.dumps(arch, sort_keys=True, default=str).encode())
         # Every network that shapes an inversion: a swapped text encoder or VAE changes the latents too.
         parts = [self.unet, self.vae, self.pipe.text_encoder, getattr(self.pipe, "text_encoder_2", None)]
         for part in filter(None, parts):

@@ -44,7 +44,7 @@ from npinv.model import Model
 from npinv.parallel import FolderLock, Shard, ShardedResults
 from npinv.scenes import Edit, Scene, random_edit, random_scenes, read_scene
 from npinv.service import edit, invert_one, prepare_picture
-from npinv.settings import EditSettings, InvertSettings
+from npinv.settings import DEFAULT_INVERT_TOL, EditSettings, InvertSettings
 
 HELD_OUT_SEED = 424_242
 KINDS = ("color", "shape", "background")
@@ -65,10 +65,13 @@ class EditCase:
         return self.edit.words(self.scene)
 
 
-def inversion_label(scheme: str, bdia_gamma: float = 1.0) -> str:
+def inversion_label(scheme: str, bdia_gamma: float = 1.0, invert_tol: float | None = None) -> str:
     """How rows, keys and results folders name an inversion: the scheme, ``bdia-g0.9`` for BDIA with a
-    damping factor below 1."""
-    return f"{scheme}-g{bdia_gamma:g}" if scheme == "bdia" and bdia_gamma != 1.0 else scheme
+    damping factor below 1, ``anderson-tol0.01`` for a fixed-point tolerance other than the default."""
+    label = f"{scheme}-g{bdia_gamma:g}" if scheme == "bdia" and bdia_gamma != 1.0 else scheme
+    if invert_tol is not None and invert_tol != DEFAULT_INVERT_TOL and scheme in ("fixed-point", "anderson"):
+        label += f"-tol{invert_tol:g}"
+    return label
 
 
 def edit_cases(n_scenes: int, seed: int = HELD_OUT_SEED) -> list[EditCase]:
@@ -117,14 +120,16 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
                     directs=(False, True), controllers=("replace",), guidances=(7.5,), steps: int = 50,
                     blend: bool = True, cross_replace: float = 0.8, self_replace: float = 0.6,
                     blend_sizes: tuple[int | None, ...] = (None,), progress: bool = False, grid_cases: int = 6,
-                    invert_scheme: str = "ddim", bdia_gamma: float = 1.0, shard: Shard | None = None) -> dict:
+                    invert_scheme: str = "ddim", bdia_gamma: float = 1.0, invert_tol: float = DEFAULT_INVERT_TOL,
+                    shard: Shard | None = None) -> dict:
     """``blend_sizes``: the local-blend map sizes to compare (None: npinv's rule, see ``blend_downscale``);
     ``invert_scheme``: how each scene is inverted (:mod:`npinv.schemes`), ``bdia_gamma`` BDIA's damping
     factor (rows label such inversions ``bdia-g<gamma>``)."""
     methods = tuple(get_method(m).name for m in methods)  # unknown names refused before any work
-    invert_settings = InvertSettings(steps=steps, invert_scheme=invert_scheme, bdia_gamma=bdia_gamma)
+    invert_settings = InvertSettings(steps=steps, invert_scheme=invert_scheme, bdia_gamma=bdia_gamma,
+                                     invert_tol=invert_tol)
     invert_settings.validate()
-    label = inversion_label(invert_scheme, bdia_gamma)
+    label = inversion_label(invert_scheme, bdia_gamma, invert_tol)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with FolderLock(out, shard, what="npinv bench edit-shapes"):  # one run at a time in a results folder
