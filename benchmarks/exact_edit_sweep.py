@@ -9,6 +9,10 @@ and the self-attention windows (`--self-replace`) from
 
     python benchmarks/exact_edit_sweep.py --steps 50 --self-replace 0.2 0.4 --scenes 24
 
+the 72-scene comparison from
+
+    python benchmarks/exact_edit_sweep.py --steps 10 50 --schemes ddim anderson --scenes 72
+
 and BDIA's damping factor (`--bdia-gamma`) from
 
     python benchmarks/exact_edit_sweep.py --steps 10 50 --schemes ddim bdia --bdia-gammas 1 0.9 0.8 --scenes 24
