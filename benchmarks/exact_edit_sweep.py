@@ -29,6 +29,7 @@ from pathlib import Path
 from npinv import load_model
 from npinv.bench.edit_shapes import inversion_label, run_edit_shapes
 from npinv.bench.paired import compare_paired, load_edit_rows, paired_table
+from npinv.schemes import get_scheme
 from npinv.settings import DEFAULT_INVERT_TOL
 
 
@@ -53,7 +54,7 @@ def main() -> None:
     # of its own.
     inversions = [(s, g, tol, inversion_label(s, g, tol)) for s in args.schemes
                   for g in (args.bdia_gammas if s == "bdia" else [1.0])
-                  for tol in (args.invert_tols if s in ("fixed-point", "anderson") else [DEFAULT_INVERT_TOL])]
+                  for tol in (args.invert_tols if get_scheme(s).iterates else [DEFAULT_INVERT_TOL])]
     for steps, self_replace, (scheme, gamma, tol, label) in itertools.product(args.steps, args.self_replace,
                                                                               inversions):
         window = "" if self_replace == 0.6 else f"_self{self_replace:g}"

@@ -192,6 +192,19 @@ def test_reconstruct_bench_methods_come_from_the_registry(tmp_path):
     assert not (tmp_path / "x").exists()
 
 
+def test_edit_rows_name_an_inversion_by_its_settings():
+    """An inversion's label names what makes it another inversion: BDIA's damping factor, an iterating
+    scheme's tolerance; the defaults and settings a scheme ignores leave the bare name."""
+    from npinv.bench.edit_shapes import inversion_label
+    from npinv.settings import DEFAULT_INVERT_TOL
+
+    assert inversion_label("ddim") == "ddim" and inversion_label("bdia", 1.0) == "bdia"
+    assert inversion_label("bdia", 0.9) == "bdia-g0.9" and inversion_label("bdia", 1.0, 0.01) == "bdia"
+    assert inversion_label("anderson", invert_tol=0.01) == "anderson-tol0.01"
+    assert inversion_label("fixed-point", invert_tol=DEFAULT_INVERT_TOL) == "fixed-point"
+    assert inversion_label("ddim", invert_tol=0.1) == "ddim"
+
+
 def test_reconstruct_bench_labels_name_the_inversion():
     from npinv.bench.reconstruct import inversion_tag
 

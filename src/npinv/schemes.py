@@ -47,6 +47,8 @@ class InversionScheme:
     summary = ""
     # Sampling from this scheme's inversions starts from the pair (z*[n], z*[n-1]) and takes BDIA steps.
     pair_start = False
+    # Each step iterates to a tolerance: the iteration cap and the tolerance apply.
+    iterates = False
 
     def invert(self, model: Model, z0: torch.Tensor, schedule: Schedule, cond: PromptEmbedding, *,
                iters: int = 0, tol: float = 0.0, gamma: float = 1.0, progress: str | None = None) -> InversionTrace:
@@ -74,6 +76,7 @@ class DDIMScheme(InversionScheme):
 
 class FixedPoint(InversionScheme):
     name, summary = "fixed-point", "fixed-point iteration per step until the step inverts exactly (1 + k calls)"
+    iterates = True
 
     def refine(self, model: Model, z: torch.Tensor, z_next: torch.Tensor, t: int, i: int, schedule: Schedule,
                cond: PromptEmbedding, iters: int, tol: float) -> tuple[torch.Tensor, float | None, int]:
@@ -95,6 +98,7 @@ class AndersonFixedPoint(InversionScheme):
     It converges where plain iteration crawls (the contraction near 1 of large steps at low noise)."""
 
     name, summary = "anderson", "fixed point with Anderson mixing (faster where plain iteration crawls)"
+    iterates = True
     memory = 3
 
     def refine(self, model: Model, z: torch.Tensor, z_next: torch.Tensor, t: int, i: int, schedule: Schedule,

@@ -43,6 +43,7 @@ from npinv.metrics import ssim, tensor_to_unit
 from npinv.model import Model
 from npinv.parallel import FolderLock, Shard, ShardedResults
 from npinv.scenes import Edit, Scene, random_edit, random_scenes, read_scene
+from npinv.schemes import get_scheme
 from npinv.service import edit, invert_one, prepare_picture
 from npinv.settings import DEFAULT_INVERT_TOL, EditSettings, InvertSettings
 
@@ -65,11 +66,11 @@ class EditCase:
         return self.edit.words(self.scene)
 
 
-def inversion_label(scheme: str, bdia_gamma: float = 1.0, invert_tol: float | None = None) -> str:
+def inversion_label(scheme: str, bdia_gamma: float = 1.0, invert_tol: float = DEFAULT_INVERT_TOL) -> str:
     """How rows, keys and results folders name an inversion: the scheme, ``bdia-g0.9`` for BDIA with a
-    damping factor below 1, ``anderson-tol0.01`` for a fixed-point tolerance other than the default."""
+    damping factor below 1, ``anderson-tol0.01`` for an iterating scheme's tolerance other than the default."""
     label = f"{scheme}-g{bdia_gamma:g}" if scheme == "bdia" and bdia_gamma != 1.0 else scheme
-    if invert_tol is not None and invert_tol != DEFAULT_INVERT_TOL and scheme in ("fixed-point", "anderson"):
+    if invert_tol != DEFAULT_INVERT_TOL and get_scheme(scheme).iterates:
         label += f"-tol{invert_tol:g}"
     return label
 
@@ -124,7 +125,7 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
                     shard: Shard | None = None) -> dict:
     """``blend_sizes``: the local-blend map sizes to compare (None: npinv's rule, see ``blend_downscale``);
     ``invert_scheme``: how each scene is inverted (:mod:`npinv.schemes`), ``bdia_gamma`` BDIA's damping
-    factor (rows label such inversions ``bdia-g<gamma>``)."""
+    factor and ``invert_tol`` a fixed-point tolerance (rows name such inversions by ``inversion_label``)."""
     methods = tuple(get_method(m).name for m in methods)  # unknown names refused before any work
     invert_settings = InvertSettings(steps=steps, invert_scheme=invert_scheme, bdia_gamma=bdia_gamma,
                                      invert_tol=invert_tol)
