@@ -168,6 +168,8 @@ def test_cli_takes_bdias_damping_factor(capsys, tmp_path, sd_folder, image_file)
     assert main([*argv, "--bdia-gamma", "0.9", "--save-inversion", str(saved), "--out", str(tmp_path / "a.png")]) == 0
     row = json.loads(capsys.readouterr().out)
     assert (row["invert_scheme"], row["bdia_gamma"]) == ("bdia", 0.9) and Inversion.load(saved).pair_gamma == 0.9
+    # BDIA does not iterate: no iteration cap is reported or recorded, whatever --invert-iters says.
+    assert (row["invert_iters"], row["invert_extra_calls"]) == (0, 0) and Inversion.load(saved).scheme["iters"] == 0
     for value in ("0", "1.1", "x"):
         assert main([*argv, "--bdia-gamma", value, "--out", str(tmp_path / "b.png")]) == 2
         err = capsys.readouterr().err

@@ -277,7 +277,8 @@ def ddim_inversion_batch(
     trace = how.invert(model, fit.latent, schedule, PromptEmbedding.cat(sources), iters=iters, tol=tol,
                        gamma=gamma, progress="invert" if progress else None)
     null = model.null_embedding()
-    record = {"name": how.name, "iters": iters if how.name != "ddim" else 0, "tol": tol if how.name != "ddim" else 0.0,
+    # The cap and tolerance only where the scheme iterates: a BDIA or DDIM inversion made no iterations.
+    record = {"name": how.name, "iters": iters if how.iterates else 0, "tol": tol if how.iterates else 0.0,
               "residuals": trace.residuals, "iterations": trace.iterations, "decoder_steps": decoder_steps,
               "decoder_losses": fit.losses[:1] + fit.losses[-1:]}  # first and last
     if how.pair_start:
