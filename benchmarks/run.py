@@ -173,8 +173,11 @@ integration: exact by construction, one UNet call a step; `+g0.9`: with BDIA's d
 
 Prompt-to-Prompt word swap ("replace", cross-replace 0.8, self-replace 0.6) with local blend on the
 swapped words, 50 steps. PSNR/SSIM vs truth: the edit against the true edited scene; bg PSNR: the
-edit against the source on the region the edit must not touch; success: the scene reader sees the
-edited scene's colour, shape and background. UNet rows are per step x steps, edit only.
+edit against the source on the region the edit must not touch; success: the scene reader
+(`npinv.scenes.read_scene`) sees the edited scene's colour, shape and background. It takes each pixel's
+nearest palette colour, the commonest on the border as the background, and the shape whose outline,
+drawn in the object's bounding box, matches the object's silhouette best (holes filled, specks dropped,
+disagreements within a pixel of the outline forgiven). UNet rows are per step x steps, edit only.
 
 {edit_table(edits)}
 ### Guidance sweep (NPI + replace + local blend)

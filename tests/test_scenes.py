@@ -1,9 +1,12 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from PIL import Image, ImageDraw, ImageFilter
 
 from npinv.scenes import COLORS, SHAPES, Edit, Scene, random_edit, random_scenes, read_scene
 from npinv.vocab import build_vocab, write_tokenizer
@@ -25,6 +28,57 @@ def test_render_is_deterministic_and_antialiased():
 def test_reader_recovers_random_scenes(seed):
     scene = next(random_scenes(seed, 1))
     assert read_scene(scene.render(64)).matches(scene)
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000))
+def test_reader_recovers_blurred_scenes(seed):
+    # A model's samples have soft edges; the reading must not depend on them.
+    scene = next(random_scenes(seed, 1))
+    assert read_scene(scene.render(64).filter(ImageFilter.GaussianBlur(1.0))).matches(scene)
+
+
+def _paint(image: Image.Image, colour: str, boxes: list[tuple[int, int, int, int]]) -> Image.Image:
+    pixels = np.array(image)
+    for y0, y1, x0, x1 in boxes:
+        pixels[y0:y1, x0:x1] = COLORS[colour]
+    return Image.fromarray(pixels)
+
+
+READER_DATA = Path(__file__).parent / "data" / "reader"
+
+
+@pytest.mark.parametrize(("name", "truth"), [
+    # Edits made by the embedded model (bench edit-shapes, 50 steps) that the former reader, the fill
+    # ratio of the object colour's bounding box, misread: a square with a ragged row above and below
+    # its edges read as a circle, and a circle with a dark blotch inside as a triangle.
+    ("edit_red_square_ragged_rows.png", Scene("square", "red", "blue")),
+    ("edit_red_circle_dark_blotch.png", Scene("circle", "red", "blue")),
+    # A triangle with its top cut off is still read as the nearest shape.
+    ("edit_black_truncated_triangle.png", Scene("triangle", "black", "white")),
+])
+def test_reader_reads_real_edits(name, truth):
+    assert read_scene(Image.open(READER_DATA / name)).matches(truth)
+
+
+def test_reader_reads_the_outline_not_its_flaws():
+    square = Scene("square", "red", "blue", 0.5)  # pixels 16..47
+    rounded = Image.new("RGB", (64, 64), COLORS["blue"])
+    ImageDraw.Draw(rounded).rounded_rectangle((16, 16, 47, 47), radius=6, fill=COLORS["red"])
+    assert read_scene(rounded).matches(square)
+    # A speck of the object's colour far from it does not stretch the object's box.
+    specked = _paint(square.render(64), "red", [(56, 58, 56, 58)])
+    assert read_scene(specked).matches(square)
+    blotched = _paint(square.render(64), "black", [(24, 34, 22, 36)])
+    assert read_scene(blotched).matches(square)
+
+
+def test_shape_mismatch_is_zero_for_the_drawn_shape():
+    for shape in SHAPES:
+        for size, cx in ((0.35, 0.3), (0.7, 0.5)):
+            reading = read_scene(Scene(shape, "white", "black", size, cx, 0.6).render(64))
+            assert reading.mismatch[shape] == 0
+            assert min(v for k, v in reading.mismatch.items() if k != shape) > 0.05
 
 
 def test_edits_render_their_ground_truth():

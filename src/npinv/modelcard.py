@@ -132,7 +132,7 @@ same weights); these weights took {train_minutes} minutes on {train_device}.
 - VAE reconstruction PSNR: **{vae_psnr:.2f} dB** over {n_vae} held-out scenes.
 - Samples at guidance {g}, {sample_steps} steps: right colour {acc_color:.1%}, shape {acc_shape:.1%},
   background {acc_bg:.1%}, **all three {acc_all:.1%}** of {n_captions} held-out captions,
-  judged by the scene generator's own reader.
+  judged by the scene generator's own reader{samples_date}.
 - Attention localisation: the object's words (its colour and shape) at the {iou_maps} cross-attention
   layers local blend reads, through local blend's own mask rule (summed over layers and {iou_steps}
   steps of an NPI reconstruction, max-pooled, normalised by the max, thresholded at 0.3), against the
@@ -302,6 +302,7 @@ def write_card(model_dir: Path, figures: dict) -> Path:
         grid_captions="; ".join(s["captions"][: figures["n_grid"]]), max_steps=max(figures["recon_steps"]),
         edit_steps=figures["edit_steps"], n_edit=figures["n_edit"], edit_table=edit_table(figures["edit_sweep"]),
         edit_table_noblend=edit_table(figures["edit_sweep_noblend"]), blend_sentence=blend_sentence(figures),
+        samples_date=f" ({s['date']})" if s.get("date", figures["date"]) != figures["date"] else "",
         recommended=figures["recommended_guidance"], edit_date=figures.get("edit_date", figures["date"]),
         history="\n" + history.read_text().strip() + "\n" if history.exists() else "",
     )
@@ -325,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--edit-only", action="store_true",
                         help="re-measure only the editing sweep (after a change to editing); keep the card's other "
                              "figures, which editing does not touch")
+    parser.add_argument("--scored-only", action="store_true",
+                        help="re-measure only the figures the scene reader scores (sample accuracy, the editing sweep) "
+                             "after a change to the reader; keep the others")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     model = load_model(args.model, device="cpu")
@@ -337,9 +341,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.card_only:
         print(write_card(model_dir, json.loads((model_dir / "model_card_figures.json").read_text())))
         return 0
-    if args.edit_only:
+    if args.edit_only or args.scored_only:
         figures = json.loads((model_dir / "model_card_figures.json").read_text())
         figures["edit_date"] = time.strftime("%Y-%m-%d")
+        if args.scored_only:
+            figures["samples"] = _measure_samples(model, model_dir, args.n_captions, args.sample_steps)
         return _measure_editing(model, model_dir, figures, args.n_edit, args.edit_steps, t0)
     figures: dict = {"date": time.strftime("%Y-%m-%d"), "colors": list(COLORS), "n_vae": args.n_vae,
                      "n_recon": args.n_recon, "recon_steps": steps_list, "n_grid": 24,
@@ -348,17 +354,22 @@ def main(argv: list[str] | None = None) -> int:
                                 for k in ("unet", "vae", "text_encoder")}}
     figures["vae_psnr"] = vae_psnr(model, args.n_vae)
     print(f"VAE PSNR {figures['vae_psnr']:.2f} dB", flush=True)
-    samples = sample_accuracy(model, args.n_captions, 7.5, args.sample_steps)
-    images = samples.pop("images")
-    figures["samples"] = samples
-    print(f"samples: {samples['all']:.1%} right", flush=True)
-    save_image(image_grid([images[r * 6 : r * 6 + 6] for r in range(4)], scale=2), model_dir / "samples.png")
+    figures["samples"] = _measure_samples(model, model_dir, args.n_captions, args.sample_steps)
     figures["localisation"] = attention_localisation(model, list(random_scenes(HELD_OUT_SEED + 3, args.n_iou)),
                                                      steps=args.iou_steps)
     print(f"object-word attention IoU {figures['localisation']['object_iou']:.2f}", flush=True)
     figures["reconstruction"], grid = reconstruction_table(model, args.n_recon, steps_list)
     save_image(image_grid(grid, scale=2), model_dir / "reconstructions.png")
     return _measure_editing(model, model_dir, figures, args.n_edit, args.edit_steps, t0)
+
+
+def _measure_samples(model: Model, model_dir: Path, n: int, steps: int) -> dict:
+    samples = sample_accuracy(model, n, 7.5, steps)
+    samples["date"] = time.strftime("%Y-%m-%d")
+    images = samples.pop("images")
+    print(f"samples: {samples['all']:.1%} right", flush=True)
+    save_image(image_grid([images[r * 6 : r * 6 + 6] for r in range(4)], scale=2), model_dir / "samples.png")
+    return samples
 
 
 def _measure_editing(model: Model, model_dir: Path, figures: dict, n_edit: int, edit_steps: int, t0: float) -> int:

@@ -10,7 +10,6 @@ so generated images can be scored against their captions.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Iterator
 from typing import Literal
 
@@ -26,8 +25,6 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "black": (15, 15, 15),
 }
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
-# Area of each shape relative to its bounding box: how read_scene tells shapes apart.
-_FILL_RATIO = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5}
 _SUPERSAMPLE = 4
 
 EditKind = Literal["color", "shape", "background"]
@@ -75,19 +72,9 @@ class Scene:
 
     def render_with_mask(self, resolution: int = 64) -> tuple[Image.Image, np.ndarray]:
         """The image and the object's coverage, from one rendering."""
-        big = resolution * _SUPERSAMPLE
-        canvas = Image.new("L", (big, big), 0)
-        draw = ImageDraw.Draw(canvas)
-        half = self.size * big / 2
-        x, y = self.cx * big, self.cy * big
-        box = (x - half, y - half, x + half, y + half)
-        if self.shape == "circle":
-            draw.ellipse(box, fill=255)
-        elif self.shape == "square":
-            draw.rectangle(box, fill=255)
-        else:  # upward isosceles triangle filling its box
-            draw.polygon([(x, y - half), (x + half, y + half), (x - half, y + half)], fill=255)
-        cover = np.asarray(canvas.resize((resolution, resolution), Image.Resampling.BOX), dtype=np.float32) / 255.0
+        half = self.size * resolution / 2
+        x, y = self.cx * resolution, self.cy * resolution
+        cover = _coverage(self.shape, (x - half, y - half, x + half, y + half), (resolution, resolution))
         fg = np.array(COLORS[self.color], dtype=np.float32)
         bg = np.array(COLORS[self.background], dtype=np.float32)
         pixels = bg + cover[..., None] * (fg - bg)
@@ -112,6 +99,22 @@ class Edit:
         """(source word, target word): the blend words for local blending."""
         old = {"color": scene.color, "shape": scene.shape, "background": scene.background}[self.kind]
         return old, self.value
+
+
+def _coverage(shape: str, box: tuple[float, float, float, float], size: tuple[int, int]) -> np.ndarray:
+    """How much of each pixel of an (H, W) = ``size`` canvas the shape drawn in ``box`` (x0, y0, x1,
+    y1 in pixels) covers, float32 in [0, 1], supersampled."""
+    height, width = size
+    canvas = Image.new("L", (width * _SUPERSAMPLE, height * _SUPERSAMPLE), 0)
+    draw = ImageDraw.Draw(canvas)
+    x0, y0, x1, y1 = (v * _SUPERSAMPLE for v in box)
+    if shape == "circle":
+        draw.ellipse((x0, y0, x1, y1), fill=255)
+    elif shape == "square":
+        draw.rectangle((x0, y0, x1, y1), fill=255)
+    else:  # upward isosceles triangle filling its box
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=255)
+    return np.asarray(canvas.resize((width, height), Image.Resampling.BOX), dtype=np.float32) / 255.0
 
 
 def random_scene(rng: np.random.Generator, *, min_size: float = 0.35, max_size: float = 0.7) -> Scene:
@@ -163,13 +166,14 @@ def random_edit(scene: Scene, rng: np.random.Generator, kind: EditKind | None = 
 
 @dataclasses.dataclass(frozen=True)
 class SceneReading:
-    """What :func:`read_scene` saw: the nearest palette colours, the shape, and the object mask."""
+    """What :func:`read_scene` saw: the nearest palette colours, the shape, the object's silhouette
+    and how far it is from each shape (:func:`shape_mismatch`)."""
 
     color: str | None
     shape: str | None
     background: str
     mask: np.ndarray
-    fill_ratio: float
+    mismatch: dict[str, float]
 
     def matches(self, scene: Scene) -> bool:
         return (self.color, self.shape, self.background) == (scene.color, scene.shape, scene.background)
@@ -181,9 +185,64 @@ def _nearest_palette(pixels: np.ndarray) -> np.ndarray:
     return dist.argmin(-1)
 
 
+def _grow(mask: np.ndarray) -> np.ndarray:
+    """``mask`` dilated by one pixel (3x3)."""
+    padded = np.pad(mask, 1)
+    h, w = mask.shape
+    return np.logical_or.reduce([padded[dy : dy + h, dx : dx + w] for dy in range(3) for dx in range(3)])
+
+
+def _components(mask: np.ndarray) -> tuple[np.ndarray, int]:
+    """4-connected components of ``mask``: (labels 1..n, 0 outside; n)."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    h, w = mask.shape
+    n = 0
+    for y0, x0 in zip(*np.nonzero(mask), strict=True):
+        if labels[y0, x0]:
+            continue
+        n += 1
+        labels[y0, x0] = n
+        stack = [(y0, x0)]
+        while stack:
+            y, x = stack.pop()
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = n
+                    stack.append((ny, nx))
+    return labels, n
+
+
+def silhouette(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected part of ``mask`` with its holes filled: the object's outline, without
+    stray specks and without blotches of other colours inside it."""
+    labels, n = _components(mask)
+    if n == 0:
+        return mask.copy()
+    body = labels == 1 + int(np.bincount(labels[labels > 0])[1:].argmax())
+    outside, count = _components(~body)
+    edge = set(np.concatenate([outside[0], outside[-1], outside[:, 0], outside[:, -1]]).tolist()) - {0}
+    return body | ((outside > 0) & ~np.isin(outside, list(edge)))
+
+
+def shape_mismatch(body: np.ndarray) -> dict[str, float]:
+    """For each shape, the pixels where ``body`` and that shape drawn in ``body``'s bounding box
+    disagree, as a share of ``body``'s area; disagreements within one pixel of the drawn outline do
+    not count (anti-aliasing, a ragged edge row, slightly rounded corners)."""
+    ys, xs = np.nonzero(body)
+    box = (float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1))
+    area = float(body.sum())
+    out = {}
+    for shape in SHAPES:
+        drawn = _coverage(shape, box, body.shape) >= 0.5
+        edge = _grow(drawn) & _grow(~drawn)
+        out[shape] = float(((body != drawn) & ~edge).sum()) / area
+    return out
+
+
 def read_scene(image: Image.Image | np.ndarray, *, min_object_fraction: float = 0.01) -> SceneReading:
-    """Classify a picture: background = the commonest palette colour on the border, object = the
-    pixels of other colours, shape = the closest bounding-box fill ratio."""
+    """Classify a picture: background = the commonest palette colour on the border, object colour =
+    the commonest other one, shape = the one whose outline, drawn in the object's bounding box,
+    the object's silhouette matches best (:func:`shape_mismatch`)."""
     pixels = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image)
     names = list(COLORS)
     labels = _nearest_palette(pixels)
@@ -191,12 +250,8 @@ def read_scene(image: Image.Image | np.ndarray, *, min_object_fraction: float = 
     bg = int(np.bincount(border, minlength=len(names)).argmax())
     mask = labels != bg
     if mask.mean() < min_object_fraction:
-        return SceneReading(None, None, names[bg], mask, 0.0)
+        return SceneReading(None, None, names[bg], mask, {})
     obj = int(np.bincount(labels[mask], minlength=len(names)).argmax())
-    # Keep only the dominant object colour for the shape fit (ignores stray edge pixels).
-    body = labels == obj
-    ys, xs = np.nonzero(body)
-    box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
-    ratio = float(body.sum() / box)
-    shape = min(_FILL_RATIO, key=lambda s: abs(_FILL_RATIO[s] - ratio))
-    return SceneReading(names[obj], shape, names[bg], mask, ratio)
+    body = silhouette(mask)
+    mismatch = shape_mismatch(body)
+    return SceneReading(names[obj], min(mismatch, key=mismatch.get), names[bg], body, mismatch)
