@@ -108,6 +108,24 @@ def test_frames_match_npinv_edit_and_batching(tmp_path, sd_model, video_file):
     assert torch.equal(alone.images, one.edited[0])
 
 
+def test_exact_inversion_report_counts_each_unet_batch_once(tmp_path, sd_model, video_file):
+    """The frames of one UNet batch share their fixed-point iterations: the report sums them per
+    batch, so that plain calls + extra calls is every UNet call made."""
+    from npinv.editing import EditSettings
+    from npinv.settings import InvertSettings
+    from npinv.video import edit_video
+
+    for batch, batches in ((1, 3), (2, 2)):
+        r = edit_video(sd_model, video_file, tmp_path / f"b{batch}.mp4", SOURCE, TARGET, EditSettings(),
+                       InvertSettings(steps=3, invert_scheme="fixed-point", invert_iters=4), batch_size=batch,
+                       max_frames=3)
+        row = r.summary()
+        assert (row["invert_scheme"], row["invert_iters"]) == ("fixed-point", 4)
+        assert 3 * batches <= row["invert_extra_calls"] <= 4 * 3 * batches  # one check a step at least
+        assert row["unet_calls"] == 2 * 3 * batches + row["invert_extra_calls"]
+        assert row["invert_residual"] is not None
+
+
 def test_max_frames_keep_size_fit_and_integer_rate(capsys, tmp_path, sd_folder):
     video = make_video(tmp_path / "wide.mkv", frames=4, rate=Fraction(12), size=(48, 32))
     out = tmp_path / "wide_edit.mkv"

@@ -606,7 +606,6 @@ def cmd_edit_batch(args) -> int:
 
 
 def cmd_edit_video(args) -> int:
-    from npinv.schemes import get_scheme
     from npinv.video import check_video_output, edit_video, probe_video, require_av
 
     require_av()
@@ -626,11 +625,8 @@ def cmd_edit_video(args) -> int:
                         progress=not args.quiet)
     row = {"video": args.video, "source": args.source, "target": args.target, "method": settings.method,
            "controller": settings.controller, "steps": inv_settings.steps, "guidance": settings.guidance,
-           "direct": settings.direct, "invert_scheme": inv_settings.invert_scheme,
-           "invert_iters": inv_settings.invert_iters if get_scheme(inv_settings.invert_scheme).iterates else 0,
-           "bdia_gamma": inv_settings.bdia_gamma if inv_settings.invert_scheme == "bdia" else 1.0,
-           "decoder_steps": inv_settings.decoder_steps,
-           "batch_size": args.batch_size, "model": model.name, "source_frames": info.frames} | result.summary()
+           "direct": settings.direct, "batch_size": args.batch_size, "model": model.name,
+           "source_frames": info.frames} | result.summary()
     if args.json:
         print(json.dumps(row))
     else:

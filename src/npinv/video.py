@@ -285,6 +285,9 @@ class EditedFrame:
     source: torch.Tensor  # (1, 3, H, W) in [-1, 1]: the prepared input frame
     edited: torch.Tensor  # (1, 3, H, W) in [-1, 1]
     seconds: float  # inversion + edit time of its batch, divided by the batch's frame count
+    # Its inversion's Inversion.scheme_report(); a batch's frames share one (iterations are per UNet batch).
+    scheme: dict[str, Any] = dataclasses.field(default_factory=dict)
+    first_of_batch: bool = True
 
 
 def edit_frames(model: Model, frames: Iterable[Image.Image], source: str, target: str, settings: EditSettings,
@@ -307,7 +310,8 @@ def edit_frames(model: Model, frames: Iterable[Image.Image], source: str, target
         edited = edit(model, [(inv, [target]) for inv in inverted], settings)
         share = (inverted[0].cost + edited[0].edit_cost).seconds / len(batch)
         for k, done in enumerate(edited):
-            yield EditedFrame(index, sources[k].image, done.images[0:1].cpu(), share)
+            yield EditedFrame(index, sources[k].image, done.images[0:1].cpu(), share,
+                              inverted[k].inversion.scheme_report(), k == 0)
             index += 1
 
 
@@ -365,6 +369,9 @@ class VideoEditResult:
     edit_change: float | None
     temporal_consistency: float | None
     edited: list[torch.Tensor] | None = None  # the model-resolution edits, when asked to keep them
+    # The frames' inversions as Inversion.scheme_report() words them: extra UNet calls summed over
+    # the UNet batches, the worst step residual of any frame.
+    inversion: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """JSON-ready figures (no tensors)."""
@@ -375,8 +382,18 @@ class VideoEditResult:
             "seconds": self.seconds, "seconds_per_frame_median": statistics.median(per),
             "seconds_per_frame_mean": statistics.fmean(per), "seconds_per_frame": per,
             "unet_calls": self.unet_calls, "unet_rows": self.unet_rows, "source_change": self.source_change,
-            "edit_change": self.edit_change, "temporal_consistency": self.temporal_consistency,
+            "edit_change": self.edit_change, "temporal_consistency": self.temporal_consistency, **self.inversion,
         }
+
+
+def combined_scheme_report(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One ``Inversion.scheme_report`` for a video's UNet batches (one report each): the settings they
+    share, their extra UNet calls summed, the worst residual."""
+    if not reports:
+        return {}
+    residuals = [r["invert_residual"] for r in reports if r.get("invert_residual") is not None]
+    return {**reports[0], "invert_extra_calls": sum(r.get("invert_extra_calls", 0) for r in reports),
+            "invert_residual": max(residuals) if residuals else None}
 
 
 def output_size(info: VideoInfo, model_size: tuple[int, int], *, keep_size: bool, resize: str) -> tuple[int, int]:
@@ -408,6 +425,7 @@ def edit_video(model: Model, video: str | Path, out: str | Path, source: str, ta
     total = None if info.frames is None else min(info.frames, max_frames or info.frames)
     src_change, edit_change = FrameChange(), FrameChange()
     per_frame: list[float] = []
+    batch_reports: list[dict[str, Any]] = []  # one inversion report per UNet batch
     kept: list[torch.Tensor] = []
     invert_settings = invert_settings or InvertSettings()
     meter = Meter(model)
@@ -430,6 +448,8 @@ def edit_video(model: Model, video: str | Path, out: str | Path, source: str, ta
                 src_change.add(done.source)
                 edit_change.add(done.edited)
                 per_frame.append(done.seconds)
+                if done.first_of_batch:
+                    batch_reports.append(done.scheme)
                 if keep_frames:
                     kept.append(done.edited)
                 if on_frame is not None:
@@ -449,7 +469,7 @@ def edit_video(model: Model, video: str | Path, out: str | Path, source: str, ta
         seconds_per_frame=per_frame, seconds=cost.seconds, unet_calls=cost.unet_calls,
         unet_rows=cost.unet_rows, source_change=src_change.mean, edit_change=edit_change.mean,
         temporal_consistency=ratio if ratio is None or math.isfinite(ratio) else None,
-        edited=kept if keep_frames else None)
+        edited=kept if keep_frames else None, inversion=combined_scheme_report(batch_reports))
 
 
 def _chain_first(first: EditedFrame, rest: Iterator[EditedFrame]) -> Iterator[EditedFrame]:
