@@ -152,3 +152,19 @@ def test_web_app_gives_the_schema_message(engine, cls, name, kind, value):
         else:
             engine.invert_settings(**{name: value})
     assert str(err.value) == message
+
+
+def test_inversion_key_holds_only_the_knobs_the_scheme_uses():
+    # A BDIA or DDIM inversion makes no iterations: its cap and tolerance must not split the cache.
+    for scheme in ("ddim", "bdia"):
+        a = InvertSettings(steps=10, invert_scheme=scheme, invert_iters=5, invert_tol=0.01)
+        b = InvertSettings(steps=10, invert_scheme=scheme, invert_iters=20, invert_tol=0.001)
+        assert a.key() == b.key()
+    for scheme in ("fixed-point", "anderson"):
+        a = InvertSettings(steps=10, invert_scheme=scheme, invert_iters=5)
+        assert a.key() != dataclasses.replace(a, invert_iters=20).key()
+        assert a.key() != dataclasses.replace(a, invert_tol=0.01).key()
+        assert a.key() == dataclasses.replace(a, bdia_gamma=0.9).key()
+    bdia = InvertSettings(steps=10, invert_scheme="bdia")
+    assert bdia.key() != dataclasses.replace(bdia, bdia_gamma=0.9).key()
+    assert bdia.key() != dataclasses.replace(bdia, decoder_steps=10).key()

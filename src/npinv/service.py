@@ -74,7 +74,7 @@ class InversionKey:
     offset: int | None  # None: the model's configured offset
     resize: str = "crop"
     size: int | None = None
-    exact: tuple = ()  # the inversion scheme and decoder inversion (InvertSettings.key()'s tail)
+    exact: tuple = ()  # the inversion scheme and decoder inversion (InvertSettings.scheme_key())
     prepared: str = ""
 
     @classmethod
@@ -84,7 +84,7 @@ class InversionKey:
     @classmethod
     def of_file(cls, fingerprint: str, digest: str, prompt: str, settings: InvertSettings) -> InversionKey:
         return cls(fingerprint, digest, prompt, settings.steps, settings.offset, settings.resize, settings.size,
-                   settings.key()[4:])
+                   settings.scheme_key())
 
     def variant(self, method: str, guidance: float) -> InversionKey:
         return dataclasses.replace(self, prepared=f"{method}@{float(guidance)!r}")

@@ -457,11 +457,18 @@ class InvertSettings:
             check_bdia_gamma(self.bdia_gamma, self.steps)
 
     def key(self) -> tuple:
-        """Everything that changes the inversion (the scheme's knobs only when the scheme uses them)."""
-        exact = (self.invert_iters, self.invert_tol) if self.invert_scheme != "ddim" else ()
+        """Everything that changes the inversion."""
+        return (self.steps, self.offset, self.size, self.resize, *self.scheme_key())
+
+    def scheme_key(self) -> tuple:
+        """The scheme and its knobs, only those it uses (a BDIA or DDIM inversion makes no iterations),
+        and decoder inversion."""
+        from npinv.schemes import get_scheme
+
+        knobs = (self.invert_iters, self.invert_tol) if get_scheme(self.invert_scheme).iterates else ()
         if self.invert_scheme == "bdia":
-            exact = (*exact, self.bdia_gamma)
-        return (self.steps, self.offset, self.size, self.resize, self.invert_scheme, *exact, self.decoder_steps)
+            knobs = (*knobs, self.bdia_gamma)
+        return (self.invert_scheme, *knobs, self.decoder_steps)
 
     def scheme_kwargs(self) -> dict[str, Any]:
         return {"scheme": self.invert_scheme, "iters": self.invert_iters, "tol": self.invert_tol,
