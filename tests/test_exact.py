@@ -18,6 +18,7 @@ from npinv.io import image_to_tensor
 from npinv.methods import METHODS, reconstruct
 from npinv.sampling import Branch, sample
 from npinv.scenes import Scene
+from npinv.schemes import mixing_weights
 from npinv.service import Inverted, edit
 from npinv.settings import EditSettings
 
@@ -108,6 +109,32 @@ def test_exact_inversion_then_sampling_gives_back_z0(model, scheme):
     record = exact.scheme
     assert calls == steps + sum(record["iterations"]) and all(1 <= k <= 20 for k in record["iterations"])
     assert record["name"] == scheme and len(record["residuals"]) == steps
+
+
+def test_anderson_weights_solve_least_squares_and_repeat():
+    """Well-conditioned: the least-squares weights. Nearly collinear differences (late iterations): the
+    same weights every call (torch.linalg.lstsq's CPU default did not repeat here) and a residual no
+    worse than lstsq's."""
+    gen = torch.Generator().manual_seed(0)
+    d_f, f = torch.randn(2, 512, 3, generator=gen), torch.randn(2, 512, 1, generator=gen)
+    torch.testing.assert_close(mixing_weights(d_f, f), torch.linalg.lstsq(d_f, f, driver="gelsd").solution,
+                               rtol=1e-4, atol=1e-5)
+    base = torch.randn(2, 4096, 1, generator=gen)
+    collinear = torch.cat([base, base * 1.0001 + 1e-6 * torch.randn(2, 4096, 1, generator=gen),
+                           torch.randn(2, 4096, 1, generator=gen)], -1)
+    first = mixing_weights(collinear, f.repeat(1, 8, 1))
+    assert all(torch.equal(first, mixing_weights(collinear, f.repeat(1, 8, 1))) for _ in range(20))
+    ours = (f.repeat(1, 8, 1) - collinear @ first).norm()
+    best = (f.repeat(1, 8, 1) - collinear @ torch.linalg.lstsq(collinear, f.repeat(1, 8, 1), driver="gelsd").solution).norm()
+    assert ours <= best * (1 + 1e-4)
+
+
+def test_anderson_inversion_repeats_exactly(sd_model):
+    # Every iteration runs (tol 0), so the last ones mix nearly collinear differences.
+    runs = [ddim_inversion(sd_model, picture(32), SOURCE, steps=STEPS, scheme="anderson", iters=12, tol=0.0)
+            for _ in range(3)]
+    assert all(torch.equal(r.trajectory, runs[0].trajectory) for r in runs[1:])
+    assert all(r.scheme["residuals"] == runs[0].scheme["residuals"] for r in runs[1:])
 
 
 def test_iteration_cap_is_exact_in_unet_calls(sd_model):
