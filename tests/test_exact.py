@@ -122,10 +122,11 @@ def test_anderson_weights_solve_least_squares_and_repeat():
     base = torch.randn(2, 4096, 1, generator=gen)
     collinear = torch.cat([base, base * 1.0001 + 1e-6 * torch.randn(2, 4096, 1, generator=gen),
                            torch.randn(2, 4096, 1, generator=gen)], -1)
-    first = mixing_weights(collinear, f.repeat(1, 8, 1))
-    assert all(torch.equal(first, mixing_weights(collinear, f.repeat(1, 8, 1))) for _ in range(20))
-    ours = (f.repeat(1, 8, 1) - collinear @ first).norm()
-    best = (f.repeat(1, 8, 1) - collinear @ torch.linalg.lstsq(collinear, f.repeat(1, 8, 1), driver="gelsd").solution).norm()
+    target = f.repeat(1, 8, 1)
+    first = mixing_weights(collinear, target)
+    assert all(torch.equal(first, mixing_weights(collinear, target)) for _ in range(20))
+    ours = (target - collinear @ first).norm()
+    best = (target - collinear @ torch.linalg.lstsq(collinear, target, driver="gelsd").solution).norm()
     assert ours <= best * (1 + 1e-4)
 
 
