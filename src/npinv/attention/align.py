@@ -51,7 +51,9 @@ def replace_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
     numbers of tokens, every source token of the word sends ``1 / len(target span)`` to each target
     token, so the word's total attention is kept (the reference's rule); every row of M sums to 1.
     Positions after the words (EOS, padding) map in order, source ``i`` to target ``j`` (the
-    reference writes ``M[j, j]`` there, a bug that shifts everything after an uneven swap).
+    reference writes ``M[j, j]`` there, a bug that shifts everything after an uneven swap); when the
+    target is longer, the source's last padding rows, which then have no target position, go to the
+    last one (the reference drops real words there instead).
     """
     src, tgt = word_spans(tokenizer, source), word_spans(tokenizer, target)
     if len(src) != len(tgt):
@@ -74,6 +76,9 @@ def replace_mapper(tokenizer, source: str, target: str) -> torch.Tensor:
     t_end = min(tgt[-1][-1] + 1 if tgt else 1, last + 1)
     for r in range(k - max(s_end, t_end)):
         m[s_end + r, t_end + r] = 1.0
+    # A swap that lengthens the prompt leaves the last source padding rows without a target position:
+    # they keep their attention mass on the last target position instead of dropping it.
+    m[k - (t_end - s_end):, k - 1] = 1.0 if t_end > s_end else 0.0
     return m
 
 
