@@ -113,9 +113,9 @@ def edit(e: Env, *extra, image=None, out=None, source=SRC, target=TGT, model=Non
             "--out", out or e.existing, *extra]
 
 
-def edit_inv(e: Env, inversion, *extra) -> list:
-    return ["edit", e.image, "--inversion", inversion, "--target", TGT, "--model", e.model, "--out", e.existing,
-            *extra]
+def edit_inv(e: Env, inversion, *extra, image=None) -> list:
+    return ["edit", image or e.image, "--inversion", inversion, "--target", TGT, "--model", e.model,
+            "--out", e.existing, *extra]
 
 
 def generate(e: Env, *extra, prompt=SRC) -> list:
@@ -258,6 +258,28 @@ CASES: list[tuple] = [
     ("inversion-other-offset", lambda e: edit_inv(e, e.good_inversion, "--offset", "0"),
      "the inversion was made with offset 1; asked for --offset 0"),
     ("inversion-other-source", lambda e: edit_inv(e, e.good_inversion, "--source", "a dog"), "source prompt"),
+    # An attacker's header over the same bytes: other dtypes of the same size, other shapes of the same count.
+    ("inversion-trajectory-i32", lambda e: edit_inv(e, _reheaded(e, trajectory={"dtype": "I32"})),
+     "'trajectory' holds int32 values, not float32"),
+    ("inversion-trajectory-u32", lambda e: edit_inv(e, _reheaded(e, trajectory={"dtype": "U32"})),
+     "'trajectory' holds uint32 values, not float32"),
+    ("inversion-source-i32", lambda e: edit_inv(e, _reheaded(e, **{"source.hidden": {"dtype": "I32"}})),
+     "'source.hidden' holds int32 values"),
+    ("inversion-negatives-u32", lambda e: edit_inv(e, _reheaded(e, **{"negatives.hidden": {"dtype": "U32"}})),
+     "'negatives.hidden' holds uint32 values"),
+    ("inversion-trajectory-f16-pairs", lambda e: edit_inv(e, _reheaded(e, trajectory=_f16_pairs)),
+     "'trajectory' holds float16 values"),
+    ("inversion-trajectory-shape", lambda e: edit_inv(e, _reheaded(e, trajectory=_halved_width)),
+     "latents cannot be of a 32x32 image"),
+    ("inversion-embedding-shape", lambda e: edit_inv(e, _reheaded(e, **{k: _halved_width for k in EMBEDDINGS})),
+     "the inversion's prompt embeddings are"),
+    ("inversion-extra-tensor", lambda e: edit_inv(e, e.inversion(tensors=_extra_tensor)), "unexpected tensor 'extra'"),
+    ("inversion-bad-digest", lambda e: edit_inv(e, e.inversion(meta=lambda m: m.update(image_digest="abc"))),
+     "image digest 'abc'"),
+    ("inversion-is-folder", lambda e: edit_inv(e, _mkdir(e.root / "in" / "inv.safetensors")),
+     "inv.safetensors is a folder, not an inversion file"),
+    ("inversion-of-another-image", lambda e: edit_inv(e, e.good_inversion, image=_other_image(e)),
+     "other.png is not the image this inversion was made from"),
     # model folders
     ("model-missing-unet", lambda e: reconstruct(e, model=e.model_copy(lambda f: shutil.rmtree(f / "unet"))),
      "the folder has no unet/"),
@@ -322,6 +344,45 @@ def _plain_safetensors(e: Env) -> Path:
 
 def _drop_negative(t: dict) -> None:
     t["negatives.hidden"] = t["negatives.hidden"][:1]
+
+
+def _extra_tensor(t: dict) -> None:
+    import torch
+
+    t["extra"] = torch.zeros(2)
+
+
+EMBEDDINGS = ("source.hidden", "null.hidden", "negatives.hidden")
+
+
+def _reheaded(e: Env, **changes) -> Path:
+    """The good inversion file with its safetensors header (JSON after an 8-byte length) changed:
+    ``changes[name]`` a dict merged into that tensor's entry, or a function of the entry; the tensor
+    bytes stay as they are."""
+    data = e.good_inversion.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    for name, change in changes.items():
+        header[name] = change(header[name]) if callable(change) else {**header[name], **change}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)  # safetensors pads its header to 8 bytes
+    return e.file("reheaded.safetensors", len(text).to_bytes(8, "little") + text + data[8 + n :])
+
+
+def _halved_width(entry: dict) -> dict:
+    *rest, w = entry["shape"]
+    shape = [*rest[:-1], rest[-1] * 2, w // 2]  # the same element count, another layout
+    return {**entry, "shape": shape}
+
+
+def _f16_pairs(entry: dict) -> dict:
+    return {**entry, "dtype": "F16", "shape": [*entry["shape"][:-1], entry["shape"][-1] * 2]}  # the same bytes
+
+
+def _other_image(e: Env) -> Path:
+    path = e.root / "in" / "other.png"
+    Scene("square", "yellow", "green", 0.5).render(32).save(path)
+    return path
 
 
 @pytest.fixture(scope="module")

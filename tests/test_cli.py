@@ -227,6 +227,41 @@ def test_edit_refuses_a_mismatched_inversion(capsys, tmp_path, sd_folder, sd_v_f
         _assert_clean_error(code, stderr, tmp_path, before, match)
 
 
+def test_edit_refuses_an_inversion_of_another_image(capsys, tmp_path, sd_folder, image_file):
+    """An inversion of picture A applied to picture B would edit A: refused in one line, nothing written.
+    The same picture in other bytes is the same image; a file saved before the digest was recorded is
+    taken as it is (nothing to compare)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from npinv.scenes import Scene
+
+    inv = tmp_path / "inv.safetensors"
+    assert run(capsys, "reconstruct", str(image_file), "--prompt", "a cat", "--steps", "2", "--model", str(sd_folder),
+               "--out", str(tmp_path / "r.png"), "--save-inversion", str(inv))[0] == 0
+    other = tmp_path / "other.png"
+    Scene("square", "yellow", "green", 0.5).render(32).save(other)
+    same = tmp_path / "same.png"
+    Image.open(image_file).save(same, compress_level=0)
+
+    def edit(image: Path, inversion: Path, out: str) -> tuple[int, str, str]:
+        return run(capsys, "edit", str(image), "--inversion", str(inversion), "--target", "a dog",
+                   "--model", str(sd_folder), "--out", str(tmp_path / out))
+
+    before = {p.name for p in tmp_path.iterdir()}
+    code, _, stderr = edit(other, inv, "e.png")
+    _assert_clean_error(code, stderr, tmp_path, before, "other.png is not the image this inversion was made from")
+    code, _, stderr = edit(same, inv, "e-same.png")
+    assert code == 0, stderr
+    with safe_open(str(inv), "pt") as fh:
+        meta = json.loads(fh.metadata()["npinv"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    del meta["image_digest"]
+    save_file(tensors, str(tmp_path / "old.safetensors"), metadata={"npinv": json.dumps(meta)})
+    code, _, stderr = edit(other, tmp_path / "old.safetensors", "e-old.png")
+    assert code == 0, stderr
+
+
 def test_unwritable_output_folder(capsys, tmp_path, sd_folder, image_file, monkeypatch):
     # Root ignores permission bits, so simulate the folder's answer to the access check.
     import os

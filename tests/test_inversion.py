@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
+from PIL import Image
 
 from npinv import Inversion, ddim_inversion, load_model, reconstruct
 from npinv.service import invert_one, prepare_file, reconstruct_inverted
@@ -78,6 +81,31 @@ def test_inversion_saves_and_loads(tmp_path, sd_model, picture):
     again = reconstruct(sd_model, back, "nti", 7.5)
     assert again.unet_calls == STEPS and again.unet_rows == 2 * STEPS
     torch.testing.assert_close(again.latent, nti.latent, atol=1e-3, rtol=0)
+
+
+def test_inversion_records_the_prepared_image(tmp_path, sd_model, picture, image_file):
+    """The digest of the pixels an inversion was made from: kept through save and load, the same for
+    the same picture read twice or saved again in other bytes, another for another picture."""
+    from npinv.errors import NpinvError
+    from npinv.inversion import image_digest
+
+    settings = InvertSettings(steps=2)
+    source = prepare_file(image_file, sd_model, settings)
+    inv = invert_one(sd_model, source, "a red circle", settings).inversion
+    assert inv.image_digest == image_digest(source.image) == image_digest(source.image[0])
+    back = Inversion.load(inv.save(tmp_path / "inv.safetensors"))
+    assert back.image_digest == inv.image_digest
+    again = tmp_path / "again.png"
+    Image.open(image_file).save(again, compress_level=0)  # other bytes, the same pixels
+    assert again.read_bytes() != image_file.read_bytes()
+    for path in (image_file, again):
+        back.check_image(prepare_file(path, sd_model, settings).image, path.name)
+    with pytest.raises(NpinvError, match="^picture is not the image this inversion was made from"):
+        back.check_image(picture, "picture")
+    # A file written before the digest was recorded has nothing to compare: taken as it is.
+    old = Inversion.load(dataclasses.replace(back, image_digest=None).save(tmp_path / "old.safetensors"))
+    assert old.image_digest is None
+    old.check_image(picture, "picture")
 
 
 def test_inversion_refuses_another_model_or_settings(sd_model, sd_v_folder, picture):

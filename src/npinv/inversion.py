@@ -6,7 +6,9 @@ into inputs of the sampling loop are in :mod:`npinv.methods`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,21 @@ from npinv.settings import DEFAULT_INVERT_ITERS, DEFAULT_INVERT_TOL, check_bdia_
 
 FORMAT_VERSION = 1
 SUFFIX = ".safetensors"
+# Every tensor of an inversion file is float32 (save() writes nothing else); the names it may hold,
+# "<embedding>.hidden" and "<embedding>.pooled" for the source, null and negatives embeddings.
+FILE_DTYPE = torch.float32
+_EMBEDDINGS = ("source", "null", "negatives")
+TENSOR_NAMES = frozenset({"trajectory", *(f"{e}.{part}" for e in _EMBEDDINGS for part in ("hidden", "pooled"))})
+
+
+def image_digest(image: torch.Tensor) -> str:
+    """sha256 of a prepared image's 8-bit RGB pixels and their shape: what an inversion records of the
+    picture it was made from. ``image``: (3, H, W) or (1, 3, H, W) in [-1, 1]. Pixels, not file bytes,
+    so that the same picture in another file (a PNG saved again) is the same image."""
+    x = image.detach()
+    x = x[0] if x.ndim == 4 else x
+    pixels = ((x.float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).contiguous()
+    return hashlib.sha256(repr(tuple(pixels.shape)).encode() + pixels.numpy().tobytes()).hexdigest()
 
 
 def check_inversion_path(path: str | Path, flag: str = "--save-inversion") -> Path:
@@ -56,6 +73,8 @@ class Inversion:
     # and "gamma" for bdia;
     # None for files written before schemes existed (plain DDIM).
     scheme: dict[str, Any] | None = None
+    # image_digest() of the prepared image it was made from; None in files written before it was recorded.
+    image_digest: str | None = None
 
     @property
     def scheme_name(self) -> str:
@@ -111,6 +130,21 @@ class Inversion:
         if (c, h, w) != want:
             raise NpinvError(f"the inversion's latents are {c}x{h}x{w}, but this model makes {want[0]}x{want[1]}x{want[2]} "
                              f"latents of a {self.image_size[1]}x{self.image_size[0]} image; the file is damaged")
+        ref = model.null_embedding()
+        for what, mine, theirs in (("prompt embeddings", self.source.hidden, ref.hidden),
+                                   ("pooled prompt embeddings", self.source.pooled, ref.pooled)):
+            if (mine is None) != (theirs is None) or (mine is not None and mine.shape[1:] != theirs.shape[1:]):
+                raise NpinvError(f"the inversion's {what} are {_shape(mine[0]) if mine is not None else 'absent'}, "
+                                 f"but this model's are {_shape(theirs[0]) if theirs is not None else 'absent'}; "
+                                 "the file is damaged")
+
+    def check_image(self, image: torch.Tensor, name: str) -> None:
+        """Refuse to edit ``image`` (as prepared) with an inversion of another picture; a file written
+        before the digest was recorded has nothing to compare and is taken as it is."""
+        if self.image_digest is not None and image_digest(image) != self.image_digest:
+            h, w = image.shape[-2:]
+            raise NpinvError(f"{name} is not the image this inversion was made from (their {w}x{h} prepared "
+                             "pixels differ; same picture? give the --resize it was inverted with)")
 
     # -- persistence: one .safetensors file whose metadata holds the JSON settings ---------------
     def save(self, path: str | Path, *, stage: Stage | None = None) -> Path:
@@ -127,9 +161,9 @@ class Inversion:
         meta = {
             "format": "npinv-inversion", "version": FORMAT_VERSION, "source_prompt": self.source_prompt,
             "schedule": self.schedule, "model": self.model, "image_size": list(self.image_size),
-            "dtype": self.dtype, "nti": self.nti, "scheme": self.scheme,
+            "dtype": self.dtype, "nti": self.nti, "scheme": self.scheme, "image_digest": self.image_digest,
         }
-        tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in tensors.items()}
+        tensors = {k: v.detach().to("cpu", FILE_DTYPE).contiguous() for k, v in tensors.items()}
         # Serialised here and written by Python, so that a full disk is an OSError with its errno
         # (safetensors' own writer reports it as a SafetensorError with the errno in its text).
         data = save(tensors, metadata={"npinv": json.dumps(meta)})
@@ -146,6 +180,8 @@ class Inversion:
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_dir():
+            raise NpinvError(f"{path} is a folder, not an inversion file (.safetensors)")
         if not path.is_file():
             raise NpinvError(f"no such inversion file: {path}")
         try:
@@ -169,6 +205,7 @@ class Inversion:
             source=_embedding_from("source", tensors), null=_embedding_from("null", tensors),
             schedule=meta["schedule"], model=meta["model"], image_size=tuple(meta["image_size"]),
             dtype=meta["dtype"], negatives=negatives, nti=meta.get("nti"), scheme=meta.get("scheme"),
+            image_digest=meta.get("image_digest"),
         )
 
 
@@ -202,31 +239,56 @@ def _check_file(name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor
         check_bdia_gamma(gamma, schedule["steps"])
     except NpinvError:
         raise bad(f"BDIA gamma {gamma!r}") from None
+    digest = meta.get("image_digest")
+    if digest is not None and not (isinstance(digest, str) and re.fullmatch(r"[0-9a-f]{64}", digest)):
+        raise bad(f"image digest {digest!r}")
     for key in ("trajectory", "source.hidden", "null.hidden"):
         if key not in tensors:
             raise bad(f"no {key!r} tensor")
     for key, t in tensors.items():
+        # A header that says I32 or U32 over the same bytes would otherwise read as numbers and edit into noise.
+        if key not in TENSOR_NAMES:
+            raise bad(f"an unexpected tensor {key!r}")
+        if t.dtype != FILE_DTYPE:
+            raise bad(f"{key!r} holds {_dtype_name(t.dtype)} values, not {_dtype_name(FILE_DTYPE)}")
+        if 0 in t.shape:
+            raise bad(f"{key!r} is empty ({_shape(t)})")
         if not torch.isfinite(t).all():
             raise bad(f"{key!r} holds NaN or infinite values")
     steps, traj = schedule["steps"], tensors["trajectory"]
     if traj.ndim != 4 or traj.shape[0] != steps + 1:
-        raise bad(f"the metadata says {steps} steps, so {steps + 1} latents, but the trajectory is "
-                  f"{'x'.join(map(str, traj.shape))}")
+        raise bad(f"the metadata says {steps} steps, so {steps + 1} latents, but the trajectory is {_shape(traj)}")
     h, w = traj.shape[-2:]
     if size[0] % h or size[1] % w or size[0] // h != size[1] // w:
         raise bad(f"{h}x{w} latents cannot be of a {size[1]}x{size[0]} image")
     source, null = tensors["source.hidden"], tensors["null.hidden"]
     if source.ndim != 3 or source.shape[0] != 1 or null.shape != source.shape:
-        raise bad(f"source and null embeddings of shapes {tuple(source.shape)} and {tuple(null.shape)}")
+        raise bad(f"source and null embeddings of shapes {_shape(source)} and {_shape(null)}")
     if ("source.pooled" in tensors) != ("null.pooled" in tensors):
         raise bad("a pooled embedding for only one of source and null")
+    pooled = tensors.get("source.pooled")
+    if pooled is not None and (pooled.ndim != 2 or pooled.shape[0] != 1 or tensors["null.pooled"].shape != pooled.shape):
+        raise bad(f"pooled source and null embeddings of shapes {_shape(pooled)} and {_shape(tensors['null.pooled'])}")
+    if ("negatives.pooled" in tensors) and "negatives.hidden" not in tensors:
+        raise bad("pooled negatives without negatives")
     if "negatives.hidden" in tensors:
         neg = tensors["negatives.hidden"]
         if neg.shape != (steps, *source.shape[1:]):
             raise bad(f"{neg.shape[0]} negatives of shape {tuple(neg.shape[1:])} for {steps} steps of "
                       f"{tuple(source.shape[1:])} embeddings")
-        if ("negatives.pooled" in tensors) != ("source.pooled" in tensors):
+        if ("negatives.pooled" in tensors) != (pooled is not None):
             raise bad("pooled negatives do not match the source embedding")
+        if pooled is not None and tensors["negatives.pooled"].shape != (steps, *pooled.shape[1:]):
+            raise bad(f"pooled negatives of shape {_shape(tensors['negatives.pooled'])} for {steps} steps of "
+                      f"{_shape(pooled)} pooled embeddings")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(map(str, t.shape)) or "a scalar"
 
 
 def _embedding_tensors(prefix: str, e: PromptEmbedding) -> dict[str, torch.Tensor]:
@@ -273,7 +335,7 @@ def ddim_inversion_batch(
     schedule = model.schedule(steps, offset)
     sources = [model.encode_prompt(p) for p in prompts]
     z0 = model.encode_image(images)
-    fit = invert_decoder(model, images, z0, decoder_steps)
+    fit = invert_decoder(model, images, z0, decoder_steps, progress="decoder" if progress else None)
     trace = how.invert(model, fit.latent, schedule, PromptEmbedding.cat(sources), iters=iters, tol=tol,
                        gamma=gamma, progress="invert" if progress else None)
     null = model.null_embedding()
@@ -288,7 +350,7 @@ def ddim_inversion_batch(
             trajectory=trace.trajectory[:, b].contiguous(), source_prompt=prompt, source=source, null=null,
             schedule=schedule.to_dict(), model={"name": model.name, "fingerprint": model.fingerprint},
             image_size=(images.shape[-2], images.shape[-1]), dtype=str(model.dtype).removeprefix("torch."),
-            scheme=dict(record),
+            scheme=dict(record), image_digest=image_digest(images[b]),
         )
         for b, (prompt, source) in enumerate(zip(prompts, sources, strict=True))
     ]

@@ -144,13 +144,15 @@ def invert_one(model: Model, source: Source, prompt: str, settings: InvertSettin
 
 def load_inversion(path: str | Path, model: Model, source: Source, *, steps: int | None = None,
                    source_prompt: str | None = None) -> Inverted:
-    """A saved inversion, checked against the model, the prepared image's size, the step count and the
-    source prompt when they are given."""
+    """A saved inversion, checked against the model, the prepared image (its size, then its pixels: an
+    inversion of another picture would edit that picture), the step count and the source prompt when
+    they are given."""
     inv = Inversion.load(path)
     if source_prompt and source_prompt != inv.source_prompt:
         raise NpinvError(f"the inversion was made with source prompt {inv.source_prompt!r}, not {source_prompt!r}")
     # Same model and image size imply the same latent size: one check covers both.
     inv.check_compatible(model, steps=steps, size=tuple(source.image.shape[-2:]))
+    inv.check_image(source.image, source.name)
     return Inverted(inv, source.image)
 
 
