@@ -54,3 +54,4 @@ def image_file(tmp_path) -> Path:
     path = tmp_path / "input.png"
     Scene("circle", "red", "blue", 0.5).render(32).save(path)
     return path
+from conftest_flow import *  # noqa: E402,F401,F403  (the tiny flow pipelines: SD3, SD3.5, FLUX.1)
