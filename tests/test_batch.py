@@ -168,6 +168,36 @@ def test_csv_manifest_rows_share_an_inversion(tmp_path, sd_folder, capsys):
     assert code == 2 and "bad.csv:2: more cells than columns" in err
 
 
+def test_a_rows_per_word_cross_replace_keeps_the_runs_cross_replace(tmp_path, sd_folder, capsys):
+    """A row's per-word window (either spelling) over the run's --cross-replace for every other word:
+    the same pixels as `npinv edit` with both flags, not the schema's 0.8."""
+    image = tmp_path / "img0.png"
+    Scene("circle", "red", "blue", 0.5).render(32).save(image)
+    src, tgt = caption("circle", "red", "blue"), caption("square", "red", "blue")
+
+    def batch(window: dict) -> np.ndarray:  # one row a run: an edit call of its own, as `npinv edit` makes
+        name = next(iter(window))
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"image": "img0.png", "source": src, "target": tgt,
+                                                            **window}) + "\n")
+        code, _, err = run(capsys, "edit-batch", tmp_path / f"{name}.jsonl", "--out", tmp_path / name,
+                           "--model", sd_folder, "--steps", STEPS, "--guidance", "2.5", "--cross-replace", "0.2")
+        assert code == 0, err
+        return pixels(results(tmp_path / name)[0]["output"])
+
+    def single(window: str) -> np.ndarray:
+        out = tmp_path / f"single-{window}.png"
+        code, _, err = run(capsys, "edit", image, "--source", src, "--target", tgt, "--model", sd_folder,
+                           "--steps", STEPS, "--guidance", "2.5", "--cross-replace", window,
+                           "--cross-replace-word", "square=0.5", "--out", out)
+        assert code == 0, err
+        return pixels(out)
+
+    expected = single("0.2")
+    assert np.array_equal(batch({"cross_replace": {"square": 0.5}}), expected)
+    assert np.array_equal(batch({"cross_replace_words": {"square": 0.5}}), expected)
+    assert not np.array_equal(single("0.8"), expected)  # the window tells
+
+
 def test_a_changed_manifest_is_not_mixed_into_old_results(tmp_path, manifest, sd_folder, capsys):
     out = tmp_path / "out"
     assert run(capsys, "edit-batch", manifest, "--out", out, "--model", sd_folder, "--steps", STEPS)[0] == 0
