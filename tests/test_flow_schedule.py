@@ -3,6 +3,7 @@ inversion by the existing schemes (fixed point, Anderson, BDIA) driving it uncha
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -126,6 +127,10 @@ class LinearField:
         self.a = 0.6 * torch.randn(channels, channels, generator=g) / channels**0.5
         self.c = torch.randn(1, channels, 1, 1, generator=g)
         self.calls = 0
+        self.device = torch.device("cpu")
+
+    def deferred_checks(self):
+        return contextlib.nullcontext()
 
     def unet_output(self, z: torch.Tensor, t: float, cond=None) -> torch.Tensor:
         self.calls += 1
