@@ -19,6 +19,7 @@ import errno
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -183,6 +184,28 @@ def _disk_full_inversion(e: Env) -> list:
     return reconstruct(e, "--save-inversion", e.out / "inv.safetensors", out=e.out / "rec.png")
 
 
+def _encoder_error(e: Env) -> list:
+    """Pillow's OSError without an errno (a codec's failure): still the user's output file, one line."""
+    def save(*args, **kwargs):
+        raise OSError("encoder error -2 when writing image file")
+
+    e.monkeypatch.setattr(Image.Image, "save", save)
+    return reconstruct(e, out=e.out / "rec.png")
+
+
+def _unknown_errno_on_input(e: Env) -> list:
+    """An OS error npinv has no words for (ENXIO: a socket or a vanished device), naming the input."""
+    real = Path.read_bytes
+
+    def read_bytes(self):
+        if self == e.image and sys._getframe(1).f_globals.get("__name__", "").startswith("npinv."):  # not the test's
+            raise OSError(errno.ENXIO, os.strerror(errno.ENXIO), str(self))
+        return real(self)
+
+    e.monkeypatch.setattr(Path, "read_bytes", read_bytes)
+    return reconstruct(e)
+
+
 def _disk_full_video(e: Env) -> list:
     argv = edit_video(e)
     from npinv.video import VideoWriter
@@ -315,6 +338,8 @@ CASES: list[tuple] = [
      "cannot write " + "{existing}: no space left on device"),
     ("disk-full-second-edit", _disk_full_second_edit, "no space left on device"),
     ("disk-full-inversion", _disk_full_inversion, "inv.safetensors: no space left on device"),
+    ("write-oserror-without-errno", _encoder_error, "rec.png: encoder error -2 when writing image file"),
+    ("read-oserror-unknown-errno", _unknown_errno_on_input, "input.png: No such device or address"),
     ("disk-quota-generate", lambda e: (e.fail_writes(Image.Image, "save", errno.EDQUOT), generate(e))[1],
      "disk quota exceeded"),
     ("read-only-fs-generate", lambda e: (e.fail_writes(Image.Image, "save", errno.EROFS), generate(e))[1],

@@ -665,9 +665,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("npinv: interrupted", file=sys.stderr)
         return 130
     except OSError as exc:  # a full disk, a read-only folder, ...: the one mapping, in npinv.errors
-        from npinv.errors import os_error_line
+        from npinv.errors import user_os_error_line
 
-        line = os_error_line(exc)
+        line = user_os_error_line(exc)
         if line is None:
             return _internal_error(exc)
         print(f"npinv: error: {line}", file=sys.stderr)

@@ -1,6 +1,8 @@
 """The one exception type for errors a user can cause (bad file, unknown model, bad option), and the one
 mapping of OS errors (a full disk, a read-only folder, ...) to the line a user reads."""
 
+from __future__ import annotations
+
 import errno as _errno
 
 
@@ -37,6 +39,28 @@ def os_error_reason(exc: OSError) -> str | None:
     return _OS_REASONS.get(exc.errno) if exc.errno is not None else None
 
 
+def os_error_words(exc: OSError) -> str:
+    """The reason for a known errno, else the error's own words: its ``strerror``, or its message
+    (Pillow's ``OSError("encoder error -2 when writing image file")`` has no errno)."""
+    reason = os_error_reason(exc)
+    if reason is not None:
+        return reason
+    if exc.strerror:
+        return str(exc.strerror)
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def user_os_error_line(exc: OSError) -> str | None:
+    """The CLI's line for an OS error that reached it: :func:`os_error_line` for a known errno; for
+    another (or none) the error's own words when it names a file (the user's input or output), else
+    None (not the user's doing: an internal error)."""
+    line = os_error_line(exc)
+    if line is None and exc.filename is not None:
+        line = f"cannot use {exc.filename}: {os_error_words(exc)}"
+    return line
+
+
 def os_error_line(exc: OSError, path: object = None, action: str | None = None) -> str | None:
     """``cannot write out.png: no space left on device``: one line for an OS error with a known errno
     (``path`` and ``action`` default to the exception's file name and "use"); None for others."""
@@ -62,7 +86,7 @@ class FileError(NpinvError, OSError):
         return str(self.args[0])
 
     @classmethod
-    def wrap(cls, exc: OSError, path: object, action: str = "write") -> OSError:
-        """``exc`` as a :class:`FileError` naming ``path``, or ``exc`` itself for an unknown errno."""
-        line = os_error_line(exc, path, action)
-        return exc if line is None else cls(line, exc.errno, str(path))
+    def wrap(cls, exc: OSError, path: object, action: str = "write") -> FileError:
+        """``exc`` as a :class:`FileError` naming ``path``: its errno's reason, or for an unknown errno
+        (or none) the error's own words; the error concerns the user's file either way."""
+        return cls(f"cannot {action} {path}: {os_error_words(exc)}", exc.errno, str(path))
