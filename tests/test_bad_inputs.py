@@ -2,9 +2,10 @@
 
 One table, one test. Each case builds its inputs in ``in/`` (and sometimes patches a writer to fail
 as a full disk would), runs the CLI in-process, and checks with ``test_cli._assert_clean_error``:
-exit code 2, stderr exactly one ``npinv: error:`` line with no traceback, and the whole folder as it
+exit code 2, stderr exactly one ``npinv: error:`` line with no traceback (npinv's warnings and the
+lines diffusers' and transformers' own loggers would print count too), and the whole folder as it
 was (no output, no ``.*.tmp``, the inputs and the pre-existing ``out/existing.png`` unchanged in
-bytes and mtime).
+bytes and mtime). One case runs as a program, as a user meets it: ``test_blend_word_past_limit_subprocess``.
 
 Cases other helpers own live with their features:
 - edit-batch killed (SIGKILL) mid-write, and its folder lock: tests/test_batch.py;
@@ -14,13 +15,16 @@ Cases other helpers own live with their features:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import json
+import logging
 import os
 import shutil
+import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -32,6 +36,9 @@ from videos import make_video
 
 SRC = "a red circle on a blue background"
 TGT = "a red square on a blue background"
+# Over every tokenizer's limit (the tiny models' 77 tokens, the embedded model's 32), "red" past it.
+LONG_SRC = "a red circle on a blue background " + "very " * 80 + "red"
+LONG_TGT = "a red square on a blue background " + "very " * 80 + "red"
 
 
 @dataclasses.dataclass
@@ -230,6 +237,15 @@ CASES: list[tuple] = [
     ("prompt-over-long", lambda e: edit(e, "--blend", "circle", "red",
                                         target="a circle on a blue background " + "very " * 80 + "red"),
      "77-token limit"),
+    # A word past the limit of long prompts: refused before the inversion, so before any warning
+    # about the prompts' length and before diffusers echoes their cut-off ends.
+    ("blend-word-past-limit-long-source", lambda e: edit(e, "--blend", "red", "red", source=LONG_SRC, target=LONG_TGT),
+     "blend word 'red' falls past the 77-token limit"),
+    ("reweight-word-past-limit", lambda e: edit(e, "--controller", "reweight", "--reweight", "red=2", source=LONG_SRC,
+                                                target=LONG_TGT), "77-token limit"),
+    ("blend-word-past-limit-video", lambda e: edit_video(e, "--blend", "red", "red", source=LONG_SRC, target=LONG_TGT),
+     "blend word 'red' falls past the 77-token limit"),
+    ("blend-word-missing-inversion", lambda e: edit_inv(e, e.good_inversion, "--blend", "dog", "square"), "dog"),
     # numbers
     ("guidance-nan", lambda e: reconstruct(e, "--guidance", "nan"), "guidance must be a number in 0..30, got nan"),
     ("guidance-inf", lambda e: edit(e, "--guidance", "inf"), "guidance must be a number in 0..30 (or none), got inf"),
@@ -253,6 +269,14 @@ CASES: list[tuple] = [
     ("steps-1001-edit", lambda e: edit(e, "--steps", "1001"), "steps must be a whole number in 1..1000"),
     ("batch-size-0", lambda e: edit_batch(e, [ROW], "--batch-size", "0"), "--batch-size must be at least 1"),
     ("max-frames-0", lambda e: edit_video(e, "--max-frames", "0"), "--max-frames must be at least 1"),
+    ("threads-0", lambda e: reconstruct(e, "--threads", "0"), "--threads must be at least 1"),
+    # generate inverts nothing: the inversion-only flags are refused, not accepted and ignored
+    ("generate-invert-scheme", lambda e: generate(e, "--invert-scheme", "bdia"), "--invert-scheme does not apply"),
+    ("generate-invert-iters", lambda e: generate(e, "--invert-iters", "5"), "--invert-iters does not apply"),
+    ("generate-invert-tol", lambda e: generate(e, "--invert-tol", "0.1"), "--invert-tol does not apply"),
+    ("generate-bdia-gamma", lambda e: generate(e, "--bdia-gamma", "0.9"), "--bdia-gamma does not apply"),
+    ("generate-decoder-steps", lambda e: generate(e, "--decoder-steps", "10"), "--decoder-steps does not apply"),
+    ("generate-resize", lambda e: generate(e, "--resize", "fit"), "--resize does not apply"),
     # paths
     ("out-missing-folder", lambda e: reconstruct(e, out=e.out / "nope" / "o.png"), "output folder does not exist"),
     ("out-is-input", lambda e: reconstruct(e, out=e.image), "is the input file"),
@@ -319,6 +343,8 @@ CASES: list[tuple] = [
      "in float32: the model's weights or the inputs hold NaN"),
     ("model-no-such-file", lambda e: reconstruct(e, model=e.root / "in" / "nothing.safetensors"), "no such model"),
     ("model-hub-offline", lambda e: reconstruct(e, model="npinv-test/not-cached"), "not in the local Hugging Face cache"),
+    ("model-hub-offline-says-hf", lambda e: reconstruct(e, model="npinv-test/not-cached"),
+     "(hf download npinv-test/not-cached)"),
     # manifests (edit-batch): a bad row stops everything, with its line number
     ("manifest-missing", lambda e: ["edit-batch", e.root / "in" / "none.jsonl", "--out", e.out / "batch"],
      "no such manifest"),
@@ -442,9 +468,49 @@ def test_bad_input_exit_2_one_line_nothing_written(capsys, tmp_path, monkeypatch
     try:
         argv = [str(a) for a in build(env)]
         before = snapshot(tmp_path)
-        code, _, stderr = run(capsys, *argv)
+        with library_log_lines() as library:
+            code, _, stderr = run(capsys, *argv)
     finally:
         locked = tmp_path / "locked"
         if locked.exists():
             locked.chmod(0o755)
+    stderr += "".join(f"{line}\n" for line in library)  # one stream, as a user sees it
     _assert_clean_error(code, stderr, tmp_path, before, match.format(existing=env.existing), may_add=may_add)
+
+
+@contextlib.contextmanager
+def library_log_lines() -> Iterator[list[str]]:
+    """The lines diffusers' and transformers' own stderr handlers print meanwhile. In-process their
+    handlers write to the stream of their import time, which capsys does not see: this handler gets
+    the same records (what passes the loggers' levels and filters) and keeps their text."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    keep = Keep()
+    loggers = [logging.getLogger(name) for name in ("diffusers", "transformers")]
+    for logger in loggers:
+        logger.addHandler(keep)
+    try:
+        yield lines
+    finally:
+        for logger in loggers:
+            logger.removeHandler(keep)
+
+
+def test_blend_word_past_limit_subprocess(tmp_path):
+    """The issue's case as a user runs it: the embedded model (32 tokens, its own vocabulary), long
+    prompts with words it never saw. Exit 2, exactly one stderr line (no warning about the prompts,
+    no echo of their cut-off ends from diffusers), and no output file."""
+    image = tmp_path / "input.png"
+    Scene("circle", "red", "blue", 0.5).render(64).save(image)
+    source = "a red circle on a blue background " + "very " * 40 + "dog"
+    proc = subprocess.run([sys.executable, "-m", "npinv", "edit", str(image), "--source", source, "--target", source,
+                           "--blend", "circle", "dog", "--steps", "2", "--out", str(tmp_path / "edit.png")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.endswith("\n") and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith("npinv: error: blend word 'dog' falls past the 32-token limit"), proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.png"]

@@ -67,6 +67,7 @@ def test_facts_of_each_layout(models, flux_schnell_folder):
     sd3, flux = models["sd3"], models["flux-dev"]
     assert sd3.family == "sd3" and flux.family == "flux" and flux.embedded_guidance == 3.5
     assert sd3.embedded_guidance is None and not flux.timestep_distilled
+    assert sd3.latent_channels == 4 and flux.latent_channels == 1 == flux.transformer.config.in_channels // 4
     assert models["sd3-no-t5"].pipe.text_encoder_3 is None
     assert models["sd35"].transformer.config.qk_norm == "rms_norm"
     schnell = _model(flux_schnell_folder)

@@ -29,7 +29,7 @@ from typing import Any
 
 from npinv.cache import InversionCache
 from npinv.cost import Meter
-from npinv.editing import blend_tokens, cross_edit
+from npinv.editing import check_edit_words
 from npinv.errors import NpinvError
 from npinv.io import load_image, remove_stale_temporaries, save_image, tensor_to_image
 from npinv.model import Model
@@ -187,9 +187,7 @@ def check_words(model: Model, rows: list[ManifestRow]) -> None:
     tok = model.pipe.tokenizer
     for row in rows:
         try:
-            cross_edit(tok, row.source, list(row.targets), row.invert.steps, row.edit)
-            if row.edit.blend is not None:
-                blend_tokens(tok, row.source, list(row.targets), row.edit.blend)
+            check_edit_words(tok, row.source, list(row.targets), row.invert.steps, row.edit)
         except NpinvError as exc:
             raise NpinvError(f"line {row.line}: {exc}") from None
 

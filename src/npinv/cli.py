@@ -6,11 +6,14 @@ User errors print one line ``npinv: error: ...`` and exit with code 2; nothing i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 from npinv.errors import NpinvError
 
@@ -31,6 +34,17 @@ def _number(text: str) -> float:
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
     return value
+
+
+def _global_args(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """Options every command takes, before or after its name (``npinv -q edit ...`` or ``npinv edit
+    ... -q``). On a sub-command they default to SUPPRESS, so an unset one does not undo the top one."""
+    quiet = {"default": False} if top else {"default": argparse.SUPPRESS}
+    threads = {"default": None} if top else {"default": argparse.SUPPRESS}
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or progress lines", **quiet)
+    p.add_argument("--threads", type=int, metavar="N", **threads,
+                   help="CPU threads torch uses (default $NPINV_THREADS, else $OMP_NUM_THREADS if set, else the "
+                        "CPUs this process may use divided by the processes launched together)")
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
@@ -72,6 +86,22 @@ def _setting_flags(p: argparse.ArgumentParser, cls: type, *, skip: tuple[str, ..
             p.add_argument(*names, metavar=spec.metavar, **common)
 
 
+class _Refused(argparse.Action):
+    """A flag a command does not take but a user may carry over from another: one line saying why,
+    rather than argparse's "unrecognized arguments" (or, worse, accepting and ignoring it)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        raise NpinvError(f"{option_string} does not apply: {self.const}")
+
+
+def _refused_flags(p: argparse.ArgumentParser, names: tuple[str, ...], why: str) -> None:
+    from npinv.settings import flag_name
+
+    for name in names:
+        p.add_argument(f"--{flag_name(name)}", nargs="?", action=_Refused, const=why, default=argparse.SUPPRESS,
+                       help=argparse.SUPPRESS)
+
+
 def _settings(args, cls: type, base=None):
     """The settings of ``cls`` from the flags given (others keep ``base``'s values or the defaults)."""
     from npinv.settings import from_text, specs
@@ -88,6 +118,8 @@ def _settings(args, cls: type, base=None):
 # PSNR per second of every scheme in BENCHMARKS.md. Edits keep plain DDIM inversion by default (the
 # published NPI + Prompt-to-Prompt setting, whose figures BENCHMARKS.md reports beside BDIA's).
 RECONSTRUCT_SCHEME = "bdia"
+# InvertSettings that only shape an inversion: generate samples from noise and takes none of them.
+GENERATE_SKIPS = ("resize", "invert_scheme", "invert_iters", "invert_tol", "bdia_gamma", "decoder_steps")
 
 
 def _invert_settings(args, **base):
@@ -100,11 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     from npinv.settings import EditSettings, InvertSettings, ReconstructSettings
 
     parser = _Parser(prog="npinv", description="Fast real-image inversion and editing with diffusion models.")
-    parser.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+    _global_args(parser, top=True)
+    parser.add_argument("--version", action="version", version=f"npinv {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("reconstruct", help="invert an image and reconstruct it with a method (NPI by default)")
-    p.add_argument("image")
+    p.add_argument("image", help="the image to invert (.png, .jpg, .webp, ...)")
     p.add_argument("--prompt", required=True, help="the source prompt describing the image")
     _setting_flags(p, ReconstructSettings)
     _setting_flags(p, InvertSettings, defaults={"invert_scheme": RECONSTRUCT_SCHEME})
@@ -114,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
 
     p = sub.add_parser("edit", help="edit an image with a target prompt (Prompt-to-Prompt + NPI by default)")
-    p.add_argument("image")
+    p.add_argument("image", help="the image to edit (.png, .jpg, .webp, ...)")
     p.add_argument("--source", default=None, help="prompt describing the input (optional with --inversion)")
     p.add_argument("--target", action="append", required=True, help="edited prompt; repeat for several edits")
     _setting_flags(p, EditSettings)
@@ -123,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-inversion", default=None, help="write the inversion for later edits")
     p.add_argument("--save-attention", default=None, metavar="DIR", help="write per-word cross-attention heat maps")
     p.add_argument("--out", required=True, help="edited image path; with several targets NAME_0.EXT, NAME_1.EXT, ...")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _model_args(p)
 
     p = sub.add_parser("edit-batch", help="edit every row of a JSONL/CSV manifest, resumably (accelerate: many processes)")
@@ -132,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=1, help="images per UNet call where settings and sizes agree")
     _setting_flags(p, EditSettings)  # each row's defaults; a row's own keys override them
     _setting_flags(p, InvertSettings)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _model_args(p)
 
     p = sub.add_parser(
@@ -151,22 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="upscale the edited frames to the source's size (its centre square with --resize crop)")
     p.add_argument("--out", required=True, help="edited video path (.mp4, .m4v, .mov, .mkv, .webm)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
-    # SUPPRESS: an unset sub-command flag must not undo `npinv --quiet edit-video ...`.
-    p.add_argument("--quiet", "-q", action="store_true", default=argparse.SUPPRESS, help="no progress bar")
     _model_args(p)
 
     p = sub.add_parser("generate", help="text-to-image sampling")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt", required=True, help="the prompt to sample an image of")
+    p.add_argument("--seed", type=int, default=0, help="seed of the starting noise, 0..2**64-1 (default 0)")
     _setting_flags(p, ReconstructSettings, skip=("method",))
-    _setting_flags(p, InvertSettings, skip=("resize",))
-    p.add_argument("--out", required=True)
-    p.add_argument("--json", action="store_true")
+    _setting_flags(p, InvertSettings, skip=GENERATE_SKIPS)
+    _refused_flags(p, GENERATE_SKIPS, "generate samples from noise and inverts nothing")
+    p.add_argument("--out", required=True, help="output image path (.png, .jpg, .webp)")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     _model_args(p)
 
     p = sub.add_parser("demo", help="reconstruct a bundled example with DDIM, NTI and NPI (embedded model)")
     p.add_argument("--out", default="out", help="output folder (default: out)")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--example", type=int, default=0, help="which bundled example (default 0)")
     _model_args(p)
 
@@ -179,43 +211,54 @@ def build_parser() -> argparse.ArgumentParser:
                         "uninterrupted run)")
     p.add_argument("--device", default="cpu", help="torch device to train on (default: cpu)")
 
-    bench = sub.add_parser("bench", help="benchmarks: reconstruct, edit-shapes")
+    bench = sub.add_parser("bench", help="benchmarks: reconstruct, edit-shapes, piebench")
     bsub = bench.add_subparsers(dest="bench", required=True, parser_class=_Parser)
     p = bsub.add_parser("reconstruct", help="PSNR/SSIM/seconds/UNet calls per method and step count")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--images", default=None, help="folder of images with NAME.txt prompts or prompts.json")
     src.add_argument("--shapes", type=int, default=None, help="use N held-out scenes (default 8)")
-    p.add_argument("--methods", default="ddim1,ddim,nti,npi")
-    p.add_argument("--steps", default="10,20,50,100")
-    p.add_argument("--guidance", type=_number, default=7.5)
-    p.add_argument("--offset", type=int, default=None, choices=[0, 1])
+    p.add_argument("--methods", default="ddim1,ddim,nti,npi", metavar="METHOD[@SCHEME],...",
+                   help="comma separated methods (ddim1: DDIM at guidance 1, or a method: "
+                        f"{', '.join(_method_names())}), each optionally inverted as METHOD@SCHEME: "
+                        f"@{', @'.join(_scheme_names())}, @decN (N decoder-inversion steps first), "
+                        "@bdia+gGAMMA (BDIA's damping factor), parts joined by + (npi@anderson+dec100); "
+                        "without @, plain DDIM inversion (default ddim1,ddim,nti,npi)")
+    p.add_argument("--steps", default="10,20,50,100", help="comma separated DDIM step counts (default 10,20,50,100)")
+    p.add_argument("--guidance", type=_number, default=7.5, help="guidance scale w of every method but ddim1 "
+                   "(default 7.5)")
+    p.add_argument("--offset", type=int, default=None, choices=[0, 1],
+                   help="timestep offset: 0 as published code, 1 as the SD config (default: the model's config)")
     p.add_argument("--lpips", default=None, metavar="WEIGHTS",
                    help="LPIPS (SqueezeNet) weights file(s), os.pathsep separated (default $NPINV_LPIPS_WEIGHTS)")
     p.add_argument("--out", required=True, help="output folder (results.jsonl, summary.json, table.md, plots)")
     _model_args(p)
     p = bsub.add_parser("edit-shapes", help="ground-truth editing benchmark on held-out scenes")
-    p.add_argument("--scenes", type=int, default=10)
-    p.add_argument("--methods", default="npi,proxnpi,nti,ddim")
+    p.add_argument("--scenes", type=int, default=10, help="held-out scenes to edit (default 10)")
+    p.add_argument("--methods", default="npi,proxnpi,nti,ddim",
+                   help="comma separated methods (default npi,proxnpi,nti,ddim)")
     p.add_argument("--direct", default="no,yes", help="direct inversion settings to run: no, yes or no,yes")
-    p.add_argument("--controllers", default="replace")
+    p.add_argument("--controllers", default="replace",
+                   help="comma separated attention controllers: replace, refine, reweight, none (default replace)")
     p.add_argument("--guidance", default="7.5", help="one or more guidance scales, comma separated")
-    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--no-blend", action="store_true", help="edit without local blend")
-    p.add_argument("--cross-replace", type=_number, default=0.8)
-    p.add_argument("--self-replace", type=_number, default=0.6)
-    p.add_argument("--out", required=True)
+    p.add_argument("--cross-replace", type=_number, default=0.8,
+                   help="fraction of steps with cross-attention replaced (default 0.8)")
+    p.add_argument("--self-replace", type=_number, default=0.6,
+                   help="fraction of steps with self-attention replaced (default 0.6)")
+    p.add_argument("--out", required=True, help="output folder (results.jsonl, summary.json, table.md)")
     _model_args(p)
 
     p = bsub.add_parser("piebench", help="PIE-Bench: invert and edit every image, score the unedited region")
     p.add_argument("--data", required=True, help="PIE-Bench folder (annotation_images/, mapping_file.json)")
     p.add_argument("--methods", default="npi", help="comma separated: npi,proxnpi,proxnpi-noig,nti,ddim")
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=_number, default=7.5)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--guidance", type=_number, default=7.5, help="guidance scale w (default 7.5)")
     p.add_argument("--offset", type=int, default=0, choices=[0, 1], help="timestep offset (published: 0)")
     p.add_argument("--types", default=None, help="editing type ids to run, comma separated (default all)")
     p.add_argument("--limit", type=int, default=None, help="at most this many images")
     p.add_argument("--parity", action="store_true", help="score as the published script does (see docs/piebench.md)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="output folder (results.jsonl, summary.json, table.md)")
     _model_args(p)
 
     p = sub.add_parser("serve", help="web app: upload, invert once, edit many in the browser (Gradio)",
@@ -235,14 +278,73 @@ def build_parser() -> argparse.ArgumentParser:
     _model_args(p)
 
     p = sub.add_parser("models", help="list the models npinv knows")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    for command in _subcommands(parser):
+        _global_args(command)
     return parser
+
+
+def _subcommands(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    """Every sub-command's parser, nested ones (bench reconstruct) included, each once."""
+    found: list[argparse.ArgumentParser] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in dict.fromkeys(action.choices.values()):
+                found += [child, *_subcommands(child)]
+    return found
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("npinv")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        from npinv import __version__
+
+        return __version__
+
+
+def _method_names() -> tuple[str, ...]:
+    from npinv.methods import method_names
+
+    return method_names()
+
+
+def _scheme_names() -> tuple[str, ...]:
+    from npinv.schemes import scheme_names
+
+    return scheme_names()
 
 
 def _load(args):
     from npinv.model import load_model
 
-    return load_model(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.model_config)
+    model = load_model(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.model_config)
+    args.resources.enter_context(_quiet_libraries(model))
+    return model
+
+
+@contextlib.contextmanager
+def _quiet_libraries(model) -> Iterator[None]:
+    """Keep the libraries' own lines about a prompt off stderr while the model runs: diffusers' echo of
+    the cut-off end of an over-long prompt at every encoding (the web app drops it from its log the
+    same way) and transformers' tokenizer notice. npinv already says it once, in one line."""
+    import logging
+
+    from transformers.utils import logging as tlogging
+
+    from npinv.model import QuietTruncation
+
+    before = tlogging.get_verbosity()
+    # main() defaults TRANSFORMERS_VERBOSITY to error; transformers reads it only when first imported.
+    wanted = getattr(logging, os.environ.get("TRANSFORMERS_VERBOSITY", "error").upper(), logging.ERROR)
+    tlogging.set_verbosity(wanted if isinstance(wanted, int) else logging.ERROR)
+    try:
+        with QuietTruncation.on(model):
+            yield
+    finally:
+        tlogging.set_verbosity(before)
 
 
 def cmd_reconstruct(args) -> int:
@@ -269,7 +371,7 @@ def cmd_reconstruct(args) -> int:
         if args.save_inversion:
             report.reconstruction.inversion.save(args.save_inversion, stage=stage)
     row = report.summary() | {"out": str(out), "model": model.name, "dtype": args.dtype,
-                              "size": list(source.image.shape[-2:])}
+                              "size": list(source.image.shape[-2:]), "threads": _torch_threads()}
     if args.save_inversion:
         row["inversion"] = args.save_inversion
     if args.json:
@@ -307,6 +409,7 @@ def cmd_edit(args) -> int:
     from pathlib import Path
 
     from npinv.attention.maps import save_attention_maps
+    from npinv.editing import check_edit_words
     from npinv.inversion import Inversion, check_inversion_path
     from npinv.io import check_output_path, image_grid, load_image, save_image, staged_outputs, tensor_to_image
     from npinv.service import edit_image, load_inversion, prepare_file
@@ -338,6 +441,9 @@ def cmd_edit(args) -> int:
                              f"{inv_settings.offset}")
     _check_before_load(args, inv_settings, guidance=settings.guidance)
     model = _load(args)
+    # The words (blend, reweight, per-word cross-replace) before the inversion's cost and its warnings.
+    check_edit_words(model.pipe.tokenizer, args.source or saved.source_prompt, args.target, inv_settings.steps,
+                     settings)
     source = prepare_file(args.image, model, inv_settings)
     inverted = load_inversion(args.inversion, model, source, steps=inv_settings.steps) if saved is not None else None
     edited = edit_image(model, source, args.source, args.target, settings, inv_settings, inversion=inverted,
@@ -401,9 +507,17 @@ def cmd_generate(args) -> int:
                          estimate=None if args.quiet else estimate)
     save_image(tensor_to_image(generated.image), out)
     row = {"prompt": args.prompt, "seed": args.seed, "steps": inv_settings.steps, "guidance": settings.guidance,
-           "seconds": generated.cost.seconds, "unet_calls": generated.cost.unet_calls, "out": str(out)}
+           "seconds": generated.cost.seconds, "unet_calls": generated.cost.unet_calls, "out": str(out),
+           "threads": _torch_threads()}
     print(json.dumps(row) if args.json else f"{out}  ({row['seconds']:.2f} s, {row['unet_calls']} UNet calls)")
     return 0
+
+
+def _torch_threads() -> int:
+    """torch's CPU thread count (the seconds of a CPU run depend on it; see npinv.threads)."""
+    import torch
+
+    return torch.get_num_threads()
 
 
 # generate prints an estimate when its sampling loop will take at least this long after the first step.
@@ -646,21 +760,65 @@ COMMANDS["edit-batch"] = cmd_edit_batch
 COMMANDS["serve"] = cmd_serve
 
 
-def _one_line_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    print(f"npinv: warning: {message}", file=sys.stderr)
+def _one_line_warnings():
+    """``warnings.showwarning`` for one run: each warning one line, and a message said once (the
+    source and target prompts are encoded in different places, but one long prompt is one warning)."""
+    shown: set[str] = set()
+
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if str(message) not in shown:
+            shown.add(str(message))
+            print(f"npinv: warning: {message}", file=sys.stderr)
+
+    return show
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``timeout``, ``kill``, a cancelled CI job), raised where the program is, as Ctrl-C's
+    KeyboardInterrupt is: every ``finally`` runs, so staged outputs leave no temporary file behind."""
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args) -> int:
+    from npinv.threads import choose_threads, torch_threads, usable_cpus
+
+    with contextlib.ExitStack() as resources:
+        args.resources = resources  # what the command holds until it ends (see _load)
+        if args.command != "models":  # the one command without torch work
+            resources.enter_context(torch_threads(choose_threads(args.threads, os.environ, usable_cpus())))
+        return COMMANDS[args.command](args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    warnings.showwarning = _one_line_warning
+    warnings.showwarning = _one_line_warnings()
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
-        args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args)
+        with _sigterm_as_interrupt():
+            args = build_parser().parse_args(argv)
+            return _run(args)
     except NpinvError as exc:
         print(f"npinv: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("npinv: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("npinv: interrupted", file=sys.stderr)
         return 130

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from npinv.model import Model
+from npinv.progress import Progress
 
 LEARNING_RATE = 0.03
 
@@ -26,8 +27,9 @@ class DecoderFit:
 
 
 def invert_decoder(model: Model, images: torch.Tensor, z0: torch.Tensor, steps: int, *,
-                   lr: float = LEARNING_RATE) -> DecoderFit:
-    """``steps`` Adam updates of ``z0`` so that ``decode(z0)`` matches ``images`` (B, 3, H, W) in [-1, 1]."""
+                   lr: float = LEARNING_RATE, progress: str | None = None) -> DecoderFit:
+    """``steps`` Adam updates of ``z0`` so that ``decode(z0)`` matches ``images`` (B, 3, H, W) in [-1, 1].
+    ``progress``: the title of a bar (or, in a log, of a periodic line) over the steps; None: none."""
     if steps <= 0:
         return DecoderFit(z0.to(torch.float32), [])
     vae = model.vae
@@ -40,7 +42,7 @@ def invert_decoder(model: Model, images: torch.Tensor, z0: torch.Tensor, steps: 
     opt = torch.optim.Adam([z], lr=lr)
     losses = []
     with torch.enable_grad():
-        for _ in range(steps):
+        for _ in Progress(range(steps), desc=progress, unit="step"):
             loss = F.mse_loss(vae.decode(z / scale + shift).sample.float(), x)
             opt.zero_grad(set_to_none=True)
             loss.backward()

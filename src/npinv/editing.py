@@ -29,7 +29,8 @@ from npinv.model import Model, PromptEmbedding
 from npinv.sampling import Branch, StepHook, StepState, sample
 from npinv.settings import EditSettings
 
-__all__ = ["EditSettings", "EditResult", "EditJob", "edit", "edit_batch", "cross_edit", "blend_tokens"]
+__all__ = ["EditSettings", "EditResult", "EditJob", "edit", "edit_batch", "cross_edit", "blend_tokens",
+           "check_edit_words"]
 
 
 @dataclasses.dataclass
@@ -101,6 +102,15 @@ def blend_tokens(tokenizer, source_prompt: str, targets: list[str], blend: tuple
     """Local blend's token positions: the source word's, and the target word's in each target."""
     src_word, tgt_word = blend
     return find_word(tokenizer, source_prompt, src_word), [find_word(tokenizer, t, tgt_word) for t in targets]
+
+
+def check_edit_words(tokenizer, source_prompt: str, targets: list[str], steps: int, settings: EditSettings) -> None:
+    """An edit's checks that need only the tokenizer (reweight, blend and per-word cross-replace words,
+    word-swap counts, words past the token limit): the front ends call it before any model work, so a
+    bad word is refused before the inversion's cost and before any warning about the prompts."""
+    cross_edit(tokenizer, source_prompt, list(targets), steps, settings)
+    if settings.blend is not None:
+        blend_tokens(tokenizer, source_prompt, list(targets), settings.blend)
 
 
 def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, source_rows: str = "shared",

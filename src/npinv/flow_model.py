@@ -118,6 +118,11 @@ class FlowModel:
         return 2 if self.kind == "flux" else int(self.transformer.config.patch_size)
 
     @property
+    def latent_channels(self) -> int:
+        """Channels of the (unpacked) latent: the VAE's (FLUX's transformer sees 4 x as many per token)."""
+        return int(self.vae.config.latent_channels)
+
+    @property
     def resolution(self) -> int:
         """The side the model was trained at, in pixels (the pipelines' default size)."""
         return int(self.pipe.default_sample_size) * self.vae_scale_factor

@@ -26,7 +26,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
 
     The file ends with the mode ``open()`` would give it: an existing ``path`` keeps its mode, a
     new one gets 0666 less the umask (the kernel applies it, and any default ACL, at creation;
-    ``tempfile.mkstemp`` would leave it 0600).
+    ``tempfile.mkstemp`` would leave it 0600). The temporary is locked while the block runs, so
+    :func:`remove_abandoned_temporaries` tells it from one a killed process left.
     """
     path = Path(path)
     try:
@@ -38,9 +39,6 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if keep is not None:
             os.fchmod(fd, keep)
         mode = stat.S_IMODE(os.fstat(fd).st_mode)
-    finally:
-        os.close(fd)
-    try:
         yield tmp
         # A writer that replaced the temporary file instead of writing into it gets the mode back.
         if stat.S_IMODE(os.stat(tmp).st_mode) != mode:
@@ -49,17 +47,37 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        os.close(fd)  # after the unlink: the lock holds until the temporary is gone
 
 
 def _create_beside(path: Path) -> tuple[int, Path]:
-    """A new, empty ``.NAME.RANDOM.tmp`` beside ``path`` (what :func:`remove_stale_temporaries` matches)."""
+    """A new, empty ``.NAME.RANDOM.tmp`` beside ``path`` (what :func:`remove_stale_temporaries` matches),
+    open and locked (:func:`_lock`) for as long as the descriptor stays open."""
     for _ in range(100):
         tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
         try:
-            return os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666), tmp
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:
             continue
+        _lock(fd)
+        return fd, tmp
     raise FileExistsError(f"cannot create a temporary file beside {path}")
+
+
+def _lock(fd: int) -> bool:
+    """Take an exclusive advisory lock on ``fd`` without waiting: True if taken (or locks do not exist
+    here), False if another open file holds it. The kernel drops it when its holder exits, killed or not."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: no flock; nothing is ever taken for abandoned
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError:  # a file system without locks
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -118,6 +136,31 @@ def remove_stale_temporaries(path: str | Path) -> list[Path]:
         with contextlib.suppress(FileNotFoundError):
             p.unlink()
     return stale
+
+
+def remove_abandoned_temporaries(path: str | Path) -> list[Path]:
+    """Delete the temporaries :func:`atomic_path` left beside ``path`` in processes that are gone
+    (killed: SIGKILL, a power cut), keeping those a running process still writes: each writer holds a
+    lock on its temporary, which the kernel drops when the writer exits. Safe beside other writers."""
+    try:
+        import fcntl  # noqa: F401  (without locks a live writer's file cannot be told from a dead one's)
+    except ImportError:
+        return []
+    path = Path(path)
+    removed = []
+    for p in path.parent.glob(f".{glob_escape(path.name)}.*.tmp"):
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except OSError:
+            continue
+        try:
+            if _lock(fd):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed.append(p)
+        finally:
+            os.close(fd)
+    return removed
 
 
 def glob_escape(name: str) -> str:

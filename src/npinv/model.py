@@ -9,12 +9,15 @@ refused unless ``allow_pickle=True``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 import unicodedata
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +37,42 @@ DEFAULT_EDIT_GUIDANCE = 7.5
 
 
 class NpinvWarning(UserWarning):
+# The download command of the installed huggingface_hub: its only console script is `hf` (no `huggingface-cli`).
+HUB_DOWNLOAD = "hf download"
     """A warning the CLI prints as one line (truncated prompt, unknown words, ...)."""
 
 
 def embedded_model_path() -> Path:
     """Folder of the model that ships inside the package."""
     return Path(__file__).parent / "models" / "shapes64"
+class QuietTruncation(logging.Filter):
+    """Drops diffusers' "The following part of your input was truncated ...: [<the cut-off text>]",
+    logged at every encoding of a prompt over the text encoder's limit: up to the whole prompt, on a
+    server in the log on every request, on the command line a second, unasked-for line. npinv already
+    says the truncation in one line (an :class:`NpinvWarning`); transformers' own tokenizer notice
+    ("Token indices sequence length is longer ...") is kept out by its verbosity (error)."""
+
+    PREFIX = "The following part of your input was truncated"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.PREFIX)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def on(model: Model) -> Iterator[None]:
+        """Filter the loggers of the modules of the model's pipeline class (and its bases) meanwhile."""
+        loggers = [logging.getLogger(c.__module__) for c in type(model.pipe).__mro__
+                   if c.__module__.startswith("diffusers.")]
+        quiet = QuietTruncation()
+        for logger in loggers:
+            logger.addFilter(quiet)
+        try:
+            yield
+        finally:
+            for logger in loggers:
+                logger.removeFilter(quiet)
+
+
 
 
 def _is_embedded(spec: str | Path | None) -> bool:
@@ -360,8 +393,9 @@ def load_model(
         path = Path(spec).expanduser()
     from transformers.utils import logging as tlogging
 
-    verbosity = dlogging.get_verbosity()
-    # diffusers' and transformers' load chatter and bars would drown our one-line messages.
+    verbosity, tverbosity = dlogging.get_verbosity(), tlogging.get_verbosity()
+    # diffusers' and transformers' load chatter and bars would drown our one-line messages (the
+    # pipeline's import of CLIPImageProcessor warns that torchvision is missing: npinv never uses it).
     dlogging.set_verbosity_error()
     dlogging.disable_progress_bar()
     tlogging.disable_progress_bar()
@@ -393,6 +427,7 @@ class ModelFacts:
     @property
     def size_multiple(self) -> int:
         """As :attr:`Model.size_multiple`; 8 when the VAE's config could not be read."""
+    tlogging.set_verbosity_error()
         return max(SIZE_MULTIPLE, self.vae_scale_factor or 1)
 
 
@@ -405,6 +440,7 @@ _SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 
 def _read_json(path: Path, what: str = "config") -> dict[str, Any]:
     """A JSON object from ``path``, or one line naming the file and what is wrong with it."""
+        tlogging.set_verbosity(tverbosity)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -582,7 +618,7 @@ def _call(load, spec: str):
             raise NpinvError(
                 f"cannot load model {spec!r}: it is not in the local Hugging Face cache and the Hub cannot be "
                 "reached (no network, or HF_HUB_OFFLINE=1); download it where there is a network "
-                f"(huggingface-cli download {spec}) or give --model a local folder") from None
+                f"({HUB_DOWNLOAD} {spec}) or give --model a local folder") from None
         first = text.splitlines()[0] if text else type(exc).__name__
         first = first.replace(" Please check out the root cause in the stacktrace above.", "")  # none is shown
         raise NpinvError(f"cannot load model {spec!r}: {first}") from None

@@ -5,7 +5,8 @@ DDIM inversion is deterministic (no noise is drawn anywhere in NPI, NTI or the e
 every frame is edited the same way from its own inversion and a rerun gives the same frames: there
 is no seed to set. Frames stream through in batches (``batch_size`` frames share each UNet call),
 so memory does not grow with the video's length. The output is written to a temporary file beside
-it and renamed only when every frame is in: an error or Ctrl-C leaves no partial video. Only the
+it and renamed only when every frame is in: an error, Ctrl-C or (on the command line) SIGTERM leaves no
+partial video, and a later run to the same path removes what a killed one (SIGKILL) left. Only the
 first video stream is edited; audio and subtitles are not carried over.
 
 PyAV (``pip install 'npinv[video]'``) decodes and encodes; it bundles FFmpeg.
@@ -26,8 +27,9 @@ import torch
 from PIL import Image
 
 from npinv.cost import Meter
+from npinv.editing import check_edit_words
 from npinv.errors import NpinvError
-from npinv.io import atomic_path, check_output_path, tensor_to_image, writing
+from npinv.io import atomic_path, check_output_path, remove_abandoned_temporaries, tensor_to_image, writing
 from npinv.model import Model
 from npinv.service import edit, invert, prepare_picture
 from npinv.settings import EditSettings, InvertSettings
@@ -428,6 +430,8 @@ def edit_video(model: Model, video: str | Path, out: str | Path, source: str, ta
     batch_reports: list[dict[str, Any]] = []  # one inversion report per UNet batch
     kept: list[torch.Tensor] = []
     invert_settings = invert_settings or InvertSettings()
+    # The words (blend, reweight, per-word cross-replace) before the first frame's inversion and its warnings.
+    check_edit_words(model.pipe.tokenizer, source, [target], invert_settings.steps, settings)
     meter = Meter(model)
     frames = read_frames(video, max_frames=max_frames)
     edits = edit_frames(model, frames, source, target, settings, invert_settings, batch_size=batch_size)
@@ -460,6 +464,7 @@ def edit_video(model: Model, video: str | Path, out: str | Path, source: str, ta
         # Close the decoder now, not at garbage collection, when the loop stopped early.
         edits.close()
         frames.close()
+    remove_abandoned_temporaries(out)  # from earlier runs to this path that were killed mid-write
     ratio = None
     if src_change.mean and edit_change.mean is not None:
         ratio = edit_change.mean / src_change.mean

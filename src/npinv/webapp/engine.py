@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import logging
 import shutil
 import tempfile
 import threading
@@ -33,7 +32,7 @@ from npinv.cost import Cost
 from npinv.errors import NpinvError
 from npinv.inversion import Inversion
 from npinv.io import load_image, save_image, tensor_to_image
-from npinv.model import DEFAULT_EDIT_GUIDANCE, Model
+from npinv.model import DEFAULT_EDIT_GUIDANCE, Model, QuietTruncation
 from npinv.service import (
     Edited,
     InversionKey,
@@ -446,34 +445,6 @@ class Engine:
             with contextlib.suppress(OSError):
                 if child.is_dir() and child.stat().st_mtime < cutoff:
                     shutil.rmtree(child, ignore_errors=True)
-
-
-class QuietTruncation(logging.Filter):
-    """Drops diffusers' "The following part of your input was truncated ...: [<the cut-off text>]",
-    logged at every encoding of a prompt over the text encoder's limit: on a server that is a user's
-    text, up to the whole prompt, in the log on every request. The page already warns about the
-    truncation in one line (an :class:`~npinv.model.NpinvWarning`), and transformers' own tokenizer
-    notice ("Token indices sequence length is longer ...") is one short line, once per tokenizer."""
-
-    PREFIX = "The following part of your input was truncated"
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(self.PREFIX)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def on(model: Model) -> Iterator[None]:
-        """Filter the loggers of the modules of the model's pipeline class (and its bases) meanwhile."""
-        loggers = [logging.getLogger(c.__module__) for c in type(model.pipe).__mro__
-                   if c.__module__.startswith("diffusers.")]
-        quiet = QuietTruncation()
-        for logger in loggers:
-            logger.addFilter(quiet)
-        try:
-            yield
-        finally:
-            for logger in loggers:
-                logger.removeFilter(quiet)
 
 
 def _stage(stage: Stage | None, text: str) -> None:
