@@ -59,6 +59,38 @@ def test_hub_id_offline_gives_a_clear_error(monkeypatch):
         load_model("nobody/no-such-model", device="cpu")
 
 
+def test_uncached_hub_id_is_checked_before_the_weights(tmp_path, monkeypatch, sd_folder, image_file, capsys):
+    """With a network, an uncached hub id's scheduler and VAE configs are fetched alone (a few KB), so
+    that a step count the model cannot honour is refused before the weights' download; offline the
+    load, the first thing that needs the model, refuses at once."""
+    import huggingface_hub
+    import huggingface_hub.constants
+
+    import npinv.model
+    from npinv.cli import main
+
+    fetched = []
+
+    def download(repo, name, **kwargs):
+        fetched.append(name)
+        return str(sd_folder / name)
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)
+    monkeypatch.setattr(npinv.model, "load_model", lambda *a, **k: pytest.fail("the weights were loaded"))
+    argv = ["--quiet", "reconstruct", str(image_file), "--prompt", "a cat", "--model", "npinv-test/not-cached",
+            "--out", str(tmp_path / "r.png")]
+    assert main([*argv, "--steps", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--offset 0" in err, err
+    assert fetched == ["scheduler/scheduler_config.json", "vae/config.json"]
+    # Unreachable (no network, no such repo): nothing to check against; the load says what is wrong.
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(OSError("down")))
+    monkeypatch.setattr(npinv.model, "load_model", lambda *a, **k: (_ for _ in ()).throw(NpinvError("not loaded")))
+    assert main([*argv, "--steps", "1000"]) == 2
+    assert capsys.readouterr().err == "npinv: error: not loaded\n"
+
+
 def test_bad_specs(tmp_path):
     with pytest.raises(NpinvError, match="not a diffusers model folder"):
         load_model(str(tmp_path), device="cpu")
