@@ -518,9 +518,9 @@ def check_model_folder(path: Path) -> ModelFacts:
 
 def model_facts(spec: str | Path | None = None, config: str | Path | None = None) -> ModelFacts:
     """The facts of the model ``load_model(spec, config=config)`` would load, from its configs only
-    (the embedded model, a folder, a single file's ``config`` folder, or a hub id's cached configs).
-    A broken folder raises :class:`NpinvError` now; what cannot be read without the weights or the
-    network is None and is checked after the load instead."""
+    (the embedded model, a folder, a single file's ``config`` folder, or a hub id's configs: cached, or
+    fetched alone when there is a network). A broken folder raises :class:`NpinvError` now; what cannot
+    be read without the weights or the network is None and is checked after the load instead."""
     folder = embedded_model_path() if _is_embedded(spec) else Path(str(spec)).expanduser()
     if folder.is_dir():
         return check_model_folder(folder)
@@ -528,14 +528,19 @@ def model_facts(spec: str | Path | None = None, config: str | Path | None = None
         return check_model_folder(Path(config).expanduser())
     repo = str(config) if folder.is_file() and config is not None else str(spec)
     if _HUB_ID.match(repo):
-        return _cached_hub_facts(repo)
+        return _hub_facts(repo)
     return ModelFacts()
 
 
-def _cached_hub_facts(repo: str) -> ModelFacts:
-    """A hub model's scheduler and VAE configs from the local cache, if they are there (no network)."""
+def _hub_facts(repo: str) -> ModelFacts:
+    """A hub model's scheduler and VAE configs: from the local cache, else, when there is a network,
+    fetched alone (a few KB, into the cache the load reads), so that the step and size checks refuse a
+    run before the weights' download, not after it. Offline and uncached there is nothing to read: the
+    checks that need no config (sizes a multiple of 8, steps in 1..1000) have run, and the load refuses
+    at once (not in the cache) before any other work."""
     try:
-        from huggingface_hub import try_to_load_from_cache
+        import huggingface_hub
+        from huggingface_hub import constants, try_to_load_from_cache
     except ImportError:
         return ModelFacts()
     found = {}
@@ -544,6 +549,11 @@ def _cached_hub_facts(repo: str) -> ModelFacts:
             cached = try_to_load_from_cache(repo, name)
         except Exception:  # an odd id or cache layout: the load will say what is wrong
             cached = None
+        if not (isinstance(cached, str) and Path(cached).is_file()) and not constants.HF_HUB_OFFLINE:
+            try:
+                cached = huggingface_hub.hf_hub_download(repo, name)
+            except Exception:  # no such repo or file, gated, no network: the load will say what is wrong
+                cached = None
         if isinstance(cached, str) and Path(cached).is_file():
             found[key] = _read_json(Path(cached))
     scheduler = found.get("scheduler")
