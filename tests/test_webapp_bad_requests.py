@@ -306,7 +306,8 @@ def test_raw_json_infinity_and_nan_are_one_line_errors(server, server_log):
     form = {"method": "npi", "controller": "replace", "guidance": 2.5, "cross_replace": "0.8",
             "cross_replace_words": "", "self_replace": "0.6", "self_replace_size": 0.5, "blend": "",
             "blend_threshold": 0.3, "blend_start": 0.2, "blend_res": None, "reweight": "", "direct": False,
-            "prox_quantile": 0.75, "recon_t": 400, "recon_lr": 1.0, "keep_attention_maps": False}
+            "prox_quantile": 0.75, "recon_t": 400, "recon_lr": 1.0, "attention": "fused",
+            "keep_attention_maps": False}
     assert list(form) == list(FORM_FIELDS)  # the API's order: the schema's
 
     def edit(**changes) -> list:

@@ -189,7 +189,8 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
     if first.pair_start is not None:  # BDIA inversions: every branch starts from its image's pair
         pair_start = torch.cat([inv.pair_start.expand(1 + len(job.targets), *inv.noise.shape[1:])
                                 for inv, job in zip(inversions, jobs, strict=True)])
-    with controlled_attention(model.unet, controller, self_min_downscale=1 / settings.self_replace_size):
+    with controlled_attention(model.unet, controller, self_min_downscale=1 / settings.self_replace_size,
+                              mode=settings.attention):
         result = sample(model, z_start, first.schedule_for(model), branches, guidance, controller=controller,
                         hooks=hooks, progress="edit" if progress else None, pair_start=pair_start,
                         pair_gamma=first.pair_gamma)

@@ -540,6 +540,13 @@ class EditSettings:
                               label="ProxNPI inversion-guidance strength", advanced=True)
     # An output choice, not a setting: record per-word maps at the latent resolution for heat maps.
     keep_attention_maps: bool = False
+    # How controlled attention layers compute (docs/method.md "Fused attention"): the same edits either way.
+    attention: str = setting("fused", Choice(("fused", "explicit")),
+                             "how edited attention layers compute: fused (scaled_dot_product_attention with the "
+                             "edits folded into the values; probabilities only for the maps local blend and "
+                             "--save-attention read) or explicit (every hooked layer's probabilities, the "
+                             "reference form; slower, and large at high resolutions)",
+                             label="Attention computation", advanced=True)
 
     def validate(self) -> None:
         check_fields(self)

@@ -6,6 +6,10 @@ from its own source. Only the rows that carry a branch's *condition* are edited 
 keep their own attention). Cross-attention maps
 are kept only as running sums at one small resolution (for local blend) and, on request, per
 word at the latent resolution (for heat maps): never the large self-attention maps.
+
+The controller edits either the probabilities (:meth:`EditController.attention`, the explicit
+path) or, as the same linear maps folded into the values, the fused attention's output
+(:meth:`EditController.attend`, docs/method.md "Fused attention"); both give the same edit.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.functional import scaled_dot_product_attention as sdpa
 
 from npinv.attention.processor import LayerInfo, map_size
 from npinv.sampling import StepHook, StepState
@@ -28,12 +33,48 @@ class CrossEdit:
 
     alpha: torch.Tensor
     edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    # The last step's value weights (fused path), per (alpha row, device, dtype).
+    _weights: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def apply(self, base: torch.Tensor, target: torch.Tensor, step: int) -> torch.Tensor:
         """base (H, Q, K) of the source; target (T, H, Q, K); returns the targets' new attention."""
         edited = self.edit(base, target)
         a = self.alpha[min(step, len(self.alpha) - 1)].to(base)[:, None, None, :]
         return edited * a + target * (1 - a)
+
+    @property
+    def is_linear(self) -> bool:
+        """Whether the edit says its linear form (the fused path needs it)."""
+        return callable(getattr(self.edit, "linear", None))
+
+    def weights(self, step: int, device: torch.device, dtype: torch.dtype) -> ValueWeights:
+        """:meth:`apply` at ``step`` as weights on the targets' values (see :class:`ValueWeights`)."""
+        row = min(step, len(self.alpha) - 1)
+        cache_key = (row, device, dtype)
+        if cache_key not in self._weights:
+            targets, keys = self.alpha.shape[1:]
+            base, own = self.edit.linear(targets, keys)  # type: ignore[attr-defined]
+            # edited * a + target * (1 - a), with edited = P_src @ base + P_tgt * own.
+            a = self.alpha[row].detach().cpu().float()
+            base, own = base * a[:, None, :], own * a + (1 - a)
+            self._weights.clear()  # the alpha rows change only at window edges: keep one step's
+            self._weights[cache_key] = ValueWeights(
+                base.to(device, dtype), own.to(device, dtype), tuple(base.flatten(1).ne(0).any(1).tolist()),
+                tuple(own.ne(0).any(1).tolist()), tuple(own.eq(1).all(1).tolist()))
+        return self._weights[cache_key]
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueWeights:
+    """One step of a :class:`CrossEdit` as weights on each target's values ``V`` (keys, head_dim):
+    its attention output is ``P_src @ (base[t] @ V) + P_t @ (own[t] * V)`` (P: probabilities), two
+    fused attention calls, or one where a term vanishes. The flags are read on the CPU."""
+
+    base: torch.Tensor  # (T, K, K)
+    own: torch.Tensor  # (T, K)
+    uses_base: tuple[bool, ...]  # target t reads the source's attention at this step
+    uses_own: tuple[bool, ...]  # target t reads its own attention
+    own_is_one: tuple[bool, ...]  # ... unweighted
 
 
 @dataclasses.dataclass
@@ -95,6 +136,71 @@ class EditController:
             # reference to the tensor the controller then edits in place).
             self._record(out, layer, cond_rows, state)
         return out
+
+    # -- the fused processors' hook ---------------------------------------------------------------
+    def needs_probs(self, layer: LayerInfo) -> bool:
+        """Only cross-attention edited by an edit without a linear form takes the explicit path."""
+        if self.state is None or not layer.is_cross:
+            return False
+        return any(g.cross is not None and not g.cross.is_linear for g in self.groups)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: LayerInfo,
+               scale: float) -> torch.Tensor:
+        """:meth:`attention`'s edit computed with fused attention: (B, H, Q, d) from (B, H, N, d).
+
+        Each row attends with the queries and keys of ``reads[row]`` (a target's source, where the
+        source's probabilities replace its own) to values mapped by the edit's linear form; target
+        rows that also keep part of their own attention add a second call with their weighted values."""
+        state = self.state
+        if state is None:
+            return sdpa(query, key, value, scale=scale)
+        if layer.is_cross and (self.keep_maps or layer.downscale == self.blend_downscale):
+            self._record_maps(query, key, layer, scale)
+        cond_rows = {r.branch: k for k, r in enumerate(state.rows) if r.kind == "cond"}
+        reads = list(range(query.shape[0]))
+        values = value
+        own_rows: list[int] = []
+        own_values: list[torch.Tensor] = []
+        for group in self.groups:
+            present = [(j, cond_rows[b]) for j, b in enumerate(group.targets) if b in cond_rows]
+            if group.source not in cond_rows or not present:
+                continue
+            src = cond_rows[group.source]
+            if layer.is_cross and group.cross is not None:
+                w = group.cross.weights(state.i, value.device, value.dtype)
+                values = value.clone() if values is value else values
+                for j, row in present:
+                    if w.uses_base[j]:
+                        reads[row] = src
+                        values[row] = torch.einsum("kj,hjd->hkd", w.base[j], value[row])
+                        if w.uses_own[j]:
+                            own_rows.append(row)
+                            own_values.append(value[row] * w.own[j][None, :, None])
+                    elif not w.own_is_one[j]:
+                        values[row] = value[row] * w.own[j][None, :, None]
+                self._saw("cross_edited", layer, state)
+            elif not layer.is_cross and self.self_steps[0] <= state.i < self.self_steps[1]:
+                for _, row in present:
+                    reads[row] = src
+                self._saw("self_replaced", layer, state)
+        q, k = query, key
+        if reads != list(range(len(reads))):
+            index = torch.tensor(reads, device=query.device)
+            q, k = query.index_select(0, index), key.index_select(0, index)
+        out = sdpa(q, k, values, scale=scale)
+        if own_rows:
+            index = torch.tensor(own_rows, device=query.device)
+            own = sdpa(query.index_select(0, index), key.index_select(0, index), torch.stack(own_values), scale=scale)
+            out = out.index_add(0, index, own)
+        return out
+
+    def _record_maps(self, query: torch.Tensor, key: torch.Tensor, layer: LayerInfo, scale: float) -> None:
+        """The cross-attention maps local blend and heat maps read, materialised and edited (by
+        :meth:`attention`) for the record only: the layer's output stays the fused one, so it does not
+        depend on what is recorded."""
+        with torch.no_grad():
+            probs = (query.float() @ key.float().transpose(-1, -2) * scale).softmax(dim=-1)
+            self.attention(probs, layer)
 
     def _saw(self, what: str, layer: LayerInfo, state: StepState) -> None:
         self.seen.setdefault(what, set()).add(layer.map_size(state.z.shape))

@@ -28,10 +28,19 @@ if TYPE_CHECKING:
 
 class AttentionEdit:
     """``base`` (H, Q, K): the source's cross-attention; ``target`` (T, H, Q, K): the targets' own.
-    Returns the targets' edited attention (T, H, Q, K), before the step window's mixing."""
+    Returns the targets' edited attention (T, H, Q, K), before the step window's mixing.
+
+    Every edit is linear in the maps: ``edited[t] = base @ A[t] + target[t] * d[t]`` with
+    :meth:`linear`'s ``A`` (T, K, K) and ``d`` (T, K); the fused attention path computes the edit
+    from that form without materialising the maps (an edit without ``linear`` keeps the explicit one).
+    """
 
     def __call__(self, base: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return base.unsqueeze(0).expand_as(target)  # the source's maps as they are
+
+    def linear(self, targets: int, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, d): the edit as ``base @ A[t] + target[t] * d[t]`` (float32, on the CPU)."""
+        return torch.eye(keys).expand(targets, keys, keys), torch.zeros(targets, keys)
 
 
 @dataclasses.dataclass
@@ -42,6 +51,9 @@ class WordSwap(AttentionEdit):
 
     def __call__(self, base: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return torch.einsum("hqk,tkj->thqj", base, self.mappers.to(base))
+
+    def linear(self, targets: int, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mappers.float(), torch.zeros(targets, keys)
 
 
 @dataclasses.dataclass
@@ -56,6 +68,13 @@ class Refinement(AttentionEdit):
             for t, m in enumerate(self.maps)
         ])
 
+    def linear(self, targets: int, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        # base[..., index] * alpha is base @ A with A[index[j], j] = alpha[j].
+        a = torch.zeros(targets, keys, keys)
+        for t, m in enumerate(self.maps):
+            a[t, m.index, torch.arange(keys)] = m.alpha.float()
+        return a, torch.stack([1 - m.alpha.float() for m in self.maps])
+
 
 @dataclasses.dataclass
 class Reweighting(AttentionEdit):
@@ -66,6 +85,11 @@ class Reweighting(AttentionEdit):
 
     def __call__(self, base: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return self.inner(base, target) * self.scales.to(base)[:, None, None, :]
+
+    def linear(self, targets: int, keys: int) -> tuple[torch.Tensor, torch.Tensor]:
+        a, d = self.inner.linear(targets, keys)
+        s = self.scales.float()
+        return a * s[:, None, :], d * s
 
 
 class Controller:
