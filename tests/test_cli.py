@@ -305,3 +305,97 @@ def test_prompt_to_prompt_settings_reach_the_edit(capsys, tmp_path, sd_folder, i
     assert pixels("blend.png", *blend, "--blend-start", "0") != plain
     assert pixels("window.png", "--cross-replace", "0.5,1") != plain
     assert pixels("size.png", "--self-replace-size", "1") != plain
+
+
+# -- the parser: help, --version, options after the sub-command ------------------------------------------
+def _parsers():
+    """(command name, parser) of npinv and every sub-command, nested ones included."""
+    import argparse
+
+    from npinv.cli import build_parser
+
+    found, todo = [], [("npinv", build_parser())]
+    while todo:
+        name, parser = todo.pop()
+        found.append((name, parser))
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += [(f"{name} {sub}", p) for sub, p in action.choices.items()]
+    return found
+
+
+def test_every_option_of_every_command_has_help():
+    """--help says what every flag and argument does (hidden refusals, help=SUPPRESS, aside)."""
+    import argparse
+
+    missing = [f"{name} {action.option_strings or action.dest}" for name, parser in _parsers()
+               for action in parser._actions
+               if not isinstance(action, argparse._SubParsersAction) and not action.help]
+    assert missing == []
+
+
+def test_quiet_and_threads_after_every_command():
+    """-q / --quiet and --threads are taken after every sub-command as well as before it."""
+    commands = [(name, parser) for name, parser in _parsers() if name != "npinv"]
+    assert len(commands) >= 13
+    for name, parser in commands:
+        options = {s for a in parser._actions for s in a.option_strings}
+        assert {"--quiet", "-q", "--threads"} <= options, name
+    from npinv.cli import build_parser
+
+    base = ["reconstruct", "x.png", "--prompt", "p", "--out", "o.png"]
+    assert build_parser().parse_args([*base, "-q", "--threads", "3"]).quiet is True
+    assert build_parser().parse_args(["-q", *base]).quiet is True  # an unset flag after does not undo it
+    assert build_parser().parse_args(base).quiet is False
+    assert build_parser().parse_args(["--threads", "2", *base]).threads == 2
+    assert build_parser().parse_args([*base, "--threads", "3"]).threads == 3
+
+
+def test_version_and_the_command_list(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out == f"npinv {version('npinv')}\n"
+    from npinv.cli import build_parser
+
+    text = build_parser().format_help()
+    assert "benchmarks: reconstruct, edit-shapes, piebench" in text
+
+
+def test_bench_methods_help_documents_method_at_scheme():
+    from npinv.schemes import scheme_names
+
+    bench = dict(_parsers())["npinv bench reconstruct"]
+    methods = next(a for a in bench._actions if "--methods" in a.option_strings)
+    assert "METHOD@SCHEME" in methods.help and all(f"@{s}" in methods.help for s in scheme_names())
+    assert "@decN" in methods.help and "gGAMMA" in methods.help
+
+
+def test_decoder_steps_print_progress_lines_in_a_log(capsys, tmp_path, sd_folder, image_file, monkeypatch):
+    """Where stderr is a log (not a terminal), decoder inversion prints the periodic progress line as the
+    other loops do (NPINV_PROGRESS_INTERVAL 0: every step)."""
+    monkeypatch.setenv("NPINV_PROGRESS_INTERVAL", "0")
+    code = main(["reconstruct", str(image_file), "--prompt", "a red circle on a blue background", "--steps", "1",
+                 "--decoder-steps", "3", "--model", str(sd_folder), "--out", str(tmp_path / "rec.png")])
+    stderr = capsys.readouterr().err
+    assert code == 0, stderr
+    assert [line for line in stderr.splitlines() if line.startswith("decoder: ")][-1].startswith("decoder: 3/3 step")
+    code = main(["reconstruct", str(image_file), "--prompt", "a red circle on a blue background", "--steps", "1",
+                 "--decoder-steps", "3", "--model", str(sd_folder), "--out", str(tmp_path / "rec.png"), "-q"])
+    assert code == 0 and "decoder: " not in capsys.readouterr().err  # --quiet after the command silences it
+
+
+def test_threads_reach_torch_in_a_cli_process(tmp_path, sd_folder):
+    """--threads N (here after the command) sets torch's thread count in the process: the JSON row
+    says what torch ran with, against the OMP_NUM_THREADS=1 of the environment."""
+    import os
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("NPINV_THREADS", None)
+    proc = subprocess.run([sys.executable, "-m", "npinv", "generate", "--prompt", "a red circle", "--steps", "1",
+                           "--model", str(sd_folder), "--out", str(tmp_path / "g.png"), "--json", "--threads", "3"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["threads"] == 3

@@ -153,3 +153,21 @@ def test_outputs_get_the_umask_mode_and_replacing_keeps_the_mode(tmp_path):
     finally:
         os.umask(old)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_abandoned_temporaries_go_live_ones_stay(tmp_path):
+    """A temporary whose writer is gone (killed mid-write) is removed; one a writer still holds is not:
+    atomic_path locks its temporary for as long as it writes."""
+    from npinv.io import remove_abandoned_temporaries
+
+    out = tmp_path / "o.png"
+    dead = tmp_path / ".o.png.deadbeef.tmp"
+    dead.write_bytes(b"")
+    other = tmp_path / ".other.png.deadbeef.tmp"  # another output's: not this path's to remove
+    other.write_bytes(b"")
+    with atomic_path(out) as live:
+        assert remove_abandoned_temporaries(out) == [dead]
+        assert live.exists()
+        live.write_bytes(b"x")
+    assert out.read_bytes() == b"x"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".other.png.deadbeef.tmp", "o.png"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -55,8 +57,26 @@ def test_pickle_checkpoint_needs_opt_in(tmp_path, sd_folder):
 
 def test_hub_id_offline_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(NpinvError, match="cannot load model 'nobody/no-such-model'"):
+    with pytest.raises(NpinvError, match="cannot load model 'nobody/no-such-model'") as err:
         load_model("nobody/no-such-model", device="cpu")
+    assert "(hf download nobody/no-such-model)" in str(err.value)  # the CLI the installed huggingface_hub ships
+    import shutil
+    import sysconfig
+
+    scripts = Path(sysconfig.get_path("scripts"))
+    assert (scripts / "hf").is_file() or shutil.which("hf")
+
+
+def test_load_model_from_python_prints_nothing():
+    """``import npinv; npinv.load_model()`` (the README's snippet) writes nothing on stderr: no
+    transformers warning about torchvision, which npinv never uses."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import npinv; npinv.load_model(device='cpu')"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
 
 
 def test_uncached_hub_id_is_checked_before_the_weights(tmp_path, monkeypatch, sd_folder, image_file, capsys):

@@ -289,3 +289,46 @@ def test_missing_pyav_says_how_to_install(capsys, tmp_path, video_file, monkeypa
     code, _, stderr = run(capsys, "edit-video", str(video_file), "--source", SOURCE, "--target", TARGET, "--out",
                           str(tmp_path / "out.mp4"))
     _assert_clean_error(code, stderr, tmp_path, before, "edit-video needs PyAV: pip install 'npinv[video]'")
+
+
+def test_sigterm_leaves_no_temporary_and_a_later_run_clears_a_killed_ones(capsys, tmp_path, sd_folder):
+    """edit-video stopped by SIGTERM (timeout, kill, a cancelled CI job) cleans up as Ctrl-C does: no
+    hidden .tmp beside --out. The signal goes once the temporary exists; should the run finish first,
+    no temporary may be left either, so the test does not depend on winning the race. Then a temporary
+    a SIGKILLed run left (no process holds it) is removed by the next successful run to that path."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    video = make_video(tmp_path / "long.mp4", frames=120)
+    out = tmp_path / "edited.mp4"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "npinv", "-q", "edit-video", str(video), "--source", SOURCE,
+                             "--target", TARGET, "--steps", "2", "--model", str(sd_folder), "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 240
+    temporaries: list[Path] = []
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            temporaries = list(tmp_path.glob(".edited.mp4.*.tmp"))
+            if temporaries:
+                proc.send_signal(signal.SIGTERM)
+                break
+            time.sleep(0.02)
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sorted(tmp_path.glob(".*.tmp")) == []
+    if proc.returncode != 0:  # stopped by the signal: exit 143, one line, no output
+        assert proc.returncode == 128 + signal.SIGTERM and stderr == "npinv: terminated\n", stderr
+        assert not out.exists() and temporaries
+
+    stale = tmp_path / ".edited.mp4.0badf00d.tmp"  # what a SIGKILLed run leaves
+    stale.write_bytes(b"")
+    short = make_video(tmp_path / "short.mp4", frames=2)
+    code, _, stderr = run(capsys, "edit-video", str(short), "--source", SOURCE, "--target", TARGET, "--steps", "2",
+                          "--model", str(sd_folder), "--out", str(out))
+    assert code == 0, stderr
+    assert out.is_file() and sorted(tmp_path.glob(".*.tmp")) == []
