@@ -3,6 +3,8 @@ when the noise model depends on t alone."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
@@ -75,11 +77,17 @@ def test_bad_grid_is_a_user_error():
 
 
 class TimeOnlyModel:
-    """A stand-in noise model whose output depends on t alone: DDIM inversion is then exact."""
+    """A stand-in noise model whose output depends on t alone: DDIM inversion is then exact. It has what
+    the loops ask of a model besides the UNet call: a device and a run's deferred checks (none here)."""
+
+    device = torch.device("cpu")
 
     def __init__(self) -> None:
         self.counter = UNetCounter()
         self.pattern = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+
+    def deferred_checks(self):
+        return contextlib.nullcontext()
 
     def unet_output(self, z: torch.Tensor, t: int, cond: PromptEmbedding) -> torch.Tensor:
         self.counter.calls += 1

@@ -53,6 +53,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a trusted .ckpt/.bin/.pt checkpoint")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="UNet precision (default fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
+    p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                   help="on CUDA, replay UNet calls as CUDA graphs (default: on; no effect on CPU or MPS)")
 
 
 LIST_KINDS = ("WordWindows", "WordNumbers")
@@ -320,7 +322,8 @@ def _scheme_names() -> tuple[str, ...]:
 def _load(args):
     from npinv.model import load_model
 
-    model = load_model(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.model_config)
+    model = load_model(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.model_config,
+                       cuda_graphs=args.cuda_graphs)
     args.resources.enter_context(_quiet_libraries(model))
     return model
 

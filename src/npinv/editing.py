@@ -174,7 +174,9 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
                                 if e is inv.source else e for e in negatives]
         branches.append(Branch(inv.source, list(source_negatives)))
         branches += [Branch(model.encode_prompt(t), list(negatives)) for t in job.targets]
-    edit_groups = [EditGroup(g.source, g.targets, inv.trajectory) for g, inv in zip(groups, inversions, strict=True)]
+    # Trajectories on the model's device once: the hooks that read them each step copy nothing over.
+    edit_groups = [EditGroup(g.source, g.targets, inv.trajectory.to(model.device))
+                   for g, inv in zip(groups, inversions, strict=True)]
     guidance = method.guidance(settings.guidance, settings, edit_groups)
     hooks: list[StepHook] = method.hooks(settings, edit_groups)
     if settings.direct:

@@ -368,12 +368,14 @@ class NullTextOptimisation(StepHook):
         self.inner_steps, self.lr, self.early_stop = inner_steps, lr, early_stop
         self.current = inv.null
         self.losses: list[list[float]] = []
+        # On the model's device once, not copied over from the host at every step (a file's is on the CPU).
+        self.trajectory = inv.trajectory.to(model.device)
 
     def before_step(self, state: StepState) -> None:
         i, t, n = state.i, state.t, state.schedule.steps
         z = state.z[0:1]
         branch = state.branches[0]
-        target = self.inv.trajectory[n - 1 - i : n - i].to(z.device)
+        target = self.trajectory[n - 1 - i : n - i]
         with torch.no_grad():
             eps_cond = self.model.unet_output(z, t, branch.cond)
         hidden = self.current.hidden.detach().clone().float().requires_grad_(True)
@@ -387,6 +389,8 @@ class NullTextOptimisation(StepHook):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            # The early stop's one host read of an inner step: whether the next UNet call happens depends
+            # on it (a device-side stop would make every call and change NTI's call counts).
             losses.append(loss.item())
             if losses[-1] < self.early_stop + 2e-5 * i:
                 break

@@ -25,6 +25,9 @@ import torch
 
 from npinv.checks import SIZE_MULTIPLE
 from npinv.errors import NpinvError
+from npinv.finite import FiniteWatch
+from npinv.finite import check_finite as _check_finite
+from npinv.graphs import GraphCache, processors_key
 from npinv.schedule import Schedule
 
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
@@ -184,7 +187,7 @@ class Model:
     """A loaded pipeline's parts plus the calls inversion and editing make on them."""
 
     def __init__(self, pipe: Any, name: str, device: torch.device, dtype: torch.dtype, *,
-                 edit_guidance: float = DEFAULT_EDIT_GUIDANCE) -> None:
+                 edit_guidance: float = DEFAULT_EDIT_GUIDANCE, cuda_graphs: bool = True) -> None:
         self.pipe = pipe
         self.name = name
         self.edit_guidance = edit_guidance  # the guidance edits default to (the folder's npinv.json, else 7.5)
@@ -194,6 +197,11 @@ class Model:
         self.vae = pipe.vae
         self.is_sdxl = getattr(pipe, "text_encoder_2", None) is not None
         self.counter = UNetCounter()
+        # UNet calls replayed as CUDA graphs (npinv.graphs), kept here so that every request a server or
+        # an edit-batch run makes with this model reuses them; on the CPU and MPS every call is eager.
+        self.graphs = GraphCache(enabled=cuda_graphs and device.type == "cuda")
+        self.finite = FiniteWatch(dtype)  # the UNet's non-finite checks, deferred inside a run
+        self._attention_layers: list[Any] | None = None
         for part in (pipe.unet, pipe.vae, pipe.text_encoder, getattr(pipe, "text_encoder_2", None)):
             if part is not None:
                 part.requires_grad_(False)
@@ -293,40 +301,59 @@ class Model:
         return x.clamp(-1, 1)
 
     # -- the UNet -------------------------------------------------------------------------------
+    def deferred_checks(self):
+        """A run of UNet calls (a sampling loop, an inversion): their non-finite checks are read once,
+        at its end (:class:`npinv.finite.FiniteWatch`), not after every call."""
+        return self.finite.run()
+
     def unet_output(self, z: torch.Tensor, t: int, cond: PromptEmbedding) -> torch.Tensor:
         """Raw model output (epsilon or v) for each row of ``z`` with ``cond``'s rows, in fp32.
 
-        Gradients flow to ``cond`` when it requires grad (null-text optimisation).
+        Gradients flow to ``cond`` when it requires grad (null-text optimisation). On CUDA the call is a
+        graph replay where it can be (:mod:`npinv.graphs`); either way it reads nothing back to the host
+        inside :meth:`deferred_checks`.
         """
         rows = z.shape[0]
         self.counter.calls += 1
         self.counter.rows += rows
-        kwargs: dict[str, Any] = {}
+        inputs = {"sample": z.to(self.device, self.dtype),
+                  # A fill on the device, not a copy from the host: no synchronisation.
+                  "timestep": torch.full((rows,), t, device=self.device, dtype=torch.long),
+                  "hidden": cond.hidden.to(self.device, self.dtype)}
         if self.is_sdxl:
-            h, w = (s * self.vae_scale_factor for s in z.shape[-2:])
-            time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=self.device, dtype=self.dtype).expand(rows, -1)
-            kwargs["added_cond_kwargs"] = {"text_embeds": cond.pooled.to(self.device, self.dtype),
-                                           "time_ids": time_ids}
-        timestep = torch.full((rows,), t, device=self.device, dtype=torch.long)
-        out = self.unet(z.to(self.device, self.dtype), timestep,
-                        encoder_hidden_states=cond.hidden.to(self.device, self.dtype), **kwargs).sample
-        out = out.float()
-        _check_finite(out, f"the UNet's output at timestep {t}", self.dtype)
+            inputs["text_embeds"] = cond.pooled.to(self.device, self.dtype)
+            inputs["time_ids"] = _time_ids(z.shape, self.vae_scale_factor, self.device, self.dtype)
+        out = self.graphs.run(inputs, self._unet_call, self._graph_key() if self.graphs.enabled else None)
+        self.finite.note(out, f"the UNet's output at timestep {t}")
         return out
 
+    def _unet_call(self, sample: torch.Tensor, timestep: torch.Tensor, hidden: torch.Tensor,
+                   text_embeds: torch.Tensor | None = None, time_ids: torch.Tensor | None = None) -> torch.Tensor:
+        kwargs: dict[str, Any] = {}
+        if text_embeds is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": text_embeds, "time_ids": time_ids}
+        return self.unet(sample, timestep, encoder_hidden_states=hidden, **kwargs).sample.float()
 
-def _check_finite(x: torch.Tensor, what: str, dtype: torch.dtype) -> None:
-    """Non-finite values: a half-precision overflow (say so, with the fix) or, in fp32, bad inputs or
-    weights (no dtype advice: fp32 is already the safe choice)."""
-    if torch.isfinite(x).all():
-        return
-    name = str(dtype).removeprefix("torch.")
-    if dtype in (torch.float16, torch.bfloat16):
-        hint = ("rerun with --dtype fp32" if dtype == torch.bfloat16 else
-                "rerun with --dtype fp32 (or bf16)")
-        raise NpinvError(f"{what} has non-finite values in {name} (a half-precision overflow); {hint}")
-    raise NpinvError(f"{what} has non-finite values in {name}: the model's weights or the inputs hold NaN "
-                     "or infinite numbers")
+    def _graph_key(self) -> tuple | None:
+        """What besides the inputs' shapes decides a call's kernels: the weights' storage (graphs read
+        them in place) and the attention processors installed (None: one must run eagerly)."""
+        if self._attention_layers is None:
+            self._attention_layers = [m for m in self.unet.modules() if hasattr(m, "processor")
+                                      and hasattr(m, "set_processor")]
+        procs = processors_key(self._attention_layers)
+        if procs is None:
+            return None
+        return next(self.unet.parameters()).data_ptr(), procs
+
+
+def _time_ids(shape: torch.Size, scale: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """SDXL's size conditioning (original size, crop 0,0, target size) of latents of ``shape``, made by
+    fills on the device (``torch.tensor`` of the numbers would copy from the host each call)."""
+    h, w = (s * scale for s in shape[-2:])
+    ids = torch.zeros((shape[0], 6), device=device, dtype=dtype)
+    ids[:, 0::4].fill_(h)  # columns 0 and 4
+    ids[:, 1::4].fill_(w)  # columns 1 and 5
+    return ids
 
 
 def prompt_words(text: str) -> list[str]:
@@ -371,12 +398,15 @@ def load_model(
     *,
     allow_pickle: bool = False,
     config: str | Path | None = None,
+    cuda_graphs: bool = True,
 ) -> Model:
     """Load a Stable Diffusion family model (SD 1.x, SD 2.x, SDXL) for inversion and editing.
 
     ``dtype`` sets the UNet's and text encoders' type (fp32 default); the VAE stays fp32 when its
     config asks for upcasting, and the schedule's arithmetic is always fp32. ``config`` is the
     diffusers folder or hub id whose configs a single-file checkpoint uses (needed offline).
+    ``cuda_graphs``: on a CUDA device, replay UNet calls as CUDA graphs (:mod:`npinv.graphs`; no
+    effect elsewhere).
     """
     from diffusers.utils import logging as dlogging
 
@@ -414,7 +444,7 @@ def load_model(
         dlogging.enable_progress_bar()
         tlogging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
-    return Model(pipe, name, dev, torch_dtype, edit_guidance=edit_guidance)
+    return Model(pipe, name, dev, torch_dtype, edit_guidance=edit_guidance, cuda_graphs=cuda_graphs)
 
 
 # -- reading a model's configs before its weights -------------------------------------------------------

@@ -4,6 +4,11 @@ controller and step hooks.
 
 Rows are deduplicated by identity: a branch whose negative at step ``i`` *is* its condition
 (NPI) costs one UNet row, and so does every branch when the guidance needs no negative (w = 1).
+
+The loop reads nothing back from the device: its latents live there, rows are gathered by slices
+(a list index would copy the indices over from the host), the UNet's non-finite checks are read
+once when the loop ends (:meth:`Model.deferred_checks`), and every branch decision is made on
+host values (step numbers, the row layout), never on a tensor's.
 """
 
 from __future__ import annotations
@@ -121,9 +126,10 @@ def sample(
     is the BDIA step from the branch's last two latents (:meth:`Schedule.bdia_step`) with damping
     factor ``pair_gamma`` (the inversion's)."""
     branches = list(branches)
-    z = _per_branch(z_start, len(branches))
+    # The loop's state lives on the model's device (an inversion loaded from a file is on the CPU).
+    z = _per_branch(z_start.to(model.device), len(branches))
     if pair_start is not None:
-        pair_start = _per_branch(pair_start, len(branches))
+        pair_start = _per_branch(pair_start.to(model.device), len(branches))
     z_prev = None
     if len(branches) == 0 or z.shape[0] != len(branches):
         raise ValueError(f"{z.shape[0]} latents for {len(branches)} branches")
@@ -131,43 +137,75 @@ def sample(
         if len(b.negatives) != schedule.steps:
             raise ValueError(f"a branch has {len(b.negatives)} negatives for {schedule.steps} steps")
     meter = Meter(model)
-    for i, t in enumerate(Progress(schedule.timesteps, desc=progress, unit="step")):
-        if pair_start is not None and i == 0:
-            z_prev, z = z, pair_start
-            continue
-        state = StepState(i, t, z, branches, schedule, z_prev=z_prev if pair_start is not None else None,
-                          gamma=pair_gamma)
-        for hook in hooks:
-            hook.before_step(state)
-        state.rows = _rows(branches, i, guidance.needs_negative, state.known)
-        out = dict(state.known)
-        if state.rows:
-            embeds = [branches[r.branch].cond if r.kind == "cond" else branches[r.branch].negatives[i] for r in state.rows]
-            if controller is not None:
-                controller.begin_step(state)
-            try:
-                with torch.no_grad():
-                    batch = model.unet_output(z[[r.branch for r in state.rows]], t, PromptEmbedding.cat(embeds))
-            finally:
+    embed_cache = _EmbeddingCache()
+    with model.deferred_checks():
+        for i, t in enumerate(Progress(schedule.timesteps, desc=progress, unit="step")):
+            if pair_start is not None and i == 0:
+                z_prev, z = z, pair_start
+                continue
+            state = StepState(i, t, z, branches, schedule, z_prev=z_prev if pair_start is not None else None,
+                              gamma=pair_gamma)
+            for hook in hooks:
+                hook.before_step(state)
+            state.rows = _rows(branches, i, guidance.needs_negative, state.known)
+            out = dict(state.known)
+            if state.rows:
+                embeds = [branches[r.branch].cond if r.kind == "cond" else branches[r.branch].negatives[i]
+                          for r in state.rows]
                 if controller is not None:
-                    controller.end_step(state)
-            for k, r in enumerate(state.rows):
-                out[(r.branch, r.kind)] = batch[k : k + 1]
-        eps_cond = torch.cat([out[(b, "cond")] for b in range(len(branches))])
-        # A shared negative (NPI) or a guidance without one reuses the condition's output.
-        eps_neg = torch.cat([out.get((b, "neg"), out[(b, "cond")]) for b in range(len(branches))])
-        guided = guidance.guide(eps_neg, eps_cond)
-        state.guidance_mask = guided.mask
-        state.z_next = state.advance(guided.eps)
-        for hook in hooks:
-            hook.after_step(state)
-        z_prev, z = z, state.z_next
+                    controller.begin_step(state)
+                try:
+                    with torch.no_grad():
+                        batch = model.unet_output(gather_rows(z, [r.branch for r in state.rows]), t,
+                                                  embed_cache.cat(embeds))
+                finally:
+                    if controller is not None:
+                        controller.end_step(state)
+                for k, r in enumerate(state.rows):
+                    out[(r.branch, r.kind)] = batch[k : k + 1]
+            eps_cond = torch.cat([out[(b, "cond")] for b in range(len(branches))])
+            # A shared negative (NPI) or a guidance without one reuses the condition's output.
+            eps_neg = torch.cat([out.get((b, "neg"), out[(b, "cond")]) for b in range(len(branches))])
+            guided = guidance.guide(eps_neg, eps_cond)
+            state.guidance_mask = guided.mask
+            state.z_next = state.advance(guided.eps)
+            for hook in hooks:
+                hook.after_step(state)
+            z_prev, z = z, state.z_next
     return SampleResult(z, meter.cost)
 
 
 def _per_branch(z: torch.Tensor, n: int) -> torch.Tensor:
     z = z.to(torch.float32)
     return z.expand(n, *z.shape[1:]).clone() if z.shape[0] == 1 and n > 1 else z
+
+
+def gather_rows(z: torch.Tensor, index: list[int]) -> torch.Tensor:
+    """``z[index]`` from slices: each run of consecutive rows is a view, and several runs one
+    concatenation (indexing with a list copies the list to the device first, a synchronisation)."""
+    runs: list[tuple[int, int]] = []
+    for b in index:
+        if runs and runs[-1][1] == b:
+            runs[-1] = (runs[-1][0], b + 1)
+        else:
+            runs.append((b, b + 1))
+    parts = [z[start:stop] for start, stop in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+class _EmbeddingCache:
+    """The rows' embeddings concatenated, made again only when the row layout's embeddings change: NPI's
+    rows are the same embedding objects at every step (NTI's negatives are new objects each step)."""
+
+    def __init__(self) -> None:
+        self._embeds: list[PromptEmbedding] = []  # held, so that no id below is reused meanwhile
+        self._cat: PromptEmbedding | None = None
+
+    def cat(self, embeds: list[PromptEmbedding]) -> PromptEmbedding:
+        same = len(embeds) == len(self._embeds) and all(a is b for a, b in zip(embeds, self._embeds, strict=True))
+        if not same or self._cat is None:
+            self._embeds, self._cat = list(embeds), PromptEmbedding.cat(embeds)
+        return self._cat
 
 
 def _shares(branch: Branch, i: int) -> bool:

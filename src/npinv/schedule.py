@@ -11,6 +11,7 @@ output is converted to epsilon with the alpha of the step's source level, as dif
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Literal
 
 import torch
@@ -67,7 +68,14 @@ class Schedule:
         return [i * self.stride + self.offset for i in reversed(range(self.steps))]
 
     def alpha(self, t: int) -> torch.Tensor:
-        return self.alphas_cumprod[t] if t >= 0 else torch.tensor(self.final_alpha, dtype=torch.float32)
+        """The cumulative alpha at level ``t`` (``t < 0``: the final alpha), a 0-dim fp32 tensor on the CPU:
+        a host number to the device's kernels, so the steps read nothing back and copy nothing over."""
+        return self.alphas_cumprod[t] if t >= 0 else self._final_alpha
+
+    @functools.cached_property
+    def _final_alpha(self) -> torch.Tensor:
+        # Made once, not at every last step (a frozen dataclass still has a __dict__ for the cache).
+        return torch.tensor(self.final_alpha, dtype=torch.float32)
 
     def to_epsilon(self, output: torch.Tensor, z: torch.Tensor, level: int) -> torch.Tensor:
         """Epsilon from a model output at noise level ``level`` (identity for epsilon models)."""

@@ -54,7 +54,7 @@ class InversionScheme:
                iters: int = 0, tol: float = 0.0, gamma: float = 1.0, progress: str | None = None) -> InversionTrace:
         z = z0.to(torch.float32)
         trajectory, residuals, iterations = [z], [], []
-        with torch.no_grad():
+        with torch.no_grad(), model.deferred_checks():  # non-finite outputs: read once, at the end
             for i, t in enumerate(Progress(list(reversed(schedule.timesteps)), desc=progress, unit="step")):
                 z_next = schedule.invert_step(z, model.unet_output(z, t, cond), i)
                 z_next, residual, extra = self.refine(model, z, z_next, t, i, schedule, cond, iters, tol)
@@ -85,6 +85,8 @@ class FixedPoint(InversionScheme):
         for k in range(iters):
             out = model.unet_output(z_next, t, cond)
             back = schedule.denoise_step_to(z_next, out, i)  # what sampling will do from z_next
+            # Whether to make another UNet call depends on this number: the one host read of an
+            # iteration, data-dependent by nature (plain DDIM and BDIA inversions read nothing).
             residual = float(((back - z).flatten(1).norm(dim=1) / norm).max())
             if residual <= tol:
                 return z_next, residual, k + 1
@@ -110,7 +112,7 @@ class AndersonFixedPoint(InversionScheme):
         for k in range(iters):
             out = model.unet_output(z_next, t, cond)
             back = schedule.denoise_step_to(z_next, out, i)
-            residual = float(((back - z).flatten(1).norm(dim=1) / norm).max())
+            residual = float(((back - z).flatten(1).norm(dim=1) / norm).max())  # one read an iteration, as above
             if residual <= tol:
                 return z_next, residual, k + 1
             g = schedule.invert_step_at(z, out, z_next, i)
@@ -154,7 +156,7 @@ class BDIA(InversionScheme):
                iters: int = 0, tol: float = 0.0, gamma: float = 1.0, progress: str | None = None) -> InversionTrace:
         z = z0.to(torch.float32)
         trajectory = [z]
-        with torch.no_grad():
+        with torch.no_grad(), model.deferred_checks():
             for i, t in enumerate(Progress(list(reversed(schedule.timesteps)), desc=progress, unit="step")):
                 if i == 0:  # any map will do: sampling's last BDIA step gives z*[0] back from z*[1] and z*[2]
                     z = schedule.invert_step(z, model.unet_output(z, t, cond), 0)
