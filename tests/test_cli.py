@@ -21,8 +21,8 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("method,calls", [("npi", 7), ("ddim", 7), ("nti", None)])
-def test_reconstruct_writes_image_and_json(capsys, tmp_path, sd_folder, image_file, method, calls):
+@pytest.mark.parametrize("method,calls,scheme", [("npi", 7, "bdia"), ("ddim", 8, "ddim"), ("nti", None, "ddim")])
+def test_reconstruct_writes_image_and_json(capsys, tmp_path, sd_folder, image_file, method, calls, scheme):
     out = tmp_path / "rec.png"
     code, stdout, stderr = run(capsys, "reconstruct", str(image_file), "--prompt", "a red circle on a blue background",
                                "--method", method, "--steps", "4", "--model", str(sd_folder), "--out", str(out), "--json")
@@ -30,10 +30,11 @@ def test_reconstruct_writes_image_and_json(capsys, tmp_path, sd_folder, image_fi
     row = json.loads(stdout)
     assert KEYS <= row.keys()
     assert row["method"] == method and row["steps"] == 4 and row["out"] == str(out)
+    # Each method's own default scheme: BDIA for NPI (4 inversion calls + 3 sampling calls: its sampling takes
+    # the first step from the inversion), plain DDIM for the baselines (4 + 4).
+    assert row["invert_scheme"] == scheme
     if calls is not None:
-        # 4 inversion calls + 3 sampling calls: reconstruct inverts with BDIA by default, whose sampling
-        # takes its first step from the inversion.
-        assert row["unet_calls"] == calls and row["invert_scheme"] == "bdia"
+        assert row["unet_calls"] == calls
     with Image.open(out) as img:
         assert img.size == (32, 32)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["input.png", "rec.png"]

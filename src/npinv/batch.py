@@ -32,6 +32,7 @@ from npinv.cost import Meter
 from npinv.editing import check_edit_words
 from npinv.errors import NpinvError
 from npinv.io import load_image, remove_stale_temporaries, save_image, tensor_to_image
+from npinv.methods import check_scheme
 from npinv.model import Model
 from npinv.parallel import FolderLock, Shard, ShardedResults
 from npinv.service import InversionKey, Source, edit, invert, prepare_file
@@ -167,6 +168,7 @@ def _check_row(obj: Any, line: int, base: Path, edit_defaults: EditSettings, inv
     read = from_text if text else from_value
     edit_settings = read(EditSettings, edit_values, edit_defaults)
     invert_settings = read(InvertSettings, {k: v for k, v in obj.items() if k in INVERT_KEYS}, invert_defaults)
+    check_scheme(edit_settings.method, invert_settings.invert_scheme)
     image = Path(obj["image"]).expanduser()
     image = image if image.is_absolute() else base / image
     load_image(image)  # a bad image fails here, before any model work

@@ -116,10 +116,6 @@ def _settings(args, cls: type, base=None):
     return from_text(cls, given, base)
 
 
-# `npinv reconstruct` inverts with BDIA unless told otherwise: exact at one UNet call a step, the best
-# PSNR per second of every scheme in BENCHMARKS.md. Edits keep plain DDIM inversion by default (the
-# published NPI + Prompt-to-Prompt setting, whose figures BENCHMARKS.md reports beside BDIA's).
-RECONSTRUCT_SCHEME = "bdia"
 # InvertSettings that only shape an inversion: generate samples from noise and takes none of them.
 GENERATE_SKIPS = ("resize", "invert_scheme", "invert_iters", "invert_tol", "bdia_gamma", "decoder_steps")
 
@@ -131,6 +127,7 @@ def _invert_settings(args, **base):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from npinv.methods import reconstruct_scheme_help
     from npinv.settings import EditSettings, InvertSettings, ReconstructSettings
 
     parser = _Parser(prog="npinv", description="Fast real-image inversion and editing with diffusion models.")
@@ -142,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="the image to invert (.png, .jpg, .webp, ...)")
     p.add_argument("--prompt", required=True, help="the source prompt describing the image")
     _setting_flags(p, ReconstructSettings)
-    _setting_flags(p, InvertSettings, defaults={"invert_scheme": RECONSTRUCT_SCHEME})
+    # Each method's own default scheme (npinv.methods: BDIA, exact at one UNet call a step, for the NPI family;
+    # plain DDIM for the published baselines). Edits keep plain DDIM inversion (the published NPI + P2P setting).
+    _setting_flags(p, InvertSettings, defaults={"invert_scheme": reconstruct_scheme_help()})
     p.add_argument("--save-inversion", default=None, help="write the inversion (.safetensors) for later edits")
     p.add_argument("--out", required=True, help="reconstruction image path (.png, .jpg, .webp)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -353,6 +352,7 @@ def _quiet_libraries(model) -> Iterator[None]:
 def cmd_reconstruct(args) -> int:
     from npinv.inversion import check_inversion_path
     from npinv.io import check_output_path, load_image, save_image, staged_outputs, tensor_to_image
+    from npinv.methods import check_scheme, get_method
     from npinv.service import invert_one, prepare_file, reconstruct_inverted
     from npinv.settings import ReconstructSettings
 
@@ -362,7 +362,9 @@ def cmd_reconstruct(args) -> int:
         check_output_path(args.save_inversion, inputs=(args.image, args.out), image=False)
     _check_prompts(prompt=args.prompt)
     settings = _settings(args, ReconstructSettings)
-    inv_settings = _invert_settings(args, invert_scheme=RECONSTRUCT_SCHEME)
+    method = get_method(settings.method)
+    inv_settings = _invert_settings(args, invert_scheme=method.reconstruct_scheme)
+    check_scheme(method, inv_settings.invert_scheme)
     load_image(args.image)  # bad input fails before the (slow) model load
     _check_before_load(args, inv_settings)
     model = _load(args)
@@ -407,6 +409,31 @@ def _edit_settings(args, **extra):
     return dataclasses.replace(settings, **extra) if extra else settings
 
 
+def _saved_invert_values(saved) -> dict:
+    """The InvertSettings values an inversion file was made with."""
+    from npinv.settings import DEFAULT_INVERT_ITERS, DEFAULT_INVERT_TOL
+
+    record = saved.scheme or {}
+    return {"steps": saved.steps, "offset": int(saved.schedule["offset"]), "invert_scheme": saved.scheme_name,
+            "bdia_gamma": saved.pair_gamma, "invert_iters": record.get("iters") or DEFAULT_INVERT_ITERS,
+            "invert_tol": record.get("tol") or DEFAULT_INVERT_TOL, "decoder_steps": record.get("decoder_steps", 0)}
+
+
+def _check_inversion_flags(args, made: dict) -> None:
+    """With --inversion the file's scheme is the edit's: a scheme flag given with another value is refused
+    (it would be ignored)."""
+    from npinv.settings import InvertSettings, check_value, flag_name, specs
+
+    kinds = {f.name: spec.kind for f, spec in specs(InvertSettings)}
+    for name in ("invert_scheme", "invert_iters", "invert_tol", "bdia_gamma", "decoder_steps"):
+        if hasattr(args, name):
+            given = check_value(name, kinds[name], kinds[name].from_text(getattr(args, name)))  # as the schema reads it
+            if given != made[name]:
+                raise NpinvError(f"--{flag_name(name)} {getattr(args, name)} does not apply to --inversion "
+                                 f"{args.inversion}: it was made with {flag_name(name)} {made[name]}; invert again "
+                                 "(without --inversion) to change it")
+
+
 def cmd_edit(args) -> int:
     import contextlib
     from pathlib import Path
@@ -415,6 +442,7 @@ def cmd_edit(args) -> int:
     from npinv.editing import check_edit_words
     from npinv.inversion import Inversion, check_inversion_path
     from npinv.io import check_output_path, image_grid, load_image, save_image, staged_outputs, tensor_to_image
+    from npinv.methods import check_scheme
     from npinv.service import edit_image, load_inversion, prepare_file
 
     edits, grid_path = edit_output_paths(args.out, len(args.target))
@@ -434,8 +462,11 @@ def cmd_edit(args) -> int:
     saved = Inversion.load(args.inversion) if args.inversion else None
     if saved is not None and args.source and args.source != saved.source_prompt:
         raise NpinvError(f"the inversion was made with source prompt {saved.source_prompt!r}, not {args.source!r}")
-    base = {} if saved is None else {"steps": saved.steps, "offset": int(saved.schedule["offset"])}
+    base = {} if saved is None else _saved_invert_values(saved)
+    if saved is not None:
+        _check_inversion_flags(args, base)
     inv_settings = _invert_settings(args, **base)
+    check_scheme(settings.method, inv_settings.invert_scheme)
     if saved is not None:  # the inversion's grid is the edit's: take it, refuse another
         if inv_settings.steps != saved.steps:
             raise NpinvError(f"the inversion has {saved.steps} steps; asked for {inv_settings.steps}")
@@ -713,7 +744,10 @@ def cmd_edit_batch(args) -> int:
     report = run_batch(model, rows, out, batch_size=args.batch_size, shard=shard, progress=say)
     summary = {"edits": report.total, "done_before": report.done_before, "done_now": report.done_now,
                "results": str(report.results), "seconds": report.seconds, "unet_calls": report.unet_calls,
-               "shard": report.shard, "default_guidance": settings.guidance}  # rows without their own guidance
+               "shard": report.shard, "default_guidance": settings.guidance,  # rows without their own guidance
+               # Edited images made per minute of this run (the inversions included; None if it made none).
+               "images_per_minute": 60.0 * report.done_now / report.seconds if report.done_now and report.seconds > 0
+               else None}
     if args.json:
         print(json.dumps(summary))
     else:
@@ -723,6 +757,7 @@ def cmd_edit_batch(args) -> int:
 
 
 def cmd_edit_video(args) -> int:
+    from npinv.methods import check_scheme
     from npinv.video import check_video_output, edit_video, probe_video, require_av
 
     require_av()
@@ -730,6 +765,7 @@ def cmd_edit_video(args) -> int:
     _check_prompts(source=args.source, target=args.target)
     settings = _edit_settings(args)
     inv_settings = _invert_settings(args)
+    check_scheme(settings.method, inv_settings.invert_scheme)
     if args.batch_size < 1:
         raise NpinvError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_frames is not None and args.max_frames < 1:

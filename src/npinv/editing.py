@@ -24,7 +24,7 @@ from npinv.checks import check_prompt
 from npinv.cost import Cost, Costed, Meter
 from npinv.errors import NpinvError
 from npinv.inversion import Inversion
-from npinv.methods import EditGroup, get_method, prepared_negatives
+from npinv.methods import EditGroup, check_scheme, get_method, prepared_negatives
 from npinv.model import Model, PromptEmbedding
 from npinv.sampling import Branch, StepHook, StepState, sample
 from npinv.settings import EditSettings
@@ -131,6 +131,7 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
         for target in job.targets:
             check_prompt(target, "the target prompt")
     first = jobs[0].inversion
+    check_scheme(method, first.scheme_name)
     for job in jobs[1:]:
         inv = job.inversion
         if (inv.schedule != first.schedule or inv.trajectory.shape != first.trajectory.shape

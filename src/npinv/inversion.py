@@ -81,6 +81,14 @@ class Inversion:
         return (self.scheme or {}).get("name", "ddim")
 
     @property
+    def exact(self) -> bool:
+        """Whether the scheme inverts each step exactly (to its tolerance): sampling with the source's
+        own outputs then lands on the trajectory."""
+        from npinv.schemes import get_scheme
+
+        return get_scheme(self.scheme_name).exact
+
+    @property
     def pair_start(self) -> torch.Tensor | None:
         """``z*[n-1]`` when sampling from this inversion starts from a pair of latents (BDIA), else None."""
         from npinv.schemes import get_scheme
@@ -366,7 +374,10 @@ class NullTextOptimisation(StepHook):
                  lr: float = 1e-2, early_stop: float = 1e-5) -> None:
         self.model, self.inv, self.guidance = model, inv, guidance
         self.inner_steps, self.lr, self.early_stop = inner_steps, lr, early_stop
-        self.current = inv.null
+        # On an exact inversion the source embedding already lands every step on the trajectory (loss at
+        # the scheme's tolerance): start there, as NPI observes, instead of at the null embedding, whose
+        # few Adam steps a step cannot reach it, and whose errors a BDIA sampler amplifies.
+        self.current = inv.source if inv.exact else inv.null
         self.losses: list[list[float]] = []
         # On the model's device once, not copied over from the host at every step (a file's is on the CPU).
         self.trajectory = inv.trajectory.to(model.device)
@@ -386,13 +397,20 @@ class NullTextOptimisation(StepHook):
             eps_neg = self.model.unet_output(z, t, PromptEmbedding(hidden, pooled))
             z_prev = state.advance(self.guidance(eps_neg, eps_cond), slice(0, 1))
             loss = F.mse_loss(z_prev, target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
             # The early stop's one host read of an inner step: whether the next UNet call happens depends
             # on it (a device-side stop would make every call and change NTI's call counts).
             losses.append(loss.item())
-            if losses[-1] < self.early_stop + 2e-5 * i:
+            landed = losses[-1] < self.early_stop + 2e-5 * i
+            if landed and self.inv.exact:
+                # Keep an embedding that already lands: the reference takes one more Adam step after reaching the
+                # threshold, which moves every coordinate by about lr whatever the gradient's size. On plain DDIM
+                # inversions npinv keeps the reference's order (its published figures).
+                state.known[(0, "neg")] = eps_neg.detach()  # the embedding it came from is kept: no second call
+                break
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if landed:
                 break
         self.losses.append(losses)
         self.current = PromptEmbedding(hidden.detach(), pooled)

@@ -25,6 +25,7 @@ import torch
 
 from npinv.checks import check_guidance, lookup
 from npinv.cost import Cost, Costed
+from npinv.errors import NpinvError
 from npinv.guidance import CFG, ProximalGuidance
 from npinv.inversion import Inversion, NullTextOptimisation
 from npinv.model import Model, PromptEmbedding
@@ -49,6 +50,13 @@ class Method:
 
     name = ""
     summary = ""
+    # The inversion scheme `npinv reconstruct` inverts with for this method unless told otherwise (the one
+    # place this default lives: --help, README and docs/method.md read it from here): exact BDIA for the NPI
+    # family, plain DDIM inversion for the published baselines.
+    reconstruct_scheme = "bdia"
+    # Whether the method may sample a BDIA inversion. BDIA's coupled step is exact only when sampling
+    # reproduces the inversion's model outputs and amplifies any difference from them step after step.
+    samples_bdia = True
 
     def negatives(self, inv: Inversion, guidance: float) -> list[PromptEmbedding] | None:
         """The negative at each step, or None when this inversion lacks what the method needs (NTI
@@ -78,6 +86,8 @@ class NPI(Method):
 class DDIM(Method):
     name = "ddim"
     summary = "plain DDIM inversion: the null prompt is the negative"
+    reconstruct_scheme = "ddim"
+    samples_bdia = False  # its drift at w > 1, which BDIA amplifies: 6-8 dB where a DDIM inversion gives 19-31
 
     def negatives(self, inv: Inversion, guidance: float) -> list[PromptEmbedding]:
         return [inv.null] * inv.steps
@@ -86,6 +96,7 @@ class DDIM(Method):
 class NullText(Method):
     name = "nti"
     summary = "null-text inversion: negatives optimised per step (slow; reused at the same guidance)"
+    reconstruct_scheme = "ddim"  # the published baseline; on an exact inversion it starts from the source embedding
 
     def negatives(self, inv: Inversion, guidance: float) -> list[PromptEmbedding] | None:
         # The one reuse rule: a saved or cached NTI result serves the guidance it was optimised for.
@@ -154,6 +165,35 @@ def get_method(name: str | Method) -> Method:
     return name if isinstance(name, Method) else lookup(METHODS, name, "method")
 
 
+def check_scheme(method: str | Method, scheme: str) -> None:
+    """Refuse, in one line, a method that cannot sample an inversion made with ``scheme``."""
+    from npinv.schemes import get_scheme
+
+    method = get_method(method)
+    if get_scheme(scheme).pair_start and not method.samples_bdia:
+        names = scheme_names_for(method)
+        fine = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
+        raise NpinvError(f"method {method.name} cannot sample a {scheme} inversion: its coupled step is exact only when "
+                         f"sampling repeats the inversion's model outputs, and amplifies {method.name}'s difference "
+                         f"into noise; invert with --invert-scheme {fine}")
+
+
+def scheme_names_for(method: str | Method) -> tuple[str, ...]:
+    """The inversion schemes ``method`` can sample, in the registry's order."""
+    from npinv.schemes import SCHEMES
+
+    method = get_method(method)
+    return tuple(n for n, s in SCHEMES.items() if method.samples_bdia or not s.pair_start)
+
+
+def reconstruct_scheme_help() -> str:
+    """The per-method default of `npinv reconstruct --invert-scheme`, in words, from the registry."""
+    by_scheme: dict[str, list[str]] = {}
+    for m in METHODS.values():
+        by_scheme.setdefault(m.reconstruct_scheme, []).append(m.name)
+    return "; ".join(f"{scheme} for {', '.join(names)}" for scheme, names in by_scheme.items())
+
+
 @dataclasses.dataclass
 class Reconstruction(Costed):
     """A method's reconstruction of an inverted image, and what it cost (the inversion excluded)."""
@@ -177,6 +217,7 @@ def reconstruct(model: Model, inv: Inversion, method: str | Method, guidance: fl
 
     method = get_method(method)
     check_guidance(guidance)
+    check_scheme(method, inv.scheme_name)
     meter = Meter(model)
     rule = method.guidance(guidance)
     negatives = method.negatives(inv, guidance)

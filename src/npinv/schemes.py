@@ -49,6 +49,8 @@ class InversionScheme:
     pair_start = False
     # Each step iterates to a tolerance: the iteration cap and the tolerance apply.
     iterates = False
+    # Sampling with the inversion's own model outputs lands on the trajectory (to the tolerance).
+    exact = True
 
     def invert(self, model: Model, z0: torch.Tensor, schedule: Schedule, cond: PromptEmbedding, *,
                iters: int = 0, tol: float = 0.0, gamma: float = 1.0, progress: str | None = None) -> InversionTrace:
@@ -72,6 +74,7 @@ class InversionScheme:
 
 class DDIMScheme(InversionScheme):
     name, summary = "ddim", "plain DDIM inversion: the model evaluated at the step's start (1 UNet call a step)"
+    exact = False
 
 
 class FixedPoint(InversionScheme):

@@ -453,9 +453,20 @@ class InvertSettings:
                                  label="Decoder inversion steps")
 
     def validate(self) -> None:
+        from npinv.schemes import get_scheme
+
         check_fields(self)
-        if self.invert_scheme == "bdia":
+        scheme = get_scheme(self.invert_scheme)
+        if scheme.pair_start:
             check_bdia_gamma(self.bdia_gamma, self.steps)
+        # A knob the scheme does not use is refused rather than ignored.
+        elif self.bdia_gamma != 1.0:
+            raise NpinvError(f"bdia-gamma applies to --invert-scheme bdia only, not {self.invert_scheme}")
+        if not scheme.iterates:
+            for name, default in (("invert_iters", DEFAULT_INVERT_ITERS), ("invert_tol", DEFAULT_INVERT_TOL)):
+                if getattr(self, name) != default:
+                    raise NpinvError(f"{flag_name(name)} applies to --invert-scheme fixed-point and anderson only, "
+                                     f"not {self.invert_scheme}")
 
     def key(self) -> tuple:
         """Everything that changes the inversion."""

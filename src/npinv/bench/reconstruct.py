@@ -28,7 +28,7 @@ from npinv.bench.results import claim_for_model, group, markdown_table, nanmean
 from npinv.checks import short_repr
 from npinv.errors import NpinvError
 from npinv.io import IMAGE_SUFFIXES, atomic_path, write_text
-from npinv.methods import get_method, method_names
+from npinv.methods import check_scheme, get_method, method_names
 from npinv.metrics import image_metrics, tensor_to_unit
 from npinv.model import Model
 from npinv.parallel import FolderLock, Shard, ShardedResults
@@ -51,7 +51,7 @@ def reconstruct_settings(label: str, guidance: float) -> ReconstructSettings:
     """What a benchmark label runs: a pseudo-method's fixed settings, else the method at ``guidance``
     (the part before ``@``). An unknown label is refused with one line naming the labels."""
     label, _, tag = label.partition("@") if isinstance(label, str) else (label, "", "")
-    inversion_tag(tag)
+    scheme = inversion_tag(tag).get("invert_scheme", "ddim")
     if isinstance(label, str) and label in PSEUDO_METHODS:
         return PSEUDO_METHODS[label]
     try:
@@ -59,6 +59,7 @@ def reconstruct_settings(label: str, guidance: float) -> ReconstructSettings:
     except NpinvError:
         raise NpinvError(f"unknown benchmark method {short_repr(label)}; choose from "
                          f"{', '.join(method_labels())} (optionally @SCHEME, @decN, @SCHEME+decN or @bdia+gGAMMA)") from None
+    check_scheme(method, scheme)
     settings = ReconstructSettings(method.name, guidance)
     settings.validate()
     return settings

@@ -32,6 +32,7 @@ from npinv.cost import Cost
 from npinv.errors import NpinvError
 from npinv.inversion import Inversion
 from npinv.io import load_image, save_image, tensor_to_image
+from npinv.methods import check_scheme
 from npinv.model import DEFAULT_EDIT_GUIDANCE, Model, QuietTruncation
 from npinv.service import (
     Edited,
@@ -364,6 +365,7 @@ class Engine:
         negatives only once per guidance: the service keeps them in the cache."""
         prompt = self._source_prompt(prompt)
         settings = self.invert_settings(**settings)
+        check_scheme(request.settings.method, settings.invert_scheme)  # before the inversion's cost
         with self._model_call() as caught:
             source, read_s = self._read(path, name, settings)
             if InversionKey.of(self.model, source, prompt, settings) not in cache:
