@@ -88,6 +88,35 @@ def assert_same_edit(explicit, fused) -> None:
             torch.testing.assert_close(mine[b], theirs[b], atol=1e-6, rtol=0)
 
 
+def test_each_edits_linear_form_is_the_edit(sd_model):
+    """``AttentionEdit.linear`` and ``CrossEdit.weights`` restate each edit exactly (float64 maps)."""
+    from npinv.attention.align import cross_replace_alpha, refine_mapper, replace_mapper, reweight_vector
+    from npinv.attention.control import CrossEdit
+    from npinv.attention.controllers import AttentionEdit, Refinement, Reweighting, WordSwap
+
+    tok = sd_model.pipe.tokenizer
+    k = tok.model_max_length
+    targets = [SQUARE, "a blue circle on a blue background"]
+    g = torch.Generator().manual_seed(0)
+    base = torch.rand(2, 6, k, generator=g, dtype=torch.float64).softmax(-1)
+    target = torch.rand(2, 2, 6, k, generator=g, dtype=torch.float64).softmax(-1)
+    swap = WordSwap(torch.stack([replace_mapper(tok, SOURCE, t) for t in targets]))
+    refine = Refinement([refine_mapper(tok, SOURCE, t) for t in ["a photo of a red square on a blue background",
+                                                                   "a red circle on the blue background"]])
+    scales = torch.stack([reweight_vector(tok, t, {"blue": 2.5}) for t in targets])
+    for edit_ in (AttentionEdit(), swap, refine, Reweighting(swap, scales), Reweighting(refine, scales)):
+        a, d = edit_.linear(2, k)
+        by_form = torch.einsum("hqk,tkj->thqj", base, a.double()) + target * d.double()[:, None, None, :]
+        torch.testing.assert_close(by_form, edit_(base, target), atol=1e-12, rtol=0)
+        cross = CrossEdit(cross_replace_alpha(tok, targets, 10, {"default_": (0.1, 0.7), "square": 0.3}), edit_)
+        for step in range(10):
+            w = cross.weights(step, base.device, torch.float64)
+            by_form = (torch.einsum("hqk,tkj->thqj", base, w.base) * torch.tensor(w.uses_base, dtype=torch.float64)[
+                :, None, None, None] + target * w.own[:, None, None, :])
+            torch.testing.assert_close(by_form, cross.apply(base, target, step), atol=1e-12, rtol=0)
+            assert w.own_is_one == tuple(bool(x) for x in w.own.eq(1).all(1))
+
+
 class SoftmaxSizes:
     """Records the size of the last dimension of every ``Tensor.softmax`` (how diffusers' explicit
     attention normalises its probabilities)."""
@@ -166,6 +195,26 @@ def test_fused_on_the_sd15_layout(sd15_layout_folder, processors):
     assert all(p.fused_calls and not p.explicit_calls for p in processors[1].values())
 
 
+def test_an_edit_without_a_linear_form_keeps_explicit_cross_attention(model, inversion, processors, monkeypatch):
+    """A controller's edit that is only a callable (no ``linear``): its cross-attention layers take the
+    explicit path, self-attention stays fused, and the edit is the explicit one."""
+    from npinv.attention.controllers import Replace
+
+    real = Replace.attention_edit
+
+    def plain(self, tokenizer, source, targets):
+        swap = real(self, tokenizer, source, targets)
+        return lambda base, target: swap(base, target)
+
+    monkeypatch.setattr(Replace, "attention_edit", plain)
+    explicit, fused = both(lambda attention: edit(model, inversion, [SQUARE], EditSettings(
+        controller="replace", attention=attention)))
+    assert_same_edit(explicit, fused)
+    layers = processors[1]
+    assert all(p.explicit_calls and not p.fused_calls for name, p in layers.items() if name.endswith("attn2"))
+    assert all(p.fused_calls and not p.explicit_calls for name, p in layers.items() if name.endswith("attn1"))
+
+
 # -- SDXL at 1024 px: no self-attention map -------------------------------------------------------------------------
 
 
@@ -188,3 +237,36 @@ def test_sdxl_1024_self_replace_never_materialises_self_attention(sdxl_layout_fo
     assert result.images.shape == (1, 3, 1024, 1024)
     assert result.controller.seen["self_replaced"] == {(64, 64), (32, 32)}
     assert_fused_everywhere(processors[1], softmax.sizes, 77, maps=True)  # only local blend's cross-attention maps
+
+
+# -- the setting through the command line ---------------------------------------------------------------------------
+
+
+def test_cli_attention_flag_reaches_the_processors(capsys, tmp_path, sd_folder, image_file, processors):
+    """``--attention explicit`` and the default (fused) run the same edit, heat maps included, each on
+    its own path; a bad value is the schema's one-line error."""
+    import numpy as np
+    from PIL import Image
+
+    from npinv.cli import main
+
+    def run(*argv) -> int:
+        return main(["--quiet", "edit", str(image_file), "--source", SOURCE, "--target", SQUARE, "--controller",
+                     "replace", "--blend", "circle", "square", "--steps", "3", "--model", str(sd_folder), *argv])
+
+    pictures = {}
+    for mode in ("explicit", "fused"):
+        flag = ["--attention", mode] if mode == "explicit" else []
+        assert run("--out", str(tmp_path / f"{mode}.png"), "--save-attention", str(tmp_path / mode), *flag) == 0
+        with Image.open(tmp_path / f"{mode}.png") as img:
+            pictures[mode] = np.asarray(img, dtype=np.int16)
+    explicit, fused = processors
+    assert all(p.explicit_calls and not p.fused_calls for p in explicit.values())
+    assert all(p.fused_calls and not p.explicit_calls for p in fused.values())
+    assert np.abs(pictures["explicit"] - pictures["fused"]).max() <= 1  # float32: kernel rounding only
+    names = sorted(p.name for p in (tmp_path / "explicit").glob("*.png"))
+    assert names and names == sorted(p.name for p in (tmp_path / "fused").glob("*.png"))
+    capsys.readouterr()
+    assert run("--out", str(tmp_path / "bad.png"), "--attention", "sparse") == 2
+    assert "attention must be one of fused, explicit, got 'sparse'" in capsys.readouterr().err
+    assert not (tmp_path / "bad.png").exists()
