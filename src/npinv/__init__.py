@@ -1,5 +1,13 @@
 """npinv: fast real-image inversion and text-guided editing with diffusion models (Negative-prompt Inversion)."""
 
+import os as _os
+import sys as _sys
+
+# Before torch loads OpenMP, which reads it then: waiting threads sleep instead of spinning, unless the
+# user chose (beside other work on the same cores, spinning made runs 20-40x slower; npinv.threads).
+if "torch" not in _sys.modules:
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from npinv.cost import Cost
 from npinv.editing import EditResult, edit, edit_batch
 from npinv.errors import NpinvError

@@ -1,12 +1,19 @@
-"""How many CPU threads torch uses in one ``npinv`` process: its share of the cores by default.
+"""How many CPU threads torch uses in one ``npinv`` process, and how they wait: the CLI's defaults.
 
-torch's default is one thread per core of the machine, whatever else runs on it. Two such processes
-on the same cores (``accelerate launch`` on a CPU, a server beside a batch job) oversubscribe them,
-and their OpenMP threads spin-wait on each other: each runs many times slower than alone. So the CLI
-gives each process the CPUs it may use (``os.sched_getaffinity``) divided by the processes launched
-together (accelerate's and torchrun's ``LOCAL_WORLD_SIZE``), at least one. ``--threads N`` or
-``NPINV_THREADS`` set the number; an ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` the user exported is
-left to torch, which reads it.
+torch's default is one thread per core of the machine, whatever else runs on it, and its OpenMP
+threads spin while they wait for each other. Beside other work on the same cores (a second npinv
+process, ``accelerate launch`` on a CPU, a server beside a batch job, anything) a thread waits for
+one the kernel has descheduled, spinning: a 20-step reconstruct of the embedded model took 67-131 s
+instead of 2.3-2.9 s on a 2-core machine (docs/batch.md). Either fix alone removes that here: one
+thread per process, or waiting threads that sleep (``OMP_WAIT_POLICY=PASSIVE``). So the CLI
+
+- gives each process the CPUs it may use (``os.sched_getaffinity``) divided by the processes launched
+  together (accelerate's and torchrun's ``LOCAL_WORLD_SIZE``), at least one: ``--threads N`` or
+  ``NPINV_THREADS`` set the number; an ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` the user exported is
+  left to torch, which reads it;
+- and ``import npinv`` sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user set it or torch is already
+  loaded (OpenMP reads it once, when torch loads it; setting it later does nothing): that covers the
+  work npinv cannot see (another launch, another program).
 """
 
 from __future__ import annotations
