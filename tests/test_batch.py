@@ -74,6 +74,7 @@ def test_edit_batch_writes_every_edit_and_reruns_do_nothing(tmp_path, manifest, 
     assert code == 0, err
     report = json.loads(stdout)
     assert report["edits"] == report["done_now"] == 6 and report["done_before"] == 0
+    assert report["images_per_minute"] == pytest.approx(60 * 6 / report["seconds"])
     rows = results(out)
     assert [(r["line"], r["target_index"]) for r in rows] == [(1, 0), (1, 1), (2, 0), (3, 0), (4, 0), (5, 0)]
     assert {"image", "target", "output", "seconds"} <= rows[0].keys()
@@ -87,6 +88,7 @@ def test_edit_batch_writes_every_edit_and_reruns_do_nothing(tmp_path, manifest, 
                           "--guidance", "2.5", "--json")
     again = json.loads(stdout)
     assert code == 0 and again["done_now"] == 0 and again["done_before"] == 6 and again["unet_calls"] == 0
+    assert again["images_per_minute"] is None  # nothing made
     assert results(out) == rows
 
 

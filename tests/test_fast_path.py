@@ -14,7 +14,7 @@ import torch
 from npinv import EditSettings, ddim_inversion, edit, load_model, reconstruct
 from npinv.errors import NpinvError
 from npinv.finite import FiniteWatch
-from npinv.graphs import Captured, GraphCache, processors_key
+from npinv.graphs import GraphCache, eager_capture, processors_key
 from npinv.model import NpinvWarning
 from npinv.sampling import gather_rows
 
@@ -34,11 +34,7 @@ def model(sd_folder):
     return load_model(str(sd_folder), device="cpu")
 
 
-def fake_capture(run):
-    """What a CUDA graph does, on the CPU: the output is a static tensor that each replay recomputes
-    from the static inputs."""
-    out = run()
-    return Captured(lambda: out.copy_(run()), out)
+fake_capture = eager_capture  # what a CUDA graph does, on the CPU
 
 
 def graphed(model, capacity: int = 8):
@@ -127,6 +123,21 @@ def test_cuda_step_loop_never_synchronises(sd_folder, picture, monkeypatch):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert model.graphs.stats.failures == 0 and model.graphs.stats.replays > 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", ["sd_folder", "sdxl_folder"])
+def test_cuda_graph_replays_equal_eager_calls(request, family, picture):
+    """Real CUDA graphs: the same inversion, reconstruction and UNet call counts as eager calls."""
+    folder = str(request.getfixturevalue(family))
+    fast, eager = load_model(folder, device="cuda"), load_model(folder, device="cuda", cuda_graphs=False)
+    runs = [(m, ddim_inversion(m, picture, SOURCE, steps=4)) for m in (fast, eager)]
+    (inv_f, rec_f), (inv_e, rec_e) = [(inv, reconstruct(m, inv, "npi", 7.5)) for m, inv in runs]
+    torch.testing.assert_close(inv_f.trajectory, inv_e.trajectory, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rec_f.latent, rec_e.latent, atol=1e-5, rtol=1e-5)
+    assert rec_f.unet_calls == rec_e.unet_calls == 4
+    assert fast.graphs.stats.captures == 1 and fast.graphs.stats.replays == 8 and fast.graphs.stats.failures == 0
+    assert eager.graphs.stats.replays == 0
 
 
 def test_gather_rows_equals_list_indexing():
@@ -322,3 +333,28 @@ def test_cli_model_flag():
     base = ["reconstruct", "in.png", "--prompt", "a cat", "--out", "o.png"]
     assert parser.parse_args(base).cuda_graphs is True
     assert parser.parse_args([*base, "--no-cuda-graphs"]).cuda_graphs is False
+
+
+# -- the GPU benchmark's smoke run -----------------------------------------------------------------------
+def test_gpu_benchmark_smoke_run(tmp_path, capsys):
+    """benchmarks/gpu_fast_path.py --smoke: every part of the GPU benchmark (benchmarks/gpu.sh) runs on the
+    CPU with the embedded model and writes its JSON (the numbers are not checked: no timing in tests)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).parent.parent / "benchmarks" / "gpu_fast_path.py"
+    spec = importlib.util.spec_from_file_location("gpu_fast_path", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    result = bench.main(["--smoke", "--out", str(tmp_path / "bench" / "gpu.json")])
+    assert json.loads((tmp_path / "bench" / "gpu.json").read_text()) == json.loads(json.dumps(result))
+    assert set(result["floor_per_call"]) == {"1", "2"}
+    assert set(result["workloads"]) == {"npi_invert_reconstruct", "npi_edit_1_target", "npi_edit_4_targets",
+                                        "npi_bdia", "nti_invert_reconstruct", "edit_batch"}
+    calls = {name: w["unet_calls"] for name, w in result["workloads"].items()}
+    assert calls["npi_invert_reconstruct"] == 2 * 2 and calls["npi_bdia"] == 2 + 1  # 2 steps in a smoke run
+    assert calls["npi_edit_1_target"] == calls["npi_edit_4_targets"] == 2  # one batched call a step
+    assert all(w["floor_seconds"] > 0 and w["ratio_to_floor"] > 0 for w in result["workloads"].values())
+    assert result["graph_cache"]["captures"] > 0 and result["graph_cache"]["failures"] == 0
+    assert "| npi_invert_reconstruct |" in capsys.readouterr().out

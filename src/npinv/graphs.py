@@ -1,7 +1,7 @@
 """Launch-free UNet calls: each distinct call captured once as a CUDA graph, then replayed.
 
 An eager UNet call on a GPU is bound by the host launching its ~1000 kernels one by one, whatever
-the batch (docs/method.md "GPU fast path"). A CUDA graph records those launches once and replays
+the batch (docs/architecture.md "GPU fast path"). A CUDA graph records those launches once and replays
 them with one launch, reading its inputs from static buffers: a call copies its inputs into the
 buffers of its key's graph, replays it and copies the output out.
 
@@ -64,6 +64,13 @@ def cuda_capture(run: Callable[[], torch.Tensor], *, pool: Any = None, warmup: i
     with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
         output = run()
     return Captured(graph.replay, output, graph)
+
+
+def eager_capture(run: Callable[[], torch.Tensor]) -> Captured:
+    """A stand-in capture for the CPU (tests, benchmark smoke runs): the output is a static tensor that
+    each replay recomputes eagerly from the static inputs, as a graph's replay would."""
+    output = run()
+    return Captured(lambda: output.copy_(run()), output)
 
 
 @dataclasses.dataclass
