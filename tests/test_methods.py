@@ -32,7 +32,7 @@ def inversion(sd_model):
 
 
 def test_registry_lists_every_method_once_in_front_end_order():
-    assert list(METHODS) == ["npi", "proxnpi", "proxnpi-noig", "nti", "ddim"]
+    assert list(METHODS) == ["npi", "proxnpi", "proxnpi-noig", "nti", "ddim", "flowedit"]
     assert all(get_method(name).name == name and get_method(name).summary for name in METHODS)
     with pytest.raises(NpinvError, match="unknown method 'magic'; choose one of npi, proxnpi"):
         get_method("magic")
@@ -62,7 +62,7 @@ def test_nti_reuse_rule_is_its_guidance(sd_model, inversion):
     assert again.cost.unet_calls == STEPS and torch.allclose(again.latent, rec.latent, atol=1e-3)
 
 
-@pytest.mark.parametrize("name", list(METHODS))
+@pytest.mark.parametrize("name", [m for m in METHODS if METHODS[m].needs_inversion])
 def test_every_method_reconstructs_and_costs_what_it_says(sd_model, inversion, name):
     rec = reconstruct(sd_model, inversion, name, 7.5)
     rows = {"npi": STEPS, "proxnpi": STEPS, "proxnpi-noig": STEPS, "ddim": 2 * STEPS}

@@ -103,7 +103,7 @@ def test_uncached_hub_id_is_checked_before_the_weights(tmp_path, monkeypatch, sd
     assert main([*argv, "--steps", "1000"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--offset 0" in err, err
-    assert fetched == ["scheduler/scheduler_config.json", "vae/config.json"]
+    assert fetched == ["model_index.json", "scheduler/scheduler_config.json", "vae/config.json"]  # the index: the family
     # Unreachable (no network, no such repo): nothing to check against; the load says what is wrong.
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **k: (_ for _ in ()).throw(OSError("down")))
     monkeypatch.setattr(npinv.model, "load_model", lambda *a, **k: (_ for _ in ()).throw(NpinvError("not loaded")))

@@ -21,12 +21,27 @@ from npinv.service import invert_one, prepare_picture, reconstruct_inverted
 from npinv.settings import InvertSettings, ReconstructSettings
 
 PROMPT = "a red circle on a blue background"
-REFUSED = {(m, s) for m in METHODS for s, scheme in SCHEMES.items() if scheme.pair_start and not METHODS[m].samples_bdia}
+# What the UNet models here take: the flow-only schemes (midpoint, fireflow) and methods (flowedit) are
+# refused on them in one line (tests/test_flow_methods.py covers them on flow models).
+UNET_METHODS = [m for m, method in METHODS.items() if not method.flow_only]
+UNET_SCHEMES = [s for s, scheme in SCHEMES.items() if not scheme.flow_only]
+
+
+def _refused(method: str, scheme: str) -> bool:
+    try:
+        check_scheme(method, scheme)
+    except NpinvError:
+        return True
+    return False
+
+
+REFUSED = {(m, s) for m in METHODS for s in SCHEMES if _refused(m, s)}
 
 
 def test_the_refused_combinations():
-    # Only plain DDIM sampling (null negative) cannot take BDIA's coupled step; every other pair works.
-    assert REFUSED == {("ddim", "bdia")}
+    # Only plain DDIM sampling (null negative) cannot take BDIA's coupled step, and NTI (one Euler step
+    # optimised) cannot take the flow schemes' second-order step; every other pair works.
+    assert REFUSED == {("ddim", "bdia"), ("nti", "midpoint"), ("nti", "fireflow")}
     with pytest.raises(NpinvError, match="method ddim cannot sample a bdia inversion.*--invert-scheme ddim, "
                                          "fixed-point or anderson$"):
         check_scheme("ddim", "bdia")
@@ -48,9 +63,9 @@ def test_each_method_reconstructs_on_each_scheme_as_well_as_on_ddim_inversion(em
     for scene in random_scenes(HELD_OUT_SEED, 2):
         source = prepare_picture(scene.render(embedded.resolution), embedded, InvertSettings(), name="scene")
         psnr: dict[tuple[str, str], float] = {}
-        for scheme in SCHEMES:
+        for scheme in UNET_SCHEMES:
             inverted = invert_one(embedded, source, scene.caption, InvertSettings(steps=steps, invert_scheme=scheme))
-            for method in METHODS:
+            for method in UNET_METHODS:
                 if (method, scheme) in REFUSED:
                     with pytest.raises(NpinvError, match="cannot sample"):
                         reconstruct_inverted(embedded, inverted, ReconstructSettings(method, 7.5))
@@ -103,6 +118,11 @@ def test_reconstruct_and_edit_take_every_pair_or_refuse_it(capsys, tmp_path, sd_
     if (method, scheme) in REFUSED:
         one_line_refusal(code, err, f"method {method} cannot sample a {scheme} inversion")
         one_line_refusal(code_e, err_e, f"method {method} cannot sample a {scheme} inversion")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["input.png"]
+        return
+    if method not in UNET_METHODS or scheme not in UNET_SCHEMES:  # flow models only: one line on a UNet model
+        one_line_refusal(code, err, "flow")
+        one_line_refusal(code_e, err_e, "for flow-matching models")
         assert sorted(p.name for p in tmp_path.iterdir()) == ["input.png"]
         return
     assert code == 0 and code_e == 0, err + err_e
@@ -182,7 +202,7 @@ def test_the_web_app_refuses_the_pair_in_one_line(embedded, tmp_path, image_file
                                                                        method="ddim", controller="replace"),
                         steps=3, invert_scheme="bdia")
         assert "\n" not in str(err.value) and len(cache) == 0  # refused before inverting
-        for method in METHODS:  # every other method edits a BDIA inversion
+        for method in UNET_METHODS:  # every other method edits a BDIA inversion
             if (method, "bdia") not in REFUSED:
                 report = engine.edit(cache, image_file, PROMPT, engine.edit_request(
                     "a red square on a blue background", method=method, controller="replace"),

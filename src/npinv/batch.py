@@ -186,7 +186,7 @@ def _safe_name(name: str) -> str:
 def check_words(model: Model, rows: list[ManifestRow]) -> None:
     """Prompt-level checks that need the tokenizer (blend and reweight words, replace word counts):
     the first failing row raises with its line number, still before any UNet call."""
-    tok = model.pipe.tokenizer
+    tok = model.edit_tokenizer
     for row in rows:
         try:
             check_edit_words(tok, row.source, list(row.targets), row.invert.steps, row.edit)
@@ -199,7 +199,7 @@ def check_schedules(rows: list[ManifestRow], scheduler_config: Any, size_multipl
     its size against the model's VAE: the first bad row raises with its line number. The CLI calls it
     with the configs read before the model loads; :func:`run_batch` again with the loaded model's."""
     from npinv.checks import check_size
-    from npinv.schedule import Schedule
+    from npinv.model import check_grid
 
     grids: dict[tuple, str | None] = {}
     for row in rows:
@@ -211,7 +211,7 @@ def check_schedules(rows: list[ManifestRow], scheduler_config: Any, size_multipl
             key = (s.steps, s.offset)
             if key not in grids:
                 try:
-                    Schedule.from_scheduler_config(scheduler_config, s.steps, s.offset)
+                    check_grid(scheduler_config, s.steps, s.offset)  # a DDIM or a flow grid
                     grids[key] = None
                 except NpinvError as exc:
                     grids[key] = str(exc)

@@ -278,8 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sessions", type=int, default=64, help="sessions whose caches are kept (default 64)")
     _model_args(p)
 
-    p = sub.add_parser("models", help="list the models npinv knows")
+    p = sub.add_parser("models", help="list the models npinv knows (and --model's family, from its configs)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    p.add_argument("--model", default=None, help="also describe this diffusers folder, .safetensors file or hub id "
+                   "(its family: unet or flow, and sd3 / flux), read from its configs without loading weights")
+    p.add_argument("--model-config", default=None, help="diffusers folder or hub id with configs for a single file")
     for command in _subcommands(parser):
         _global_args(command)
     return parser
@@ -476,7 +479,7 @@ def cmd_edit(args) -> int:
     _check_before_load(args, inv_settings, guidance=settings.guidance)
     model = _load(args)
     # The words (blend, reweight, per-word cross-replace) before the inversion's cost and its warnings.
-    check_edit_words(model.pipe.tokenizer, args.source or saved.source_prompt, args.target, inv_settings.steps,
+    check_edit_words(model.edit_tokenizer, args.source or saved.source_prompt, args.target, inv_settings.steps,
                      settings)
     source = prepare_file(args.image, model, inv_settings)
     inverted = load_inversion(args.inversion, model, source, steps=inv_settings.steps) if saved is not None else None
@@ -527,7 +530,7 @@ def cmd_generate(args) -> int:
     _check_prompts(prompt=args.prompt)
     settings = _settings(args, ReconstructSettings)
     inv_settings = _invert_settings(args)
-    _check_before_load(args, inv_settings)  # with --seed: 0..2**64-1, as torch.Generator takes it
+    _check_before_load(args, inv_settings, inverts=False)  # with --seed: 0..2**64-1, as torch.Generator takes it
     model = _load(args)
     side = (inv_settings.size or model.resolution) // model.vae_scale_factor * model.vae_scale_factor
 
@@ -673,35 +676,42 @@ def cmd_serve(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from npinv.model import embedded_model_path
+    from npinv.model import embedded_model_path, model_facts
 
     info = {"default": {"name": "npinv-shapes-64", "path": str(embedded_model_path()),
-                        "available": (embedded_model_path() / "model_index.json").is_file()}}
+                        "available": (embedded_model_path() / "model_index.json").is_file(),
+                        "family": "unet", "kind": None, "invertible": True}}
+    if args.model is not None:
+        facts = model_facts(args.model, args.model_config)
+        info["model"] = {"name": args.model, "path": args.model, "available": True, "family": facts.architecture,
+                         "kind": facts.kind, "invertible": not facts.timestep_distilled}
     if args.json:
         print(json.dumps(info))
     else:
         for key, m in info.items():
-            print(f"{key}: {m['name']}  {m['path']}")
+            family = m["family"] + (f" ({m['kind']})" if m["kind"] else "")
+            print(f"{key}: {m['name']}  {m['path']}  {family}" + ("" if m["invertible"] else "  generation only"))
     return 0
 
 
-def _check_before_load(args, settings=None, *, guidance=None) -> None:
+def _check_before_load(args, settings=None, *, guidance=None, inverts: bool = True) -> None:
     """The device, the seed and the model's configs, before the (slow) model load: the step grid
-    against the model's scheduler (``--steps 1000`` needs ``--offset 0``), the size against its VAE,
-    a broken model folder (one line naming the file). ``settings``: the run's InvertSettings."""
+    against the model's scheduler (``--steps 1000`` needs ``--offset 0``; a flow model takes no offset),
+    the size against its VAE, a broken model folder (one line naming the file), a model that cannot be
+    inverted (FLUX.1-schnell) when the command ``inverts``. ``settings``: the run's InvertSettings."""
     from npinv.checks import check_seed, check_size
     from npinv.model import model_facts, parse_device
-    from npinv.schedule import Schedule
 
     if getattr(args, "seed", None) is not None:
         check_seed(args.seed, "--seed")
     parse_device(args.device)
     facts = model_facts(args.model, args.model_config)
+    if inverts:
+        facts.check_invertible()
     if settings is None:
         return
     check_size(settings.size, facts.size_multiple, "--size")
-    if facts.scheduler is not None:
-        Schedule.from_scheduler_config(facts.scheduler, settings.steps, settings.offset)
+    facts.check_grid(settings.steps, settings.offset)
 
 
 def _check_prompts(**prompts) -> None:

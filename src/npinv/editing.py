@@ -130,6 +130,11 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
             raise NpinvError("give at least one target prompt")
         for target in job.targets:
             check_prompt(target, "the target prompt")
+    method.check_model(model)
+    if not method.needs_inversion:  # FlowEdit: its own loop from each image's clean latent
+        from npinv.flowedit import edit_jobs
+
+        return edit_jobs(model, jobs, settings, progress=progress)
     first = jobs[0].inversion
     check_scheme(method, first.scheme_name)
     for job in jobs[1:]:

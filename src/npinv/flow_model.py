@@ -21,6 +21,7 @@ import torch
 
 from npinv.checks import SIZE_MULTIPLE
 from npinv.errors import NpinvError
+from npinv.finite import FiniteWatch
 from npinv.flow_schedule import FlowSchedule
 from npinv.model import DEFAULT_EDIT_GUIDANCE, Model, NpinvWarning, PromptEmbedding, UNetCounter
 
@@ -87,6 +88,7 @@ class FlowModel:
         self.transformer = pipe.transformer
         self.vae = pipe.vae
         self.counter = UNetCounter()
+        self.finite = FiniteWatch(dtype)  # the transformer's non-finite checks, deferred inside a run
         self.max_sequence_length = max_sequence_length or MAX_SEQUENCE_LENGTH[self.kind]
         guided = self.kind == "flux" and bool(self.transformer.config.get("guidance_embeds", False))
         self.embedded_guidance = float(embedded_guidance) if guided and embedded_guidance is not None else None
@@ -106,6 +108,21 @@ class FlowModel:
     @property
     def is_flow(self) -> bool:
         return True
+
+    @property
+    def architecture(self) -> str:
+        return "flow"
+
+    @property
+    def network(self) -> Any:
+        """The denoising network the counted calls run (here the transformer)."""
+        return self.transformer
+
+    @property
+    def edit_tokenizer(self) -> Any:
+        """The tokenizer whose tokens Prompt-to-Prompt's word indices address: SD3's CLIP (the first 77
+        text rows), FLUX's T5 (its only token sequence)."""
+        return self.pipe.tokenizer_2 if self.kind == "flux" else self.pipe.tokenizer
 
     @property
     def timestep_distilled(self) -> bool:
@@ -202,8 +219,9 @@ class FlowModel:
 
     # -- the transformer --------------------------------------------------------------------------
     def deferred_checks(self) -> contextlib.AbstractContextManager:
-        """A run of calls (the loop, an inversion); the outputs are checked as they come."""
-        return contextlib.nullcontext()
+        """A run of calls (the loop, an inversion): their non-finite checks are read once, at its end
+        (:class:`npinv.finite.FiniteWatch`), as :meth:`Model.deferred_checks`."""
+        return self.finite.run()
 
     def unet_output(self, z: torch.Tensor, t: float, cond: PromptEmbedding) -> torch.Tensor:
         """The velocity (fp32, shaped like ``z``) at timestep ``t`` (``sigma * 1000``) for each row of ``z``
@@ -230,8 +248,5 @@ class FlowModel:
                                    img_ids=image_ids(h, w, self.device, self.dtype), return_dict=False)[0]
             out = unpack(out, h, w)
         out = out.float()
-        if not torch.isfinite(out).all():
-            raise NpinvError(f"the transformer's output at timestep {t:g} has non-finite values in "
-                             f"{str(self.dtype).removeprefix('torch.')}"
-                             + ("; rerun with --dtype fp32" if self.dtype != torch.float32 else ""))
+        self.finite.note(out, f"the transformer's output at timestep {t:g}")
         return out

@@ -10,9 +10,9 @@ Conventions, the same as :class:`npinv.schedule.Schedule`'s so the one loop and 
 drive either: ``sigmas[0..n]`` in denoising order (``sigmas[n] = 0``); denoising step ``i`` goes from
 ``sigmas[i]`` to ``sigmas[i + 1]`` with the model called at ``timesteps[i] = sigmas[i] * 1000``; the
 trajectory latent ``z*[k]`` lies at ``sigma(k) = sigmas[n - k]`` (``z*[0]`` clean, ``z*[n]`` noise);
-inversion step ``i`` goes from ``z*[i]`` up to ``z*[i + 1]``, and the schemes call the model at the
-destination's timestep (``reversed(timesteps)[i]``, as DDIM inversion does) unless a caller passes
-:meth:`FlowSchedule.invert_timestep` (the textbook Euler inversion: velocity at the step's start).
+inversion step ``i`` goes from ``z*[i]`` up to ``z*[i + 1]``; the plain (``ddim``) scheme's call is at
+:meth:`FlowSchedule.invert_timestep`, the step's start (textbook Euler inversion), and the fixed-point
+iterations call at the destination's timestep (``reversed(timesteps)[i]``), as the sampler does.
 """
 
 from __future__ import annotations
@@ -30,6 +30,13 @@ from npinv.errors import NpinvError
 Grid = Literal["scheduler", "flux"]
 # A velocity field: (latent, the model's timestep sigma * 1000) -> velocity, fp32.
 Velocity = Callable[[torch.Tensor, float], torch.Tensor]
+# How the one sampling loop takes a denoising step on this grid: "euler" (1 call a step, the pipelines'
+# sampler), "midpoint" (RF-Solver's second order: 2 calls), "fireflow" (midpoint reusing the previous
+# step's midpoint velocity: 1 call a step after the first). An inversion made by a scheme sets it
+# (:attr:`npinv.schemes.InversionScheme.sampler`), so that its reconstructions and edits sample with the
+# solver that inverted them.
+Solver = Literal["euler", "midpoint", "fireflow"]
+SOLVERS: tuple[str, ...] = ("euler", "midpoint", "fireflow")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +49,7 @@ class FlowSchedule:
     shift: float = 1.0
     mu: float | None = None
     num_train_timesteps: int = 1000
+    solver: Solver = "euler"
 
     @classmethod
     def from_scheduler_config(cls, config: Mapping[str, Any], steps: int, *, grid: Grid = "scheduler",
@@ -92,6 +100,8 @@ class FlowSchedule:
         s = self.sigmas
         if s.ndim != 1 or len(s) < 2 or len(self.timestep_values) != len(s) - 1:
             raise ValueError(f"{len(s)} sigmas for {len(self.timestep_values)} timesteps")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"unknown flow solver {self.solver!r}")
         if float(s[-1]) != 0.0 or not bool((s[:-1] > s[1:]).all()):
             # Euler inversion walks the grid backwards: a repeated or rising sigma has no inverse step.
             raise NpinvError("the flow scheduler's sigmas must fall strictly to 0; this grid cannot be inverted")
@@ -120,7 +130,8 @@ class FlowSchedule:
 
     def invert_timestep(self, i: int) -> float:
         """The timestep at inversion step ``i``'s start (``z*[i]``'s): the textbook Euler inversion's
-        ``v(z_i, sigma_i)``. The schemes call the model at the destination's, ``level(i + 1)``."""
+        ``v(z_i, sigma_i)``, what the plain scheme calls (:func:`npinv.schemes.start_timestep`); the
+        fixed-point iterations call at the destination's, ``level(i + 1)``."""
         return self.level(i)
 
     def timestep_of(self, sigma: torch.Tensor | float) -> float:
@@ -170,6 +181,23 @@ class FlowSchedule:
         return (z_before.to(torch.float32) - down) / gamma + up
 
     # -- second-order steps (RF-Solver, FireFlow) ---------------------------------------------------
+    def with_solver(self, solver: Solver) -> FlowSchedule:
+        """The same grid sampled with another step rule (what the loop reads from :attr:`solver`)."""
+        return self if solver == self.solver else dataclasses.replace(self, solver=solver)
+
+    def midpoint_sigma(self, i: int) -> torch.Tensor:
+        """Halfway between denoising step ``i``'s sigmas (fp32, as :func:`midpoint_step` computes it)."""
+        s0, s1 = self.sigmas[i], self.sigmas[i + 1]
+        return s0 + (s1 - s0) / 2
+
+    def midpoint_timestep(self, i: int) -> float:
+        """The model's timestep at denoising step ``i``'s midpoint (off the grid)."""
+        return float(self.midpoint_sigma(i) * self.num_train_timesteps)
+
+    def half_denoise_step(self, z: torch.Tensor, v: torch.Tensor, i: int) -> torch.Tensor:
+        """The Euler move from ``sigmas[i]`` to the midpoint: where the midpoint velocity is taken."""
+        return euler_step(z, v, self.sigmas[i], self.midpoint_sigma(i))
+
     def midpoint_denoise(self, velocity: Velocity, z: torch.Tensor, i: int,
                          v_start: torch.Tensor | None = None) -> MidpointStep:
         """Denoising step ``i`` by :func:`midpoint_step`."""

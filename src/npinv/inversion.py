@@ -118,11 +118,29 @@ class Inversion:
     def noise(self) -> torch.Tensor:
         return self.trajectory[-1:]
 
+    @property
+    def architecture(self) -> str:
+        """``"flow"`` for an inversion made with a flow model (its schedule says so), else ``"unet"``."""
+        return "flow" if self.schedule.get("family") == "flow" else "unet"
+
+    def check_architecture(self, model: Model) -> None:
+        """One line when the inversion's family is not the model's (a flow inversion on a UNet model)."""
+        if self.architecture != model.architecture:
+            names = {"flow": "a flow-matching model (SD3 / FLUX)", "unet": "a UNet model (Stable Diffusion 1.x/2.x/XL)"}
+            raise NpinvError(f"the inversion was made with {names[self.architecture]} ({self.model.get('name')!r}), "
+                             f"but {model.name!r} is {names[model.architecture]}; invert the image with this model")
+
     def schedule_for(self, model: Model) -> Schedule:
+        self.check_architecture(model)
+        if self.architecture == "flow":
+            from npinv.flow_schedule import FlowSchedule
+
+            return FlowSchedule.from_dict(self.schedule)  # type: ignore[return-value]
         return model.schedule(self.steps, int(self.schedule["offset"]))
 
     def check_compatible(self, model: Model, *, steps: int | None = None, size: tuple[int, int] | None = None) -> None:
         """Refuse reuse with another model, step count or image size (a clear error, not a blur)."""
+        self.check_architecture(model)
         if self.model.get("fingerprint") != model.fingerprint:
             if self.model.get("name") == model.name:  # same name, other weights (retrained, or the file edited)
                 raise NpinvError(f"the inversion was made with model {model.name!r} as it was then (weights "
@@ -134,7 +152,7 @@ class Inversion:
             raise NpinvError(f"the inversion is of a {self.image_size[1]}x{self.image_size[0]} image, not {size[1]}x{size[0]}")
         # The file's own tensors against this model (a file edited by hand or by another tool).
         c, h, w = self.trajectory.shape[1:]
-        want = (model.unet.config.in_channels, *(s // model.vae_scale_factor for s in self.image_size))
+        want = (model.latent_channels, *(s // model.vae_scale_factor for s in self.image_size))
         if (c, h, w) != want:
             raise NpinvError(f"the inversion's latents are {c}x{h}x{w}, but this model makes {want[0]}x{want[1]}x{want[2]} "
                              f"latents of a {self.image_size[1]}x{self.image_size[0]} image; the file is damaged")
@@ -242,6 +260,15 @@ def _check_file(name: str, meta: dict[str, Any], tensors: dict[str, torch.Tensor
     scheme = meta.get("scheme")
     if scheme is not None and not (isinstance(scheme, dict) and isinstance(scheme.get("name"), str)):
         raise bad(f"inversion scheme {scheme!r}")
+    if schedule.get("family") == "flow":
+        from npinv.flow_schedule import FlowSchedule
+
+        try:
+            grid = FlowSchedule.from_dict(schedule)
+        except (NpinvError, ValueError, TypeError, KeyError, RuntimeError):
+            raise bad("flow schedule") from None
+        if grid.steps != schedule["steps"]:
+            raise bad(f"a flow schedule of {grid.steps} sigma steps for {schedule['steps']} steps")
     gamma = (scheme or {}).get("gamma", 1.0)
     try:
         check_bdia_gamma(gamma, schedule["steps"])
@@ -338,9 +365,14 @@ def ddim_inversion_batch(
     for p in prompts:
         check_prompt(p, "the source prompt")
     how = get_scheme(scheme)
+    if model.timestep_distilled:
+        from npinv.model import TIMESTEP_DISTILLED
+
+        raise NpinvError(TIMESTEP_DISTILLED)
     if how.pair_start:
         check_bdia_gamma(gamma, steps)
-    schedule = model.schedule(steps, offset)
+    # FLUX's grid follows the latent's size (its dynamic shift); other families ignore it.
+    schedule = model.schedule(steps, offset, latent_size=tuple(s // model.vae_scale_factor for s in images.shape[-2:]))
     sources = [model.encode_prompt(p) for p in prompts]
     z0 = model.encode_image(images)
     fit = invert_decoder(model, images, z0, decoder_steps, progress="decoder" if progress else None)
@@ -356,12 +388,21 @@ def ddim_inversion_batch(
     return [
         Inversion(
             trajectory=trace.trajectory[:, b].contiguous(), source_prompt=prompt, source=source, null=null,
-            schedule=schedule.to_dict(), model={"name": model.name, "fingerprint": model.fingerprint},
+            schedule=schedule.to_dict(), model=_model_record(model),
             image_size=(images.shape[-2], images.shape[-1]), dtype=str(model.dtype).removeprefix("torch."),
             scheme=dict(record), image_digest=image_digest(images[b]),
         )
         for b, (prompt, source) in enumerate(zip(prompts, sources, strict=True))
     ]
+
+
+def _model_record(model: Model) -> dict[str, Any]:
+    """What an inversion file says of its model: the name and weights' fingerprint, and for flow models
+    the family and the embedded guidance (FLUX.1-dev's; it is in the fingerprint as well)."""
+    record: dict[str, Any] = {"name": model.name, "fingerprint": model.fingerprint}
+    if model.is_flow:
+        record |= {"family": model.family, "embedded_guidance": model.embedded_guidance}
+    return record
 
 
 class NullTextOptimisation(StepHook):

@@ -7,7 +7,12 @@ negative embedding of each branch at each step, the guidance rule and its step h
 - ``proxnpi``: NPI's negatives, proximal guidance, inversion guidance below ``recon_t``;
 - ``proxnpi-noig``: the same without inversion guidance;
 - ``nti``: per-step negatives optimised while reconstructing (null-text inversion), CFG;
-- ``ddim``: the null embedding as negative, CFG (drifts for w > 1: what NPI and NTI fix).
+- ``ddim``: the null embedding as negative, CFG (drifts for w > 1: what NPI and NTI fix);
+- ``flowedit`` (flow models, edits only): FlowEdit (Kulikov et al. 2024), inversion-free; its own
+  loop in :mod:`npinv.flowedit`.
+
+On flow models (SD3, SD3.5, FLUX.1) each method means the same with velocities for noise predictions
+and the pooled embedding beside the hidden states (docs/method.md, "Flow models").
 
 Adding a method: subclass :class:`Method`, add an instance to :data:`METHODS`, and add its rows to
 the tests of ``tests/test_methods.py``. Every front end (CLI choices, manifests, the web app's
@@ -57,6 +62,23 @@ class Method:
     # Whether the method may sample a BDIA inversion. BDIA's coupled step is exact only when sampling
     # reproduces the inversion's model outputs and amplifies any difference from them step after step.
     samples_bdia = True
+    # Whether the method may sample with a second-order flow step (a midpoint or FireFlow inversion).
+    samples_midpoint = True
+    # Whether the method samples from an inversion at all (FlowEdit does not) and can reconstruct.
+    needs_inversion = True
+    # Only flow-matching models; UNet models refuse the method.
+    flow_only = False
+
+    def check_model(self, model: Model) -> None:
+        """Refuse, in one line, a model this method cannot run on."""
+        if self.flow_only and not getattr(model, "is_flow", False):
+            raise NpinvError(f"method {self.name} is for flow-matching models (SD3, SD3.5, FLUX.1); {model.name} "
+                             "is a UNet model")
+
+    def check_reconstruct(self) -> None:
+        """Refuse, in one line, a reconstruction with a method that only edits."""
+        if not self.needs_inversion:
+            raise NpinvError(f"method {self.name} edits without inverting: it has no reconstruction; use npinv edit")
 
     def negatives(self, inv: Inversion, guidance: float) -> list[PromptEmbedding] | None:
         """The negative at each step, or None when this inversion lacks what the method needs (NTI
@@ -97,6 +119,7 @@ class NullText(Method):
     name = "nti"
     summary = "null-text inversion: negatives optimised per step (slow; reused at the same guidance)"
     reconstruct_scheme = "ddim"  # the published baseline; on an exact inversion it starts from the source embedding
+    samples_midpoint = False  # it optimises each Euler step's negative (one step through the model, differentiated)
 
     def negatives(self, inv: Inversion, guidance: float) -> list[PromptEmbedding] | None:
         # The one reuse rule: a saved or cached NTI result serves the guidance it was optimised for.
@@ -152,9 +175,26 @@ class InversionGuidance(StepHook):
             z[targets] = z[targets] - self.recon_lr * (z[targets] - ref) * (1 - m[targets])
 
 
+class FlowEditMethod(Method):
+    """FlowEdit (Kulikov et al. 2024): an edit from the clean latent with no inversion (:mod:`npinv.flowedit`).
+    The edit's ``--guidance`` is FlowEdit's target guidance (the paper's 13.5 on SD3, 5.5 embedded on
+    FLUX.1-dev), the source's is the paper's (3.5; 1.5 embedded); ``--steps`` its step count, with the
+    paper's window ``n_max`` scaled to it. Attention controllers do not apply."""
+
+    name = "flowedit"
+    summary = "FlowEdit: inversion-free edits on flow models (edits only)"
+    reconstruct_scheme = "ddim"
+    needs_inversion = False
+    flow_only = True
+
+    def negatives(self, inv: Inversion, guidance: float) -> list[PromptEmbedding]:
+        self.check_reconstruct()
+        raise AssertionError("unreachable")
+
+
 # The registry, in the order front ends list the methods. Read-only: no module-level mutable state.
 METHODS: Mapping[str, Method] = MappingProxyType(
-    {m.name: m for m in (NPI(), ProxNPI(True), ProxNPI(False), NullText(), DDIM())})
+    {m.name: m for m in (NPI(), ProxNPI(True), ProxNPI(False), NullText(), DDIM(), FlowEditMethod())})
 
 
 def method_names() -> tuple[str, ...]:
@@ -170,12 +210,25 @@ def check_scheme(method: str | Method, scheme: str) -> None:
     from npinv.schemes import get_scheme
 
     method = get_method(method)
+    if not method.needs_inversion:  # it samples no inversion: any scheme is as good (its work is wasted)
+        return
+    if get_scheme(scheme).sampler != "euler" and not method.samples_midpoint:
+        names = _suggested_schemes(method)
+        raise NpinvError(f"method {method.name} cannot sample a {scheme} inversion: it optimises each Euler step's "
+                         f"negative; invert with --invert-scheme {', '.join(names[:-1])} or {names[-1]}")
     if get_scheme(scheme).pair_start and not method.samples_bdia:
-        names = scheme_names_for(method)
+        names = _suggested_schemes(method)
         fine = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
         raise NpinvError(f"method {method.name} cannot sample a {scheme} inversion: its coupled step is exact only when "
                          f"sampling repeats the inversion's model outputs, and amplifies {method.name}'s difference "
                          f"into noise; invert with --invert-scheme {fine}")
+
+
+def _suggested_schemes(method: Method) -> tuple[str, ...]:
+    """The schemes a refusal suggests: those every model takes (a check before loading knows no model)."""
+    from npinv.schemes import SCHEMES
+
+    return tuple(n for n in scheme_names_for(method) if not SCHEMES[n].flow_only)
 
 
 def scheme_names_for(method: str | Method) -> tuple[str, ...]:
@@ -183,13 +236,16 @@ def scheme_names_for(method: str | Method) -> tuple[str, ...]:
     from npinv.schemes import SCHEMES
 
     method = get_method(method)
-    return tuple(n for n, s in SCHEMES.items() if method.samples_bdia or not s.pair_start)
+    return tuple(n for n, s in SCHEMES.items() if (method.samples_bdia or not s.pair_start)
+                 and (method.samples_midpoint or s.sampler == "euler"))
 
 
 def reconstruct_scheme_help() -> str:
     """The per-method default of `npinv reconstruct --invert-scheme`, in words, from the registry."""
     by_scheme: dict[str, list[str]] = {}
     for m in METHODS.values():
+        if not m.needs_inversion:  # edits only (flowedit): it has no reconstruction
+            continue
         by_scheme.setdefault(m.reconstruct_scheme, []).append(m.name)
     return "; ".join(f"{scheme} for {', '.join(names)}" for scheme, names in by_scheme.items())
 
@@ -216,6 +272,8 @@ def reconstruct(model: Model, inv: Inversion, method: str | Method, guidance: fl
     from npinv.cost import Meter
 
     method = get_method(method)
+    method.check_reconstruct()
+    method.check_model(model)
     check_guidance(guidance)
     check_scheme(method, inv.scheme_name)
     meter = Meter(model)

@@ -210,9 +210,35 @@ class Model:
         self.known_words = _read_vocabulary(pipe)
 
     # -- facts ----------------------------------------------------------------------------------
+    # The family interface (docs/architecture.md): what front ends read instead of the network itself;
+    # :class:`npinv.flow_model.FlowModel` answers the same names for SD3 / FLUX.
+    is_flow = False  # a flow-matching transformer (FlowModel) rather than a UNet
+    embedded_guidance: float | None = None  # FLUX.1-dev's guidance embedding; UNets have none
+    timestep_distilled = False  # made for a few steps only (FLUX.1-schnell): not invertible
+
     @property
     def family(self) -> str:
         return "sdxl" if self.is_sdxl else "sd"
+
+    @property
+    def architecture(self) -> str:
+        """``"unet"`` or ``"flow"``: which kind of inversion file this model reads and writes."""
+        return "flow" if self.is_flow else "unet"
+
+    @property
+    def network(self) -> Any:
+        """The denoising network the counted calls run (the UNet; FlowModel: the transformer)."""
+        return self.unet
+
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent the loop carries, (B, C, h, w)."""
+        return int(self.unet.config.in_channels)
+
+    @property
+    def edit_tokenizer(self) -> Any:
+        """The tokenizer whose tokens Prompt-to-Prompt's word indices address (CLIP's for SD / SDXL)."""
+        return self.pipe.tokenizer
 
     @property
     def prediction_type(self) -> str:
@@ -244,7 +270,10 @@ class Model:
                 h.update(repr(float(p.detach().double().sum())).encode())
         return h.hexdigest()[:16]
 
-    def schedule(self, steps: int, offset: int | None = None) -> Schedule:
+    def schedule(self, steps: int, offset: int | None = None, *,
+                 latent_size: tuple[int, int] | None = None) -> Schedule:
+        """The DDIM grid for ``steps`` steps; ``latent_size`` is for the families whose grid depends on
+        the resolution (FLUX) and is ignored here."""
         return Schedule.from_scheduler_config(self.pipe.scheduler.config, steps, offset)
 
     # -- text -----------------------------------------------------------------------------------
@@ -400,7 +429,9 @@ def load_model(
     config: str | Path | None = None,
     cuda_graphs: bool = True,
 ) -> Model:
-    """Load a Stable Diffusion family model (SD 1.x, SD 2.x, SDXL) for inversion and editing.
+    """Load a Stable Diffusion family model (SD 1.x, SD 2.x, SDXL: a :class:`Model`) or a flow-matching
+    one (SD3 / SD3.5 / FLUX.1: a :class:`npinv.flow_model.FlowModel`, the same interface) for inversion
+    and editing.
 
     ``dtype`` sets the UNet's and text encoders' type (fp32 default); the VAE stays fp32 when its
     config asks for upcasting, and the schedule's arithmetic is always fp32. ``config`` is the
@@ -433,8 +464,10 @@ def load_model(
     try:
         pipe = _load_pipeline(str(spec), path, allow_pickle, config)
         vae_dtype = torch.float32 if pipe.vae.config.get("force_upcast", True) else torch_dtype
-        parts = [(pipe.unet, torch_dtype), (pipe.text_encoder, torch_dtype), (pipe.vae, vae_dtype),
-                 (getattr(pipe, "text_encoder_2", None), torch_dtype)]
+        network = getattr(pipe, "transformer", None) or pipe.unet
+        parts = [(network, torch_dtype), (pipe.text_encoder, torch_dtype), (pipe.vae, vae_dtype),
+                 (getattr(pipe, "text_encoder_2", None), torch_dtype),
+                 (getattr(pipe, "text_encoder_3", None), torch_dtype)]
         for part, wanted in parts:
             if part is not None and (part.dtype != wanted or part.device != dev):
                 part.to(dev, wanted)
@@ -444,6 +477,11 @@ def load_model(
         dlogging.enable_progress_bar()
         tlogging.enable_progress_bar()
     pipe.set_progress_bar_config(disable=True)
+    from npinv.flow_model import FLOW_PIPELINES, FlowModel
+
+    if type(pipe).__name__ in FLOW_PIPELINES:
+        # Transformer calls run eagerly (no CUDA graphs yet for this family): cuda_graphs has no effect.
+        return FlowModel(pipe, name, dev, torch_dtype, edit_guidance=edit_guidance)
     return Model(pipe, name, dev, torch_dtype, edit_guidance=edit_guidance, cuda_graphs=cuda_graphs)
 
 
@@ -455,16 +493,64 @@ class ModelFacts:
 
     scheduler: dict[str, Any] | None = None  # the scheduler config
     vae_scale_factor: int | None = None
+    kind: str | None = None  # "sd3" / "flux" for flow models; None: a UNet model (or unknown)
+    timestep_distilled: bool = False  # FLUX.1-schnell: generation only
+    patch: int = 1  # latent pixels per image token (FLUX: 2)
+
+    @property
+    def architecture(self) -> str:
+        return "flow" if self.kind is not None else "unet"
 
     @property
     def size_multiple(self) -> int:
         """As :attr:`Model.size_multiple`; 8 when the VAE's config could not be read."""
-        return max(SIZE_MULTIPLE, self.vae_scale_factor or 1)
+        return max(SIZE_MULTIPLE, (self.vae_scale_factor or 1) * self.patch)
+
+    def check_grid(self, steps: int, offset: int | None) -> None:
+        """Refuse a step count or offset the scheduler cannot make a grid of (nothing when unread)."""
+        if self.scheduler is not None:
+            check_grid(self.scheduler, steps, offset)
+
+    def check_invertible(self) -> None:
+        if self.timestep_distilled:
+            raise NpinvError(TIMESTEP_DISTILLED)
+
+
+TIMESTEP_DISTILLED = ("this model is timestep-distilled (FLUX.1-schnell: 1-4 steps, no guidance embedding) and its "
+                      "inversion does not reconstruct; invert with FLUX.1-dev or SD3 (npinv generate works with it)")
+
+
+def is_flow_scheduler(config: Any) -> bool:
+    """Whether a scheduler config is a flow-matching one (FlowMatchEulerDiscreteScheduler's: a ``shift``
+    and no betas); a loaded scheduler's config has no ``_class_name``, so the keys decide there."""
+    name = str(config.get("_class_name") or "")
+    if name:
+        return name.startswith("FlowMatch")
+    return "shift" in config and "beta_start" not in config and "beta_schedule" not in config
+
+
+def check_grid(config: Any, steps: int, offset: int | None) -> None:
+    """The step grid of either family from its scheduler config: one line if it cannot be made."""
+    if is_flow_scheduler(config):
+        from npinv.flow_schedule import FlowSchedule
+
+        if offset not in (None, 0):
+            raise NpinvError(f"flow models have no timestep offset; drop --offset {offset} (or give 0)")
+        # The token count only moves a dynamic shift; any count tells whether the grid can be made.
+        FlowSchedule.from_scheduler_config(config, steps, image_seq_len=256)
+        return
+    Schedule.from_scheduler_config(config, steps, offset)
 
 
 # Components every Stable Diffusion folder needs (SDXL adds text_encoder_2 and tokenizer_2, checked when listed).
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
-_MODEL_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")  # torch modules: config.json
+# Flow families: SD3's T5 (text_encoder_3) is optional (listed [null, null] when dropped); FLUX's T5 is
+# text_encoder_2 and its only prompt encoder besides CLIP's pooled vector, so it is required.
+FLOW_REQUIRED_COMPONENTS = {
+    "sd3": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+    "flux": ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler"),
+}
+_MODEL_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2")  # torch modules: config.json
 # Components npinv never loads (it passes safety_checker=None); their folders may be absent.
 _SKIPPED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
 
@@ -487,9 +573,18 @@ def _read_json(path: Path, what: str = "config") -> dict[str, Any]:
 
 
 def check_scheduler_config(config: dict[str, Any], where: str) -> dict[str, Any]:
-    """Refuse a scheduler config npinv cannot build a DDIM grid from, naming ``where`` it came from."""
+    """Refuse a scheduler config npinv cannot build a DDIM (or flow) grid from, naming ``where`` it came from."""
     from npinv.checks import finite
 
+    if is_flow_scheduler(config):
+        try:
+            check_grid(config, 1, None)
+        except NpinvError as exc:
+            raise NpinvError(f"{where}: {exc}") from None
+        except Exception as exc:  # diffusers rejects other bad values in its own words
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise NpinvError(f"{where}: not a usable flow scheduler config ({first})") from None
+        return config
     T = config.get("num_train_timesteps", 1000)
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise NpinvError(f"{where}: num_train_timesteps must be a positive whole number, got {T!r}")
@@ -515,24 +610,50 @@ def check_scheduler_config(config: dict[str, Any], where: str) -> dict[str, Any]
     return config
 
 
+def _flow_kind(index: dict[str, Any]) -> str | None:
+    from npinv.flow_model import FLOW_PIPELINES
+
+    return FLOW_PIPELINES.get(str(index.get("_class_name", "")))
+
+
+def _listed(index: dict[str, Any]) -> set[str]:
+    """The components a model_index.json lists with a library and class (``[null, null]``: dropped)."""
+    return {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
+            and v[0] is not None and v[1] is not None}
+
+
+def check_index(index: dict[str, Any], where: str) -> set[str]:
+    """The components an index lists, refusing one that lacks a component its family needs (a FLUX
+    model without its T5 encoder: one line, before any weights load)."""
+    listed, kind = _listed(index), _flow_kind(index)
+    if kind == "flux" and not {"text_encoder_2", "tokenizer_2"} <= listed:
+        raise NpinvError(f"{where}: this FLUX model has no T5 text encoder (text_encoder_2 and tokenizer_2), "
+                         "which FLUX needs for every prompt; use the complete model folder")
+    required = FLOW_REQUIRED_COMPONENTS[kind] if kind else REQUIRED_COMPONENTS
+    what = {"sd3": "a Stable Diffusion 3 model", "flux": "a FLUX model"}.get(kind or "", "a Stable Diffusion model")
+    for name in required:
+        if name not in listed:
+            raise NpinvError(f"{where}: no {name!r} component listed ({what} needs {', '.join(required)})")
+    return listed
+
+
 def check_model_folder(path: Path) -> ModelFacts:
     """Check a diffusers folder's index and component configs (not the weights) and return its facts.
 
     Each problem is one line naming the file: ``model_index.json`` not JSON, a component the index
     lists but the folder lacks (``no unet/``), a component's ``config.json`` not JSON, a scheduler
-    config that cannot make a DDIM grid (``num_train_timesteps: -5``)."""
+    config that cannot make a grid (``num_train_timesteps: -5``), a FLUX folder without T5."""
     index_path = path / "model_index.json"
     if not index_path.is_file():
         raise NpinvError(f"{path} is not a diffusers model folder (no model_index.json)")
     index = _read_json(index_path, "index")
-    listed = {k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2
-              and v[0] is not None and v[1] is not None}
-    for name in REQUIRED_COMPONENTS:
-        if name not in listed:
-            raise NpinvError(f"{index_path}: no {name!r} component listed (a Stable Diffusion model needs "
-                             f"{', '.join(REQUIRED_COMPONENTS)})")
+    listed = check_index(index, str(index_path))
+    kind = _flow_kind(index)
     for name in sorted(listed - set(_SKIPPED_COMPONENTS)):
         if not (path / name).is_dir():
+            if kind == "flux" and name in ("text_encoder_2", "tokenizer_2"):
+                raise NpinvError(f"{path}: the folder has no {name}/, FLUX's T5 text encoder, which FLUX needs "
+                                 "for every prompt; download the complete model")
             raise NpinvError(f"{path}: the folder has no {name}/ (model_index.json lists a {name!r} component)")
     configs = {}
     for name in _MODEL_COMPONENTS:
@@ -543,7 +664,15 @@ def check_model_folder(path: Path) -> ModelFacts:
     channels = configs["vae"].get("block_out_channels")
     if not isinstance(channels, list) or not channels:
         raise NpinvError(f"{path / 'vae' / 'config.json'}: block_out_channels must be a non-empty list")
-    return ModelFacts(scheduler, 2 ** (len(channels) - 1))
+    return _facts(scheduler, 2 ** (len(channels) - 1), kind, configs.get("transformer"))
+
+
+def _facts(scheduler: dict[str, Any] | None, vae_scale_factor: int | None, kind: str | None,
+           transformer: dict[str, Any] | None) -> ModelFacts:
+    transformer = transformer or {}
+    distilled = kind == "flux" and not transformer.get("guidance_embeds", True)
+    patch = 2 if kind == "flux" else int(transformer.get("patch_size", 1) or 1) if kind else 1
+    return ModelFacts(scheduler, vae_scale_factor, kind, distilled, patch)
 
 
 def model_facts(spec: str | Path | None = None, config: str | Path | None = None) -> ModelFacts:
@@ -574,7 +703,10 @@ def _hub_facts(repo: str) -> ModelFacts:
     except ImportError:
         return ModelFacts()
     found = {}
-    for key, name in (("scheduler", "scheduler/scheduler_config.json"), ("vae", "vae/config.json")):
+    for key, name in (("index", "model_index.json"), ("scheduler", "scheduler/scheduler_config.json"),
+                      ("vae", "vae/config.json"), ("transformer", "transformer/config.json")):
+        if key == "transformer" and _flow_kind(found.get("index", {})) is None:
+            continue  # a UNet model's: no transformer config to read
         try:
             cached = try_to_load_from_cache(repo, name)
         except Exception:  # an odd id or cache layout: the load will say what is wrong
@@ -586,12 +718,77 @@ def _hub_facts(repo: str) -> ModelFacts:
                 cached = None
         if isinstance(cached, str) and Path(cached).is_file():
             found[key] = _read_json(Path(cached))
+    if "index" in found:
+        check_index(found["index"], f"{repo}: model_index.json")
     scheduler = found.get("scheduler")
     if scheduler is not None:
         check_scheduler_config(scheduler, f"{repo}: scheduler/scheduler_config.json")
     channels = found.get("vae", {}).get("block_out_channels")
     vsf = 2 ** (len(channels) - 1) if isinstance(channels, list) and channels else None
-    return ModelFacts(scheduler, vsf)
+    return _facts(scheduler, vsf, _flow_kind(found.get("index", {})), found.get("transformer"))
+
+
+def _hub_index(repo: str) -> dict[str, Any]:
+    """A hub model's model_index.json from the cache (or fetched alone when there is a network); {} if none."""
+    try:
+        import huggingface_hub
+        from huggingface_hub import constants, try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo, "model_index.json")
+        if not (isinstance(cached, str) and Path(cached).is_file()) and not constants.HF_HUB_OFFLINE:
+            cached = huggingface_hub.hf_hub_download(repo, "model_index.json")
+    except Exception:  # not cached, no network, odd id: the load will say what is wrong
+        return {}
+    return _read_json(Path(cached), "index") if isinstance(cached, str) and Path(cached).is_file() else {}
+
+
+def _spec_index(spec: str, path: Path, config: str | Path | None) -> dict[str, Any]:
+    """The model_index.json of what ``spec`` (with ``config`` for a single file) names, {} if unknown:
+    what decides the family before the weights load."""
+    if path.is_dir():
+        return _read_json(path / "model_index.json", "index") if (path / "model_index.json").is_file() else {}
+    if path.is_file():
+        if config is None:
+            return {}
+        folder = Path(config).expanduser()
+        if folder.is_dir():
+            return _read_json(folder / "model_index.json", "index") if (folder / "model_index.json").is_file() else {}
+        return _hub_index(str(config)) if _HUB_ID.match(str(config)) else {}
+    return _hub_index(spec) if _HUB_ID.match(spec) else {}
+
+
+def _absent(index: dict[str, Any], cls: Any) -> dict[str, None]:
+    """The components an index lists as ``[null, null]`` (SD3 saved without T5): ``from_pretrained``
+    refuses such a folder unless each is passed as None again."""
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    return {k: None for k, v in index.items() if v == [None, None] and k in params}
+
+
+def _load_flow_pipeline(spec: str, path: Path, kind: str, index: dict[str, Any], config: str | Path | None):
+    """StableDiffusion3Pipeline / FluxPipeline from a folder, a hub id or a single file (with ``config``)."""
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline
+
+    cls = FluxPipeline if kind == "flux" else StableDiffusion3Pipeline
+    absent = _absent(index, cls)
+    if path.is_dir():
+        return _call(lambda: cls.from_pretrained(path, **absent), spec)
+    if not path.is_file():  # a hub id
+        return _call(lambda: cls.from_pretrained(spec, **absent), spec)
+    local = config is not None and Path(config).expanduser().is_dir()
+    source = str(Path(config).expanduser()) if local else str(config)
+    if kind == "flux":
+        # FLUX checkpoints hold the transformer only; the rest comes from the config's folder or hub id.
+        from diffusers import FluxTransformer2DModel
+
+        def load():
+            transformer = FluxTransformer2DModel.from_single_file(str(path), config=source, subfolder="transformer",
+                                                                  local_files_only=local)
+            return cls.from_pretrained(source, transformer=transformer, local_files_only=local, **absent)
+
+        return _call(load, spec)
+    return _call(lambda: cls.from_single_file(str(path), config=source, local_files_only=local, **absent), spec)
 
 
 def _pipeline_class(is_xl: bool):
@@ -602,18 +799,22 @@ def _pipeline_class(is_xl: bool):
 
 def _load_pipeline(spec: str, path: Path, allow_pickle: bool, config: str | Path | None):
     common = {"safety_checker": None, "requires_safety_checker": False}
+    if path.is_file():
+        _check_checkpoint_file(path, allow_pickle)
+    index = _spec_index(spec, path, config)
+    kind = _flow_kind(index)
+    if kind is not None:
+        if path.is_dir():
+            check_model_folder(path)
+        else:
+            check_index(index, f"{config if path.is_file() else spec}: model_index.json")
+        return _load_flow_pipeline(spec, path, kind, index, config)
     if path.is_dir():
         check_model_folder(path)  # a broken index or config: one line naming the file, before the weights
         is_xl = "XL" in str(_read_json(path / "model_index.json", "index").get("_class_name", ""))
         return _call(lambda: _pipeline_class(is_xl).from_pretrained(path, **({} if is_xl else common)), spec)
     if path.is_file():
         suffix = path.suffix.lower()
-        if suffix in PICKLE_SUFFIXES and not allow_pickle:
-            raise NpinvError(
-                f"{path.name} is a pickle checkpoint, which can run arbitrary code when loaded; "
-                "convert it to .safetensors, or pass --allow-pickle (allow_pickle=True) if you trust it")
-        if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
-            raise NpinvError(f"{path.name}: unsupported checkpoint type {suffix!r} (use .safetensors or a folder)")
         is_xl = _single_file_is_xl(path) if suffix == ".safetensors" else False
         kwargs: dict[str, Any] = {} if is_xl else dict(common)
         if config is not None:
@@ -635,6 +836,16 @@ def _load_pipeline(spec: str, path: Path, allow_pickle: bool, config: str | Path
         return pipe
 
     return _call(from_hub, spec)
+
+
+def _check_checkpoint_file(path: Path, allow_pickle: bool) -> None:
+    suffix = path.suffix.lower()
+    if suffix in PICKLE_SUFFIXES and not allow_pickle:
+        raise NpinvError(
+            f"{path.name} is a pickle checkpoint, which can run arbitrary code when loaded; "
+            "convert it to .safetensors, or pass --allow-pickle (allow_pickle=True) if you trust it")
+    if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
+        raise NpinvError(f"{path.name}: unsupported checkpoint type {suffix!r} (use .safetensors or a folder)")
 
 
 def _single_file_is_xl(path: Path) -> bool:

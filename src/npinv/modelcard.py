@@ -50,15 +50,15 @@ def vae_psnr(model: Model, n: int) -> float:
 def sample_accuracy(model: Model, n: int, guidance: float, steps: int, chunk: int = 50) -> dict:
     """Share of held-out captions whose sample shows the right colour, shape and background."""
     scenes = list(random_scenes(HELD_OUT_SEED + 1, n))
-    schedule = model.schedule(steps)
     null = model.null_embedding()
     side = model.resolution // model.vae_scale_factor
+    schedule = model.schedule(steps, latent_size=(side, side))
     hits = {"color": 0, "shape": 0, "background": 0, "all": 0}
     images = []
     for start in range(0, n, chunk):
         part = scenes[start : start + chunk]
         branches = [Branch.constant(model.encode_prompt(s.caption), null, steps) for s in part]
-        noise = torch.randn((len(part), model.unet.config.in_channels, side, side),
+        noise = torch.randn((len(part), model.latent_channels, side, side),
                             generator=torch.Generator().manual_seed(start)).to(model.device)
         latents = sample(model, noise, schedule, branches, CFG(guidance)).latents
         decoded = model.decode(latents)

@@ -138,6 +138,35 @@ def sample(
             raise ValueError(f"a branch has {len(b.negatives)} negatives for {schedule.steps} steps")
     meter = Meter(model)
     embed_cache = _EmbeddingCache()
+    # A flow grid may ask for a second-order step (an inversion made by the midpoint or FireFlow scheme).
+    solver = getattr(schedule, "solver", "euler")
+    if solver != "euler" and pair_start is not None:
+        raise ValueError(f"BDIA sampling takes Euler steps, not {solver} steps")
+    reused: Guided | None = None  # FireFlow: the previous step's guided midpoint velocity
+
+    def guided_output(state: StepState, z: torch.Tensor, t: float) -> Guided:
+        """Every branch's guided model output at latents ``z`` and timestep ``t``: the rows the layout
+        needs in one call (none already known), then the guidance rule."""
+        state.rows = _rows(branches, state.i, guidance.needs_negative, state.known)
+        out = dict(state.known)
+        if state.rows:
+            embeds = [branches[r.branch].cond if r.kind == "cond" else branches[r.branch].negatives[state.i]
+                      for r in state.rows]
+            if controller is not None:
+                controller.begin_step(state)
+            try:
+                with torch.no_grad():
+                    batch = model.unet_output(gather_rows(z, [r.branch for r in state.rows]), t, embed_cache.cat(embeds))
+            finally:
+                if controller is not None:
+                    controller.end_step(state)
+            for k, r in enumerate(state.rows):
+                out[(r.branch, r.kind)] = batch[k : k + 1]
+        eps_cond = torch.cat([out[(b, "cond")] for b in range(len(branches))])
+        # A shared negative (NPI) or a guidance without one reuses the condition's output.
+        eps_neg = torch.cat([out.get((b, "neg"), out[(b, "cond")]) for b in range(len(branches))])
+        return guidance.guide(eps_neg, eps_cond)
+
     with model.deferred_checks():
         for i, t in enumerate(Progress(schedule.timesteps, desc=progress, unit="step")):
             if pair_start is not None and i == 0:
@@ -147,28 +176,17 @@ def sample(
                               gamma=pair_gamma)
             for hook in hooks:
                 hook.before_step(state)
-            state.rows = _rows(branches, i, guidance.needs_negative, state.known)
-            out = dict(state.known)
-            if state.rows:
-                embeds = [branches[r.branch].cond if r.kind == "cond" else branches[r.branch].negatives[i]
-                          for r in state.rows]
-                if controller is not None:
-                    controller.begin_step(state)
-                try:
-                    with torch.no_grad():
-                        batch = model.unet_output(gather_rows(z, [r.branch for r in state.rows]), t,
-                                                  embed_cache.cat(embeds))
-                finally:
-                    if controller is not None:
-                        controller.end_step(state)
-                for k, r in enumerate(state.rows):
-                    out[(r.branch, r.kind)] = batch[k : k + 1]
-            eps_cond = torch.cat([out[(b, "cond")] for b in range(len(branches))])
-            # A shared negative (NPI) or a guidance without one reuses the condition's output.
-            eps_neg = torch.cat([out.get((b, "neg"), out[(b, "cond")]) for b in range(len(branches))])
-            guided = guidance.guide(eps_neg, eps_cond)
+            guided = reused if reused is not None else guided_output(state, z, t)
+            if solver == "euler":
+                state.z_next = state.advance(guided.eps)
+            else:
+                # The explicit midpoint step on the guided velocity (RF-Solver; FireFlow keeps the midpoint
+                # velocity as the next step's start): bit for bit flow_schedule.midpoint_step's arithmetic.
+                state.known = {}  # a hook's rows were at the step's start, not at its midpoint
+                guided = guided_output(state, schedule.half_denoise_step(z, guided.eps, i), schedule.midpoint_timestep(i))
+                state.z_next = schedule.denoise_step(z, guided.eps, i)
+                reused = guided if solver == "fireflow" else None
             state.guidance_mask = guided.mask
-            state.z_next = state.advance(guided.eps)
             for hook in hooks:
                 hook.after_step(state)
             z_prev, z = z, state.z_next

@@ -13,7 +13,16 @@ on, ``z_{i+1}``. The schemes:
 - ``bdia``: bidirectional integration (BDIA-DDIM, Zhang et al. 2023): ``z*[k+1] = (z*[k-1] -
   D(z*[k]; down)) / gamma + D(z*[k]; up)``, one UNet call a step and exactly invertible by sampling
   with the mirrored step from the pair ``(z*[n], z*[n-1])`` (:attr:`InversionScheme.pair_start`);
-  ``gamma`` (BDIA's damping factor, 1 by default) is recorded in the inversion, since sampling must use it.
+  ``gamma`` (BDIA's damping factor, 1 by default) is recorded in the inversion, since sampling must use it;
+- ``midpoint`` (flow models only): RF-Solver's second-order step (Wang et al. 2024), 2 calls a step; its
+  inversions sample with the same midpoint step (:attr:`InversionScheme.sampler`);
+- ``fireflow`` (flow models only): the midpoint step reusing the previous step's midpoint velocity as
+  the next start velocity (Deng et al. 2024), ``n + 1`` calls for ``n`` steps; sampled the same way.
+
+On flow models (:class:`npinv.flow_schedule.FlowSchedule`) ``ddim`` is the textbook Euler inversion,
+``z_{i+1} = z_i + (sigma_{i+1} - sigma_i) v(z_i, sigma_i)`` (the velocity at the step's start, as
+RF-Inversion and FireFlow's tables take it; :func:`start_timestep` says why), and the fixed point solves
+the Euler sampler step's exact inverse ``y = z_i - (sigma_i - sigma_{i+1}) v(y, sigma_{i+1})``.
 
 A scheme is one object in :data:`SCHEMES`; the CLI, manifests and the web app list them from there.
 """
@@ -26,6 +35,7 @@ from types import MappingProxyType
 
 import torch
 
+from npinv.errors import NpinvError
 from npinv.model import Model, PromptEmbedding
 from npinv.progress import Progress
 from npinv.schedule import Schedule
@@ -51,6 +61,18 @@ class InversionScheme:
     iterates = False
     # Sampling with the inversion's own model outputs lands on the trajectory (to the tolerance).
     exact = True
+    # The step rule the sampling loop takes on this scheme's inversions (flow grids only; "euler" is the
+    # pipelines' sampler, and a UNet's DDIM step): see npinv.flow_schedule.Solver.
+    sampler = "euler"
+    # Only flow-matching models (a second-order step in sigma); UNet models refuse the scheme.
+    flow_only = False
+
+    def check_model(self, model: Model) -> None:
+        """Refuse, in one line and before any work, a model this scheme cannot invert."""
+        if self.flow_only and not getattr(model, "is_flow", False):
+            unet = ", ".join(n for n, s in SCHEMES.items() if not s.flow_only)
+            raise NpinvError(f"--invert-scheme {self.name} is for flow-matching models (SD3, SD3.5, FLUX.1); "
+                             f"{model.name} is a UNet model: use {unet}")
 
     def invert(self, model: Model, z0: torch.Tensor, schedule: Schedule, cond: PromptEmbedding, *,
                iters: int = 0, tol: float = 0.0, gamma: float = 1.0, progress: str | None = None) -> InversionTrace:
@@ -58,7 +80,7 @@ class InversionScheme:
         trajectory, residuals, iterations = [z], [], []
         with torch.no_grad(), model.deferred_checks():  # non-finite outputs: read once, at the end
             for i, t in enumerate(Progress(list(reversed(schedule.timesteps)), desc=progress, unit="step")):
-                z_next = schedule.invert_step(z, model.unet_output(z, t, cond), i)
+                z_next = schedule.invert_step(z, model.unet_output(z, start_timestep(schedule, i, t), cond), i)
                 z_next, residual, extra = self.refine(model, z, z_next, t, i, schedule, cond, iters, tol)
                 trajectory.append(z_next)
                 residuals.append(residual)
@@ -70,6 +92,18 @@ class InversionScheme:
                cond: PromptEmbedding, iters: int, tol: float) -> tuple[torch.Tensor, float | None, int]:
         """The plain step's ``z_next`` made better; the plain scheme keeps it."""
         return z_next, None, 0
+
+
+def start_timestep(schedule: Schedule, i: int, t: float) -> float:
+    """The timestep of inversion step ``i``'s plain (first) call: DDIM's destination level ``t`` on a UNet
+    grid (prompt-to-prompt's and DDIMInverseScheduler's convention); on a flow grid the step's start,
+    ``sigma_i`` (textbook Euler inversion, as RF-Inversion and FireFlow's baselines take it). Rectified
+    flows move along nearly straight paths, so the velocity at the start point and time is nearly the one
+    the sampler takes at the end; the destination's time at the start point is not (measured on tiny SD3:
+    0.85x the round trip's squared error at 4-28 steps). The fixed-point iterations that follow evaluate at
+    the destination, as the sampler does."""
+    invert_timestep = getattr(schedule, "invert_timestep", None)
+    return t if invert_timestep is None else invert_timestep(i)
 
 
 class DDIMScheme(InversionScheme):
@@ -172,8 +206,50 @@ class BDIA(InversionScheme):
         return InversionTrace(torch.stack(trajectory), [None] * n, [0] * n)
 
 
+class Midpoint(InversionScheme):
+    """RF-Solver's second-order inversion (Wang et al. 2024, "Taming Rectified Flow for Inversion and
+    Editing"): each step ``z + dt v(z + dt/2 v(z, s), s + dt/2)`` with the velocity at the step's start
+    sigma, as the paper's Taylor step is (:func:`npinv.flow_schedule.midpoint_step`). Not exact: the
+    sampler's midpoint step undoes it to second order. Its inversions sample with the same step."""
+
+    name, summary = "midpoint", "flow models: RF-Solver's second-order midpoint step (2 calls a step; samples the same way)"
+    exact = False
+    sampler = "midpoint"
+    flow_only = True
+    reuse = False
+
+    def invert(self, model: Model, z0: torch.Tensor, schedule: Schedule, cond: PromptEmbedding, *,
+               iters: int = 0, tol: float = 0.0, gamma: float = 1.0, progress: str | None = None) -> InversionTrace:
+        self.check_model(model)
+
+        def velocity(z: torch.Tensor, t: float) -> torch.Tensor:
+            return model.unet_output(z, t, cond)
+
+        z = z0.to(torch.float32)
+        trajectory, v_next = [z], None
+        with torch.no_grad(), model.deferred_checks():
+            for i in Progress(range(schedule.steps), desc=progress, unit="step"):
+                step = schedule.midpoint_invert(velocity, z, i, v_start=v_next if self.reuse else None)
+                z, v_next = step.z, step.v_mid
+                trajectory.append(z)
+        n = schedule.steps
+        # "iterations" counts calls beyond one a step: the midpoint's second call (FireFlow's first step only).
+        extra = [1] * n if not self.reuse else [1] + [0] * (n - 1)
+        return InversionTrace(torch.stack(trajectory), [None] * n, extra)
+
+
+class FireFlow(Midpoint):
+    """FireFlow (Deng et al. 2024, "FireFlow: Fast Inversion of Rectified Flow for Image Semantic
+    Editing"): the midpoint step whose start velocity is the previous step's midpoint velocity, so every
+    step after the first costs one model call. Its inversions sample with the same reuse."""
+
+    name, summary = "fireflow", "flow models: FireFlow, the midpoint step reusing the last midpoint velocity (~1 call a step)"
+    sampler = "fireflow"
+    reuse = True
+
+
 SCHEMES: Mapping[str, InversionScheme] = MappingProxyType(
-    {s.name: s for s in (DDIMScheme(), FixedPoint(), AndersonFixedPoint(), BDIA())})
+    {s.name: s for s in (DDIMScheme(), FixedPoint(), AndersonFixedPoint(), BDIA(), Midpoint(), FireFlow())})
 
 
 def scheme_names() -> tuple[str, ...]:

@@ -294,9 +294,8 @@ def generate(model: Model, prompt: str, *, seed: int = 0, guidance: float = 7.5,
     check_size(size, model.size_multiple)
     meter = Meter(model)
     side = (size or model.resolution) // model.vae_scale_factor
-    channels = model.unet.config.in_channels
-    noise = torch.randn((1, channels, side, side), generator=torch.Generator().manual_seed(seed))
-    schedule = model.schedule(steps, offset)
+    noise = torch.randn((1, model.latent_channels, side, side), generator=torch.Generator().manual_seed(seed))
+    schedule = model.schedule(steps, offset, latent_size=(side, side))
     branch = Branch.constant(model.encode_prompt(prompt), model.null_embedding(), steps)
     hooks = [FirstStepTimer(steps, estimate)] if estimate is not None else []
     result = sample(model, noise, schedule, [branch], CFG(guidance), hooks=hooks,

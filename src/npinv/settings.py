@@ -495,7 +495,10 @@ class ReconstructSettings:
     guidance: float = setting(7.5, Number(0, 30), "guidance scale w (default 7.5)")
 
     def validate(self) -> None:
+        from npinv.methods import get_method
+
         check_fields(self)
+        get_method(self.method).check_reconstruct()  # an edit-only method (flowedit), before any work
 
 
 GUIDANCE_HELP = "guidance scale w (default: the model's recommended editing guidance, else 7.5)"

@@ -215,7 +215,7 @@ def _word_iou(model: Model, result, scene: Scene) -> float:
     controller = result.controller
     if controller is None or result.first_branch not in controller.blend_sum:
         return math.nan
-    tok, caption = model.pipe.tokenizer, scene.caption
+    tok, caption = model.edit_tokenizer, scene.caption
     tokens = find_word(tok, caption, scene.color) + find_word(tok, caption, scene.shape)
     hw = tuple(result.latents.shape[-2:])
     mask = blend_mask(controller, result.first_branch, tokens, hw).cpu()
