@@ -16,7 +16,7 @@ import dataclasses
 import pytest
 import torch
 
-import npinv.editing
+import npinv.attention.install
 from npinv import ddim_inversion, load_model
 from npinv.attention.processor import ControlledAttnProcessor
 from npinv.editing import EditJob, EditSettings, edit, edit_batch
@@ -32,7 +32,7 @@ SQUARE = "a red square on a blue background"
 def processors(monkeypatch) -> list[dict[str, ControlledAttnProcessor]]:
     """The controlled processors each edit installs (their counters say which path each call took)."""
     installed: list[dict[str, ControlledAttnProcessor]] = []
-    real = npinv.editing.controlled_attention
+    real = npinv.attention.install.controlled_attention
 
     @contextlib.contextmanager
     def recording(unet, hook, **kwargs):
@@ -40,7 +40,7 @@ def processors(monkeypatch) -> list[dict[str, ControlledAttnProcessor]]:
             installed.append({info.name: unet.attn_processors[key] for key, info in hooked.items()})
             yield hooked
 
-    monkeypatch.setattr(npinv.editing, "controlled_attention", recording)
+    monkeypatch.setattr(npinv.attention.install, "controlled_attention", recording)
     return installed
 
 
@@ -110,9 +110,10 @@ def test_each_edits_linear_form_is_the_edit(sd_model):
         torch.testing.assert_close(by_form, edit_(base, target), atol=1e-12, rtol=0)
         cross = CrossEdit(cross_replace_alpha(tok, targets, 10, {"default_": (0.1, 0.7), "square": 0.3}), edit_)
         for step in range(10):
-            w = cross.weights(step, base.device, torch.float64)
-            by_form = (torch.einsum("hqk,tkj->thqj", base, w.base) * torch.tensor(w.uses_base, dtype=torch.float64)[
-                :, None, None, None] + target * w.own[:, None, None, :])
+            w = cross.weights(step)
+            uses_base = torch.tensor(w.uses_base, dtype=torch.float64)[:, None, None, None]
+            by_form = (torch.einsum("hqk,tkj->thqj", base, w.base.double()) * uses_base
+                       + target * w.own.double()[:, None, None, :])
             torch.testing.assert_close(by_form, cross.apply(base, target, step), atol=1e-12, rtol=0)
             assert w.own_is_one == tuple(bool(x) for x in w.own.eq(1).all(1))
 

@@ -33,7 +33,7 @@ class CrossEdit:
 
     alpha: torch.Tensor
     edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    # The last step's value weights (fused path), per (alpha row, device, dtype).
+    # The value weights of the last alpha row asked for (fused path).
     _weights: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
 
     def apply(self, base: torch.Tensor, target: torch.Tensor, step: int) -> torch.Tensor:
@@ -47,34 +47,66 @@ class CrossEdit:
         """Whether the edit says its linear form (the fused path needs it)."""
         return callable(getattr(self.edit, "linear", None))
 
-    def weights(self, step: int, device: torch.device, dtype: torch.dtype) -> ValueWeights:
+    def weights(self, step: int) -> ValueWeights:
         """:meth:`apply` at ``step`` as weights on the targets' values (see :class:`ValueWeights`)."""
         row = min(step, len(self.alpha) - 1)
-        cache_key = (row, device, dtype)
-        if cache_key not in self._weights:
+        if row not in self._weights:
             targets, keys = self.alpha.shape[1:]
             base, own = self.edit.linear(targets, keys)  # type: ignore[attr-defined]
             # edited * a + target * (1 - a), with edited = P_src @ base + P_tgt * own.
             a = self.alpha[row].detach().cpu().float()
             base, own = base * a[:, None, :], own * a + (1 - a)
-            self._weights.clear()  # the alpha rows change only at window edges: keep one step's
-            self._weights[cache_key] = ValueWeights(
-                base.to(device, dtype), own.to(device, dtype), tuple(base.flatten(1).ne(0).any(1).tolist()),
-                tuple(own.ne(0).any(1).tolist()), tuple(own.eq(1).all(1).tolist()))
-        return self._weights[cache_key]
+            self._weights.clear()  # the alpha rows change only at window edges: keep one
+            self._weights[row] = ValueWeights(base, own, tuple(base.flatten(1).ne(0).any(1).tolist()),
+                                              tuple(own.ne(0).any(1).tolist()), tuple(own.eq(1).all(1).tolist()))
+        return self._weights[row]
 
 
 @dataclasses.dataclass(frozen=True)
 class ValueWeights:
-    """One step of a :class:`CrossEdit` as weights on each target's values ``V`` (keys, head_dim):
-    its attention output is ``P_src @ (base[t] @ V) + P_t @ (own[t] * V)`` (P: probabilities), two
-    fused attention calls, or one where a term vanishes. The flags are read on the CPU."""
+    """One step of a :class:`CrossEdit` as weights on each target's values ``V`` (keys, head_dim),
+    on the CPU: its attention output is ``P_src @ (base[t] @ V) + P_t @ (own[t] * V)`` (P:
+    probabilities), two fused attention calls, or one where a term vanishes."""
 
     base: torch.Tensor  # (T, K, K)
     own: torch.Tensor  # (T, K)
     uses_base: tuple[bool, ...]  # target t reads the source's attention at this step
     uses_own: tuple[bool, ...]  # target t reads its own attention
     own_is_one: tuple[bool, ...]  # ... unweighted
+
+
+@dataclasses.dataclass(frozen=True)
+class FusedPlan:
+    """What one step does to every layer of one kind (self- or cross-attention), as device index
+    tensors and weights (None: nothing of that sort). Row ``r`` attends with the queries and keys of
+    row ``reads[r]``; rows ``mapped`` take values ``mapped_weights @ V``, rows ``scaled`` values
+    ``scaled_weights * V``; rows ``own`` add their own attention to values ``own_weights * V``."""
+
+    touched: bool  # a rule applied (the explicit path's "cross_edited" / "self_replaced")
+    reads: torch.Tensor | None = None
+    mapped: torch.Tensor | None = None
+    mapped_weights: torch.Tensor | None = None  # (n, K, K)
+    scaled: torch.Tensor | None = None
+    scaled_weights: torch.Tensor | None = None  # (n, K)
+    own: torch.Tensor | None = None
+    own_weights: torch.Tensor | None = None  # (n, K)
+
+    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+        q, k, v = query, key, value
+        if self.reads is not None:
+            q, k = query.index_select(0, self.reads), key.index_select(0, self.reads)
+        if self.mapped is not None:
+            mapped = torch.einsum("nkj,nhjd->nhkd", self.mapped_weights, value.index_select(0, self.mapped))
+            v = v.index_copy(0, self.mapped, mapped)
+        if self.scaled is not None:
+            v = v.index_copy(0, self.scaled, value.index_select(0, self.scaled) * self.scaled_weights[:, None, :, None])
+        out = sdpa(q, k, v, scale=scale)
+        if self.own is not None:
+            rows = self.own
+            own = sdpa(query.index_select(0, rows), key.index_select(0, rows),
+                       value.index_select(0, rows) * self.own_weights[:, None, :, None], scale=scale)
+            out = out.index_add(0, rows, own)
+        return out
 
 
 @dataclasses.dataclass
@@ -102,10 +134,12 @@ class EditController:
         self.map_count = 0
         # Query-map sizes (h, w) of the layers each rule touched: "cross_edited", "self_replaced", "blend_read".
         self.seen: dict[str, set[tuple[int, int]]] = {}
+        self._plans: dict[tuple, FusedPlan] = {}  # this step's, per (kind, device, dtype)
 
     # -- the loop's controller protocol --------------------------------------------------------
     def begin_step(self, state: StepState) -> None:
         self.state = state
+        self._plans.clear()
 
     def end_step(self, state: StepState) -> None:
         self.state = None
@@ -146,53 +180,60 @@ class EditController:
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, layer: LayerInfo,
                scale: float) -> torch.Tensor:
-        """:meth:`attention`'s edit computed with fused attention: (B, H, Q, d) from (B, H, N, d).
-
-        Each row attends with the queries and keys of ``reads[row]`` (a target's source, where the
-        source's probabilities replace its own) to values mapped by the edit's linear form; target
-        rows that also keep part of their own attention add a second call with their weighted values."""
+        """:meth:`attention`'s edit computed with fused attention: (B, H, Q, d) from (B, H, N, d)."""
         state = self.state
         if state is None:
             return sdpa(query, key, value, scale=scale)
         if layer.is_cross and (self.keep_maps or layer.downscale == self.blend_downscale):
             self._record_maps(query, key, layer, scale)
+        plan_key = (layer.is_cross, value.device, value.dtype)
+        if plan_key not in self._plans:
+            self._plans[plan_key] = self._plan(state, layer.is_cross, value.device, value.dtype)
+        plan = self._plans[plan_key]
+        if plan.touched:
+            self._saw("cross_edited" if layer.is_cross else "self_replaced", layer, state)
+        return plan.attend(query, key, value, scale)
+
+    def _plan(self, state: StepState, is_cross: bool, device: torch.device, dtype: torch.dtype) -> FusedPlan:
+        """The step's edits of one kind of layer, built once on the CPU: a target reads its source's
+        queries and keys where the source's probabilities replace its own, and the edit's linear form
+        weights its values (:class:`FusedPlan`)."""
         cond_rows = {r.branch: k for k, r in enumerate(state.rows) if r.kind == "cond"}
-        reads = list(range(query.shape[0]))
-        values = value
-        own_rows: list[int] = []
-        own_values: list[torch.Tensor] = []
+        reads = list(range(len(state.rows)))
+        mapped: list[tuple[int, torch.Tensor]] = []
+        scaled: list[tuple[int, torch.Tensor]] = []
+        own: list[tuple[int, torch.Tensor]] = []
+        touched = False
         for group in self.groups:
             present = [(j, cond_rows[b]) for j, b in enumerate(group.targets) if b in cond_rows]
             if group.source not in cond_rows or not present:
                 continue
             src = cond_rows[group.source]
-            if layer.is_cross and group.cross is not None:
-                w = group.cross.weights(state.i, value.device, value.dtype)
-                values = value.clone() if values is value else values
+            if is_cross and group.cross is not None:
+                touched = True
+                w = group.cross.weights(state.i)
                 for j, row in present:
                     if w.uses_base[j]:
                         reads[row] = src
-                        values[row] = torch.einsum("kj,hjd->hkd", w.base[j], value[row])
+                        mapped.append((row, w.base[j]))
                         if w.uses_own[j]:
-                            own_rows.append(row)
-                            own_values.append(value[row] * w.own[j][None, :, None])
+                            own.append((row, w.own[j]))
                     elif not w.own_is_one[j]:
-                        values[row] = value[row] * w.own[j][None, :, None]
-                self._saw("cross_edited", layer, state)
-            elif not layer.is_cross and self.self_steps[0] <= state.i < self.self_steps[1]:
+                        scaled.append((row, w.own[j]))
+            elif not is_cross and self.self_steps[0] <= state.i < self.self_steps[1]:
+                touched = True
                 for _, row in present:
                     reads[row] = src
-                self._saw("self_replaced", layer, state)
-        q, k = query, key
-        if reads != list(range(len(reads))):
-            index = torch.tensor(reads, device=query.device)
-            q, k = query.index_select(0, index), key.index_select(0, index)
-        out = sdpa(q, k, values, scale=scale)
-        if own_rows:
-            index = torch.tensor(own_rows, device=query.device)
-            own = sdpa(query.index_select(0, index), key.index_select(0, index), torch.stack(own_values), scale=scale)
-            out = out.index_add(0, index, own)
-        return out
+
+        def rows(pairs: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+            if not pairs:
+                return None, None
+            return (torch.tensor([r for r, _ in pairs], device=device),
+                    torch.stack([w for _, w in pairs]).to(device, dtype))
+
+        identity = reads == list(range(len(reads)))
+        return FusedPlan(touched, None if identity else torch.tensor(reads, device=device),
+                         *rows(mapped), *rows(scaled), *rows(own))
 
     def _record_maps(self, query: torch.Tensor, key: torch.Tensor, layer: LayerInfo, scale: float) -> None:
         """The cross-attention maps local blend and heat maps read, materialised and edited (by
