@@ -131,11 +131,15 @@ class Inversion:
                              f"but {model.name!r} is {names[model.architecture]}; invert the image with this model")
 
     def schedule_for(self, model: Model) -> Schedule:
+        from npinv.schemes import get_scheme
+
         self.check_architecture(model)
-        if self.architecture == "flow":
+
+        if self.schedule.get("family") == "flow":
+            # The recorded grid (FLUX's mu is the inversion's), sampled with the step rule that inverted it.
             from npinv.flow_schedule import FlowSchedule
 
-            return FlowSchedule.from_dict(self.schedule)  # type: ignore[return-value]
+            return FlowSchedule.from_dict(self.schedule).with_solver(get_scheme(self.scheme_name).sampler)
         return model.schedule(self.steps, int(self.schedule["offset"]))
 
     def check_compatible(self, model: Model, *, steps: int | None = None, size: tuple[int, int] | None = None) -> None:
@@ -365,14 +369,18 @@ def ddim_inversion_batch(
     for p in prompts:
         check_prompt(p, "the source prompt")
     how = get_scheme(scheme)
+    how.check_model(model)
     if model.timestep_distilled:
         from npinv.model import TIMESTEP_DISTILLED
 
         raise NpinvError(TIMESTEP_DISTILLED)
     if how.pair_start:
         check_bdia_gamma(gamma, steps)
-    # FLUX's grid follows the latent's size (its dynamic shift); other families ignore it.
-    schedule = model.schedule(steps, offset, latent_size=tuple(s // model.vae_scale_factor for s in images.shape[-2:]))
+    if getattr(model, "is_flow", False):  # FLUX.1-dev's grid shifts with the latent's size
+        h, w = images.shape[-2:]
+        schedule = model.schedule(steps, offset, latent_size=(h // model.vae_scale_factor, w // model.vae_scale_factor))
+    else:
+        schedule = model.schedule(steps, offset)
     sources = [model.encode_prompt(p) for p in prompts]
     z0 = model.encode_image(images)
     fit = invert_decoder(model, images, z0, decoder_steps, progress="decoder" if progress else None)
@@ -415,6 +423,10 @@ class NullTextOptimisation(StepHook):
                  lr: float = 1e-2, early_stop: float = 1e-5) -> None:
         self.model, self.inv, self.guidance = model, inv, guidance
         self.inner_steps, self.lr, self.early_stop = inner_steps, lr, early_stop
+        # Flow transformers (SD3, FLUX) take the pooled text vector into every block's modulation (FLUX's
+        # only CLIP input): the negative's pooled embedding is optimised with its hidden states. SDXL's
+        # pooled embedding stays fixed, as null-text inversion's published recipe (SD 1.x: no pooled) keeps it.
+        self.optimise_pooled = bool(getattr(model, "is_flow", False))
         # On an exact inversion the source embedding already lands every step on the trajectory (loss at
         # the scheme's tolerance): start there, as NPI observes, instead of at the null embedding, whose
         # few Adam steps a step cannot reach it, and whose errors a BDIA sampler amplifies.
@@ -432,7 +444,10 @@ class NullTextOptimisation(StepHook):
             eps_cond = self.model.unet_output(z, t, branch.cond)
         hidden = self.current.hidden.detach().clone().float().requires_grad_(True)
         pooled = None if self.current.pooled is None else self.current.pooled.detach().clone().float()
-        opt = torch.optim.Adam([hidden], lr=self.lr * (1.0 - i / 100.0))
+        params = [hidden]
+        if pooled is not None and self.optimise_pooled:
+            params.append(pooled.requires_grad_(True))
+        opt = torch.optim.Adam(params, lr=self.lr * (1.0 - i / 100.0))
         losses = []
         for _ in range(self.inner_steps):
             eps_neg = self.model.unet_output(z, t, PromptEmbedding(hidden, pooled))
@@ -454,6 +469,6 @@ class NullTextOptimisation(StepHook):
             if landed:
                 break
         self.losses.append(losses)
-        self.current = PromptEmbedding(hidden.detach(), pooled)
+        self.current = PromptEmbedding(hidden.detach(), None if pooled is None else pooled.detach())
         branch.negatives[i] = self.current
         state.known[(0, "cond")] = eps_cond
