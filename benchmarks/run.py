@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE_METHODS = ("ddim1", "ddim", "nti", "npi")
 # NPI on exact inversions (npinv.schemes) and with decoder inversion (npinv.decoder) first.
 EXACT_METHODS = ("npi@fixed-point", "npi@anderson", "npi@bdia", "npi@bdia+g0.9", "npi@dec100", "npi@anderson+dec100",
-                 "npi@bdia+dec100")
+                 "npi@bdia+dec100", "nti@fixed-point", "nti@anderson", "nti@bdia")
 # (scheme, BDIA gamma): plain DDIM inversion first, the baseline the exact schemes' edits are held
 # against in the same run.
 EXACT_EDIT_INVERSIONS = (("ddim", 1.0), ("anderson", 1.0), ("bdia", 1.0), ("bdia", 0.9))

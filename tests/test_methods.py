@@ -114,5 +114,5 @@ def test_a_new_method_and_controller_are_one_object_each(monkeypatch, capsys, tm
     assert (tmp_path / "out.png").is_file()
     code = main(["--quiet", "edit", str(image), "--source", SOURCE, "--target", TARGET, "--method", "nope",
                  "--model", str(sd_folder), "--out", str(tmp_path / "x.png")])
-    assert code == 2 and "method must be one of npi, proxnpi, proxnpi-noig, nti, ddim, source-then-null" in \
+    assert code == 2 and "method must be one of npi, proxnpi, proxnpi-noig, nti, ddim, flowedit, source-then-null" in \
         capsys.readouterr().err

@@ -59,7 +59,8 @@ def embedded():
 def test_each_method_reconstructs_on_each_scheme_as_well_as_on_ddim_inversion(embedded, steps):
     """Held-out scenes at w 7.5: NPI's family and NTI lose at most 0.5 dB against their own figure on a
     plain DDIM inversion (NTI used to fall to 7-14 dB on BDIA and 0.8-3.3 dB below on fixed point at
-    10 steps); DDIM sampling (null negative) on an exact inversion stays within 2 dB of its own drift."""
+    10 steps). DDIM sampling (null negative) drifts at w > 1 from any inversion, by how much depends on
+    the scene (measured 15 to 31 dB here): at w 1 it is the round trip, NPI's reconstruction exactly."""
     for scene in random_scenes(HELD_OUT_SEED, 2):
         source = prepare_picture(scene.render(embedded.resolution), embedded, InvertSettings(), name="scene")
         psnr: dict[tuple[str, str], float] = {}
@@ -70,10 +71,13 @@ def test_each_method_reconstructs_on_each_scheme_as_well_as_on_ddim_inversion(em
                     with pytest.raises(NpinvError, match="cannot sample"):
                         reconstruct_inverted(embedded, inverted, ReconstructSettings(method, 7.5))
                     continue
+                if method == "ddim":
+                    w1 = reconstruct(embedded, inverted.inversion, "ddim", 1.0).latent
+                    assert torch.equal(w1, reconstruct(embedded, inverted.inversion, "npi", 7.5).latent), scheme
+                    continue
                 psnr[method, scheme] = reconstruct_inverted(embedded, inverted, ReconstructSettings(method, 7.5)).psnr
         for (method, scheme), value in psnr.items():
-            allowed = 2.0 if method == "ddim" else 0.5
-            assert value >= psnr[method, "ddim"] - allowed, (scene.caption, steps, method, scheme, psnr)
+            assert value >= psnr[method, "ddim"] - 0.5, (scene.caption, steps, method, scheme, psnr)
 
 
 def test_nti_on_an_exact_inversion_starts_from_the_source_and_keeps_it(sd_model, image_file):
