@@ -12,14 +12,13 @@ pins the source branch to the inversion trajectory; it combines with every metho
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import torch
 
 from npinv.attention.align import find_word
 from npinv.attention.control import BlendWords, BranchGroup, CrossEdit, EditController, LocalBlend
 from npinv.attention.controllers import get_controller
-from npinv.attention.processor import controlled_attention, layer_infos, map_size
+from npinv.attention.install import BLEND_SIDE, attention_control, blend_downscale, edit_tokens
 from npinv.checks import check_prompt
 from npinv.cost import Cost, Costed, Meter
 from npinv.errors import NpinvError
@@ -30,7 +29,7 @@ from npinv.sampling import Branch, StepHook, StepState, sample
 from npinv.settings import EditSettings
 
 __all__ = ["EditSettings", "EditResult", "EditJob", "edit", "edit_batch", "cross_edit", "blend_tokens",
-           "check_edit_words"]
+           "check_edit_words", "blend_downscale", "edit_tokens", "BLEND_SIDE"]
 
 
 @dataclasses.dataclass
@@ -69,17 +68,6 @@ class DirectInversion(StepHook):
         k = state.schedule.steps - 1 - state.i
         for branch, trajectory in self.sources:
             state.z_next[branch] = trajectory[k].to(state.z_next)
-
-
-BLEND_SIDE = 16  # the reference reads the 16x16 cross-attention layers of SD at 512 px
-
-
-def blend_downscale(unet, latent_hw: tuple[int, int], side: int | None = None) -> int:
-    """The downscale of the cross-attention layers local blend reads: those whose maps' longer side is
-    closest to ``side`` cells (default 16, the reference's layers at 512 px), the finer on a tie."""
-    want = side or BLEND_SIDE
-    scales = sorted({i.downscale for i in layer_infos(unet).values() if i.is_cross})
-    return min(scales, key=lambda s: (abs(math.log2(max(map_size(latent_hw, s)) / want)), s))
 
 
 def edit(model: Model, inv: Inversion, targets: list[str], settings: EditSettings, *,
@@ -143,7 +131,7 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
                 or inv.model != first.model or (inv.pair_start is None) != (first.pair_start is None)
                 or inv.pair_gamma != first.pair_gamma):
             raise NpinvError("images edited in one batch need the same model, steps, offset, size and inversion scheme")
-    tok = model.pipe.tokenizer
+    tok = edit_tokens(model)  # the rows word positions address, per family
     steps = first.steps
     hw = tuple(first.trajectory.shape[-2:])
     meter = Meter(model)
@@ -164,7 +152,7 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
     controlled = get_controller(settings.controller).edits_attention
     controller = EditController(
         steps, groups, settings.self_window if controlled else (0.0, 0.0),
-        blend_downscale=blend_downscale(model.unet, hw, settings.blend_res) if blend_words else None,
+        blend_downscale=blend_downscale(model, hw, settings.blend_res) if blend_words else None,
         keep_maps=settings.keep_attention_maps)
 
     branches: list[Branch] = []
@@ -197,8 +185,7 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
     if first.pair_start is not None:  # BDIA inversions: every branch starts from its image's pair
         pair_start = torch.cat([inv.pair_start.expand(1 + len(job.targets), *inv.noise.shape[1:])
                                 for inv, job in zip(inversions, jobs, strict=True)])
-    with controlled_attention(model.unet, controller, self_min_downscale=1 / settings.self_replace_size,
-                              mode=settings.attention):
+    with attention_control(model, controller, self_replace_size=settings.self_replace_size, mode=settings.attention):
         result = sample(model, z_start, first.schedule_for(model), branches, guidance, controller=controller,
                         hooks=hooks, progress="edit" if progress else None, pair_start=pair_start,
                         pair_gamma=first.pair_gamma)

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from npinv.attention.align import last_word_position, word_spans
+from npinv.attention.align import word_positions
 
 
 @dataclasses.dataclass
@@ -32,12 +32,13 @@ def word_maps(model, result, source_prompt: str) -> list[WordMap]:
     ``keep_attention_maps=True``; words wholly past the tokenizer's limit have no map."""
     if result.controller is None:
         return []
-    tokenizer = model.pipe.tokenizer
+    from npinv.attention.install import edit_tokens
+
+    tokens = edit_tokens(model)
     maps = []
     prompts = [("source", source_prompt)] + [(f"target{k}", t) for k, t in enumerate(result.targets)]
     for branch, (label, prompt) in enumerate(prompts):
-        for index, (word, span) in enumerate(zip(prompt.split(), word_spans(tokenizer, prompt), strict=True)):
-            span = [p for p in span if p <= last_word_position(tokenizer)]
+        for index, (word, span) in enumerate(zip(prompt.split(), word_positions(tokens, prompt), strict=True)):
             if span:
                 maps.append(WordMap(branch, label, index, word, result.controller.word_maps(result.first_branch + branch, span)))
     return maps

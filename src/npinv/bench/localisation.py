@@ -1,7 +1,7 @@
 """Do the model's words attend to their object? Cross-attention localisation on held-out scenes.
 
 Each scene is inverted with its caption and reconstructed with NPI while an attention controller
-records the cross-attention maps at the layers local blend reads (:func:`npinv.editing.blend_downscale`).
+records the cross-attention maps at the layers local blend reads (:func:`npinv.attention.install.blend_downscale`).
 The object's words (its colour and its shape) then give local blend's own mask
 (:func:`npinv.attention.control.blend_mask`: summed over layers and steps, max-pooled, normalised by
 the max, thresholded at 0.3), which is compared with the scene's true object mask (coverage > 0.5) at
@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 from npinv.attention.align import find_word
 from npinv.attention.control import EditController, blend_mask
-from npinv.attention.processor import controlled_attention
-from npinv.editing import blend_downscale
+from npinv.attention.install import attention_control, blend_downscale, edit_tokens
 from npinv.methods import get_method
 from npinv.model import Model
 from npinv.sampling import Branch, sample
@@ -38,7 +37,7 @@ def attention_localisation(model: Model, scenes: Sequence[Scene], *, steps: int 
     """Mean and per-scene IoU of the object words' and the background words' blend masks with the truth."""
     settings = InvertSettings(steps=steps)
     npi = get_method("npi")
-    tok = model.pipe.tokenizer
+    tok = edit_tokens(model)
     res = model.resolution
     per_scene = []
     for start in range(0, len(scenes), batch):
@@ -46,10 +45,10 @@ def attention_localisation(model: Model, scenes: Sequence[Scene], *, steps: int 
         sources = [prepare_picture(s.render(res), model, settings, name=f"scene{start + k}") for k, s in enumerate(part)]
         inverted = [r.inversion for r in invert(model, sources, [s.caption for s in part], settings)]
         hw = tuple(inverted[0].trajectory.shape[-2:])
-        controller = EditController(steps, [], blend_downscale=blend_downscale(model.unet, hw))
+        controller = EditController(steps, [], blend_downscale=blend_downscale(model, hw))
         branches = [Branch(inv.source, list(npi.negatives(inv, 1.0))) for inv in inverted]
         z = torch.cat([inv.noise for inv in inverted])
-        with controlled_attention(model.unet, controller):
+        with attention_control(model, controller):
             sample(model, z, inverted[0].schedule_for(model), branches, npi.guidance(1.0), controller=controller)
         for k, scene in enumerate(part):
             caption = scene.caption
