@@ -205,6 +205,15 @@ def test_the_cache_captures_once_per_shape_and_replays_into_new_tensors():
     assert dataclasses.astuple(cache.stats) == (2, 3, 0, 0, 0) and len(cache) == 2
 
 
+def test_inference_mode_has_its_own_graphs():
+    cache = GraphCache(enabled=True, capture=fake_capture)
+    with torch.inference_mode():
+        cache.run({"x": torch.ones(2)}, _double, "k")
+    with torch.no_grad():
+        assert torch.equal(cache.run({"x": torch.ones(2)}, _double, "k"), torch.full((2,), 2.0))
+    assert cache.stats.captures == 2
+
+
 def test_the_cache_is_bounded_least_recently_used_first():
     cache = GraphCache(enabled=True, capture=fake_capture, capacity=2)
     with torch.no_grad():
@@ -317,6 +326,45 @@ def test_a_server_model_reuses_its_graphs_across_requests(model, picture):
     for _ in range(3):  # three requests of one size: one capture
         _npi_round_trip(model, picture, 3)
     assert cache.stats.captures == 1 and cache.stats.replays == 3 * 6
+
+
+def test_web_requests_share_the_models_graphs(model, tmp_path):
+    """The web app's engine serves every session with one model: its requests replay the graphs the first
+    request captured."""
+    from npinv.demo import bundled_examples
+    from npinv.webapp.engine import Engine
+
+    cache = graphed(model)
+    example = bundled_examples()[0]
+    engine = Engine(model, files_dir=tmp_path)
+    try:
+        for _ in range(2):  # two sessions: each inverts and reconstructs the upload
+            engine.invert(engine.new_cache(), example["path"], example["prompt"], steps=3)
+    finally:
+        engine.close()
+    assert cache.stats.captures == 1 and cache.stats.replays == 2 * (3 + 3)
+
+
+def test_edit_batch_chunks_share_the_models_graphs(model, tmp_path):
+    """edit-batch --batch-size 2 over four images: the second chunk's inversion replays the graph the
+    first chunk's captured (the edit calls run eagerly: Prompt-to-Prompt's processors have no graph key)."""
+    import json
+
+    from npinv.batch import read_manifest, run_batch
+    from npinv.scenes import Scene
+    from npinv.settings import InvertSettings
+
+    lines = []
+    for n, colour in enumerate(("red", "green", "yellow", "white")):
+        Scene("circle", colour, "blue", 0.5).render(32).save(tmp_path / f"img{n}.png")
+        lines.append(json.dumps({"image": f"img{n}.png", "source": SOURCE, "target": TARGET}))
+    (tmp_path / "manifest.jsonl").write_text("\n".join(lines) + "\n")
+    rows = read_manifest(tmp_path / "manifest.jsonl", EditSettings(controller="replace", guidance=2.5),
+                         InvertSettings(steps=2))
+    cache = graphed(model)
+    report = run_batch(model, rows, tmp_path / "out", batch_size=2)
+    assert report.done_now == 4 and report.unet_calls == 2 * (2 + 2)  # per chunk: 2 inversion, 2 edit calls
+    assert cache.stats.captures == 1 and cache.stats.replays == 2 * 2 and cache.stats.eager == 2 * 2
 
 
 def test_graphs_are_on_by_default_on_cuda_only_and_can_be_turned_off(sd_folder):

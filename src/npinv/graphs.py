@@ -125,7 +125,9 @@ class GraphCache:
         if not self.enabled or key is None or torch.is_grad_enabled():
             self.stats.eager += 1
             return fn(**inputs)
-        full = (key, tuple((name, tuple(x.shape), x.dtype, x.device) for name, x in inputs.items()))
+        # Inference mode too: its static buffers could not be written outside it (nor the reverse).
+        full = (key, torch.is_inference_mode_enabled(),
+                tuple((name, tuple(x.shape), x.dtype, x.device) for name, x in inputs.items()))
         entry = self._entries.get(full)
         if entry is None:
             if full in self._failed:
