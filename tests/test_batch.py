@@ -118,7 +118,7 @@ def test_batch_size_shares_unet_calls_and_keeps_results(tmp_path, manifest, sd_f
     ('{"image": "img0.png", "source": "a", "target": "b", "steps": 0}',
      "manifest.jsonl:2: steps must be a whole number in 1..1000, got 0"),
     ('{"image": "img0.png", "source": "a", "target": "b", "method": "x"}',
-     "manifest.jsonl:2: method must be one of npi, proxnpi, proxnpi-noig, nti, ddim, got 'x'"),
+     "manifest.jsonl:2: method must be one of npi, proxnpi, proxnpi-noig, nti, ddim, flowedit, got 'x'"),
     ('{"image": "img0.png", "source": "a", "target": "b", "self_replace": [0.8, 0.2]}', "manifest.jsonl:2: self-replace"),
     ('{"image": "img0.png", "source": "a", "target": "b", "cross_replace": [0.8, 0.2]}', "manifest.jsonl:2: cross-replace"),
     ('{"image": "img0.png", "source": "a", "target": "b", "blend_start": 2}',

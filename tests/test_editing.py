@@ -182,7 +182,7 @@ def test_bad_edit_settings(sd_model, inversion):
         edit(sd_model, inversion, ["a red square on a blue background"], EditSettings(blend=("dog", "square")))
     with pytest.raises(NpinvError, match="equal word counts"):
         edit(sd_model, inversion, ["a big red square on a blue background"], EditSettings(controller="replace"))
-    with pytest.raises(NpinvError, match="method must be one of npi, proxnpi, proxnpi-noig, nti, ddim, got 'magic'"):
+    with pytest.raises(NpinvError, match="method must be one of npi, proxnpi, proxnpi-noig, nti, ddim, flowedit, got 'magic'"):
         edit(sd_model, inversion, ["x"], EditSettings(method="magic"))
 
 

@@ -164,8 +164,8 @@ def _embedded_guidance(model, value: float) -> Iterator[None]:
 def edit_jobs(model, jobs: list, settings, *, progress: bool = False) -> list:
     """``npinv.editing.edit_batch`` for ``--method flowedit``: each image edited from its clean latent
     ``z*[0]`` (an inversion's first latent: the encoder's, or the decoder-fitted one) toward its targets,
-    ``settings.guidance`` as the target guidance and ``settings.seed``-free noise (FlowEdit's seed 0).
-    The source image is the VAE round trip of ``z*[0]``; there is no attention controller or blend mask."""
+    with ``settings.guidance`` as the target guidance and noise from FlowEdit's default seed. The source
+    image is the VAE round trip of ``z*[0]``; there is no attention controller or blend mask."""
     from npinv.editing import EditResult
 
     meter = Meter(model)

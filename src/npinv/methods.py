@@ -188,8 +188,7 @@ class FlowEditMethod(Method):
     flow_only = True
 
     def negatives(self, inv: Inversion, guidance: float) -> list[PromptEmbedding]:
-        self.check_reconstruct()
-        raise AssertionError("unreachable")
+        return [inv.source] * inv.steps  # never sampled: FlowEdit's loop takes no negatives from an inversion
 
 
 # The registry, in the order front ends list the methods. Read-only: no module-level mutable state.

@@ -432,7 +432,9 @@ class InvertSettings:
     invert_scheme: str = setting("ddim", Choice(_scheme_names),
                                  "how each inversion step finds the next latent: ddim (one UNet call a step), "
                                  "fixed-point or anderson (iterate until the step inverts exactly; see "
-                                 "--invert-iters), bdia (exact with one UNet call a step)",
+                                 "--invert-iters), bdia (exact with one UNet call a step); flow models only: midpoint "
+                                 "(RF-Solver's second-order step, 2 calls a step) or fireflow (about 1 call a step), "
+                                 "whose inversions sample with the same step",
                                  label="Inversion scheme")
     invert_iters: int = setting(DEFAULT_INVERT_ITERS, Number(1, 100, integer=True),
                                 "fixed-point and anderson: at most this many extra UNet calls a step (default "
