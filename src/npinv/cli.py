@@ -467,6 +467,10 @@ def cmd_edit(args) -> int:
         raise NpinvError(f"the inversion was made with source prompt {saved.source_prompt!r}, not {args.source!r}")
     base = {} if saved is None else _saved_invert_values(saved)
     if saved is not None:
+        from npinv.model import model_facts
+
+        facts = model_facts(args.model, args.model_config)  # the file's family before its grid is checked
+        saved.check_architecture(None, architecture=facts.architecture, name=str(args.model or "npinv-shapes-64"))
         _check_inversion_flags(args, base)
     inv_settings = _invert_settings(args, **base)
     check_scheme(settings.method, inv_settings.invert_scheme)

@@ -123,12 +123,14 @@ class Inversion:
         """``"flow"`` for an inversion made with a flow model (its schedule says so), else ``"unet"``."""
         return "flow" if self.schedule.get("family") == "flow" else "unet"
 
-    def check_architecture(self, model: Model) -> None:
-        """One line when the inversion's family is not the model's (a flow inversion on a UNet model)."""
-        if self.architecture != model.architecture:
+    def check_architecture(self, model: Model, *, architecture: str | None = None, name: str | None = None) -> None:
+        """One line when the inversion's family is not the model's (a flow inversion on a UNet model).
+        Before the load, ``architecture`` and ``name`` come from the model's configs instead."""
+        architecture = architecture or model.architecture
+        if self.architecture != architecture:
             names = {"flow": "a flow-matching model (SD3 / FLUX)", "unet": "a UNet model (Stable Diffusion 1.x/2.x/XL)"}
             raise NpinvError(f"the inversion was made with {names[self.architecture]} ({self.model.get('name')!r}), "
-                             f"but {model.name!r} is {names[model.architecture]}; invert the image with this model")
+                             f"but {name or model.name!r} is {names[architecture]}; invert the image with this model")
 
     def schedule_for(self, model: Model) -> Schedule:
         from npinv.schemes import get_scheme

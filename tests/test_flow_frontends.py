@@ -1,0 +1,243 @@
+"""Flow models (SD3 / FLUX.1-dev) through every front end: loading, the CLI commands with the same flags and
+JSON keys as on UNet models, the web engine, the Python API; NPI's identity and fixed-point inversion through
+the service; the refusals (schnell asked to invert, FLUX without T5, an inversion of the other family)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from npinv.cli import main
+
+STEPS = "2"
+SOURCE, TARGET = "a red circle on blue background", "a green circle on blue background"
+# The keys a UNet model's runs print (tests/test_cli.py and the commands' rows), which flow runs must print too.
+RECONSTRUCT_KEYS = {"method", "steps", "guidance", "psnr", "ssim", "mse", "seconds", "unet_calls", "unet_rows", "out",
+                    "invert_scheme", "model", "size"}
+EDIT_KEYS = {"method", "controller", "source", "targets", "steps", "guidance", "seconds", "unet_calls", "unet_rows",
+             "outputs", "grid", "invert_scheme"}
+GENERATE_KEYS = {"prompt", "seed", "steps", "guidance", "seconds", "unet_calls", "out"}
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(["--quiet", *(str(a) for a in argv)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line(code: int, stderr: str) -> str:
+    assert code == 2, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("npinv: error: ") and "Traceback" not in stderr, stderr
+    return lines[0]
+
+
+@pytest.fixture(params=["sd3", "flux-dev"])
+def flow_folder(request, sd3_folder, flux_dev_folder) -> Path:
+    return {"sd3": sd3_folder, "flux-dev": flux_dev_folder}[request.param]
+
+
+@pytest.fixture(scope="module")
+def sd3_model(sd3_folder):
+    from npinv import load_model
+
+    return load_model(sd3_folder, device="cpu")
+
+
+def photo(size: int = 32) -> Image.Image:
+    """A real photograph (scikit-image's astronaut), resized: smooth, unlike the flat scenes."""
+    from skimage import data
+
+    return Image.fromarray(data.astronaut()).resize((size, size), Image.Resampling.LANCZOS)
+
+
+# -- loading ---------------------------------------------------------------------------------------
+def test_load_model_returns_the_flow_adapter(sd3_model, flux_dev_folder, sd3_no_t5_folder):
+    import npinv
+    from npinv.flow_model import FlowModel
+
+    sd3 = sd3_model
+    flux = npinv.load_model(flux_dev_folder, device="cpu", dtype="bf16")
+    no_t5 = npinv.load_model(sd3_no_t5_folder, device="cpu")
+    assert isinstance(sd3, FlowModel) and sd3.family == "sd3" and sd3.architecture == "flow"
+    assert flux.family == "flux" and flux.embedded_guidance == 3.5 and flux.transformer.dtype == torch.bfloat16
+    assert flux.vae.dtype == torch.float32  # the VAE's force_upcast, as for UNets
+    assert no_t5.pipe.text_encoder_3 is None
+    assert sd3.latent_channels == 4 and flux.latent_channels == 1 and sd3.network is sd3.transformer
+    assert flux.edit_tokenizer is flux.pipe.tokenizer_2 and sd3.edit_tokenizer is sd3.pipe.tokenizer
+    # The grid in fp32 whatever the network's dtype (flow arithmetic stays fp32).
+    assert flux.schedule(4, latent_size=(16, 16)).sigmas.dtype == torch.float32
+
+
+def test_models_json_says_each_family(capsys, sd3_folder, flux_schnell_folder):
+    for folder, kind, invertible in ((sd3_folder, "sd3", True), (flux_schnell_folder, "flux", False)):
+        code, stdout, stderr = run(capsys, "models", "--json", "--model", folder)
+        assert code == 0, stderr
+        info = json.loads(stdout)
+        assert info["default"]["family"] == "unet"
+        assert info["model"] | {"family": "flow", "kind": kind, "invertible": invertible} == info["model"]
+
+
+# -- every front end, the same flags and keys as on UNet models ----------------------------------------
+def test_reconstruct_edit_and_reuse_the_inversion(capsys, tmp_path, flow_folder, image_file):
+    inv = tmp_path / "inv.safetensors"
+    code, stdout, stderr = run(capsys, "reconstruct", image_file, "--prompt", SOURCE, "--model", flow_folder,
+                               "--steps", STEPS, "--size", 32, "--out", tmp_path / "rec.png", "--json",
+                               "--invert-scheme", "fixed-point", "--save-inversion", inv)
+    assert code == 0, stderr
+    row = json.loads(stdout)
+    assert RECONSTRUCT_KEYS <= row.keys() and row["invert_scheme"] == "fixed-point" and row["size"] == [32, 32]
+    assert Image.open(tmp_path / "rec.png").size == (32, 32)
+    # An NPI edit from the saved inversion: 1 + 2T rows a step (T = 1), one call a step.
+    code, stdout, stderr = run(capsys, "edit", image_file, "--inversion", inv, "--target", TARGET, "--controller",
+                               "none", "--model", flow_folder, "--size", 32, "--out", tmp_path / "edit.png", "--json")
+    assert code == 0, stderr
+    row = json.loads(stdout)
+    assert EDIT_KEYS <= row.keys() and row["source"] == SOURCE and row["invert_scheme"] == "fixed-point"
+    assert row["unet_calls"] == int(STEPS) and row["unet_rows"] == 3 * int(STEPS)
+    assert Image.open(tmp_path / "edit.png").size == (32, 32)
+
+
+def test_generate(capsys, tmp_path, sd3_folder):
+    """FLUX generates in test_schnell_is_refused_for_inversion_but_generates."""
+    code, stdout, stderr = run(capsys, "generate", "--prompt", SOURCE, "--model", sd3_folder, "--steps", STEPS,
+                               "--size", 32, "--out", tmp_path / "gen.png", "--json")
+    assert code == 0, stderr
+    row = json.loads(stdout)
+    assert GENERATE_KEYS <= row.keys() and row["unet_calls"] == int(STEPS)
+    assert Image.open(tmp_path / "gen.png").size == (32, 32)
+
+
+def test_edit_batch_and_edit_video(capsys, tmp_path, flux_dev_folder, image_file):
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"image": str(image_file), "source": SOURCE, "targets": [TARGET]}) + "\n")
+    code, stdout, stderr = run(capsys, "edit-batch", manifest, "--out", tmp_path / "batch", "--model",
+                               flux_dev_folder, "--steps", STEPS, "--size", 32, "--controller", "none", "--json")
+    assert code == 0, stderr
+    summary = json.loads(stdout)
+    assert summary["edits"] == summary["done_now"] == 1
+    assert len((tmp_path / "batch" / "results.jsonl").read_text().splitlines()) == 1
+    pytest.importorskip("av")
+    from videos import make_video
+
+    video = make_video(tmp_path / "in.mp4", 2, 8)
+    code, stdout, stderr = run(capsys, "edit-video", video, "--source", SOURCE, "--target", TARGET, "--model",
+                               flux_dev_folder, "--steps", STEPS, "--size", 32, "--controller", "none",
+                               "--out", tmp_path / "out.mp4", "--json")
+    assert code == 0, stderr
+    row = json.loads(stdout)
+    assert row["frames"] == 2 and row["width"] == 32 and row["unet_rows"] == 2 * (1 + 3) * int(STEPS)
+
+
+def test_benches(capsys, tmp_path, sd3_folder):
+    code, stdout, stderr = run(capsys, "bench", "reconstruct", "--model", sd3_folder, "--shapes", 1, "--steps", STEPS,
+                               "--methods", "npi,ddim", "--lpips", "none", "--out", tmp_path / "rec")
+    assert code == 0, stderr
+    assert len((tmp_path / "rec" / "results.jsonl").read_text().splitlines()) == 2
+    code, stdout, stderr = run(capsys, "bench", "edit-shapes", "--model", sd3_folder, "--scenes", 1, "--steps", STEPS,
+                               "--methods", "npi", "--direct", "no", "--controllers", "none", "--no-blend",
+                               "--out", tmp_path / "edit")
+    assert code == 0, stderr
+    assert len((tmp_path / "edit" / "edit_results.jsonl").read_text().splitlines()) >= 1
+
+
+def test_web_engine(tmp_path, sd3_model, image_file):
+    from npinv.webapp.engine import Engine
+
+    engine = Engine(sd3_model, files_dir=tmp_path / "files")
+    cache = engine.new_cache()
+    first = engine.invert(cache, image_file, SOURCE, steps=2)
+    request = engine.edit_request(TARGET, controller="none")
+    report = engine.edit(cache, image_file, SOURCE, request, steps=2)
+    assert first.psnr == pytest.approx(report.psnr) and report.edited.size == (32, 32)
+    assert report.result.cost.unet_rows == 3 * 2  # the inversion came from the session's cache
+
+
+# -- NPI's identity and exact inversion through the service ---------------------------------------
+def test_npi_at_7_5_is_the_guidance_1_round_trip(sd3_model):
+    from npinv.service import invert_one, prepare_picture, reconstruct_inverted
+    from npinv.settings import InvertSettings, ReconstructSettings
+
+    settings = InvertSettings(steps=4, invert_scheme="ddim")
+    inverted = invert_one(sd3_model, prepare_picture(photo(), sd3_model, settings), SOURCE, settings)
+    at = {w: reconstruct_inverted(sd3_model, inverted, ReconstructSettings(method="npi", guidance=w)) for w in (1.0, 7.5)}
+    assert float((at[7.5].reconstruction.latent - at[1.0].reconstruction.latent).abs().max()) == 0.0
+
+
+def test_fixed_point_reconstructs_to_the_vae_round_trip(sd3_model):
+    from npinv.metrics import image_metrics, tensor_to_unit
+    from npinv.service import invert_one, prepare_picture, reconstruct_inverted
+    from npinv.settings import InvertSettings, ReconstructSettings
+
+    settings = InvertSettings(steps=10, invert_scheme="fixed-point")
+    source = prepare_picture(photo(), sd3_model, settings)
+    vae = sd3_model.decode(sd3_model.encode_image(source.image))
+    vae_psnr = image_metrics(tensor_to_unit(source.image), tensor_to_unit(vae))["psnr"]
+    rec = reconstruct_inverted(sd3_model, invert_one(sd3_model, source, SOURCE, settings),
+                               ReconstructSettings(method="npi", guidance=7.5))
+    assert abs(rec.psnr - vae_psnr) < 0.1, (rec.psnr, vae_psnr)
+
+
+# -- bad input: one line, exit 2 --------------------------------------------------------------------
+def test_schnell_is_refused_for_inversion_but_generates(capsys, tmp_path, flux_schnell_folder, image_file):
+    for command in (["reconstruct", image_file, "--prompt", SOURCE], ["edit", image_file, "--source", SOURCE,
+                                                                      "--target", TARGET]):
+        code, stdout, stderr = run(capsys, *command, "--model", flux_schnell_folder, "--steps", STEPS,
+                                   "--out", tmp_path / "x.png")
+        assert "timestep-distilled" in one_line(code, stderr) and stdout == ""
+    assert not (tmp_path / "x.png").exists()
+    code, _, stderr = run(capsys, "generate", "--prompt", SOURCE, "--model", flux_schnell_folder, "--steps", STEPS,
+                          "--size", 32, "--out", tmp_path / "gen.png")
+    assert code == 0, stderr
+
+
+def test_flux_without_t5_is_refused_before_loading(capsys, tmp_path, flux_dev_folder, image_file):
+    no_folder = shutil.copytree(flux_dev_folder, tmp_path / "no-t5-folder")
+    shutil.rmtree(no_folder / "text_encoder_2")
+    dropped = shutil.copytree(flux_dev_folder, tmp_path / "no-t5-listed")
+    index = json.loads((dropped / "model_index.json").read_text())
+    index["text_encoder_2"] = index["tokenizer_2"] = [None, None]
+    (dropped / "model_index.json").write_text(json.dumps(index))
+    for folder in (no_folder, dropped):
+        for command in (["reconstruct", image_file, "--prompt", SOURCE], ["generate", "--prompt", SOURCE]):
+            code, _, stderr = run(capsys, *command, "--model", folder, "--steps", STEPS, "--out", tmp_path / "x.png")
+            assert "T5" in one_line(code, stderr)
+
+
+def test_an_inversion_of_the_other_family_is_refused(capsys, tmp_path, sd3_folder, sd_folder, image_file):
+    made = {}
+    for name, folder in (("flow", sd3_folder), ("unet", sd_folder)):
+        made[name] = tmp_path / f"{name}.safetensors"
+        code, _, stderr = run(capsys, "reconstruct", image_file, "--prompt", SOURCE, "--model", folder, "--steps",
+                              STEPS, "--out", tmp_path / f"{name}.png", "--save-inversion", made[name])
+        assert code == 0, stderr
+    for inv, folder, family in ((made["flow"], sd_folder, "flow-matching"), (made["unet"], sd3_folder, "UNet")):
+        code, stdout, stderr = run(capsys, "edit", image_file, "--inversion", inv, "--target", TARGET, "--model",
+                                   folder, "--out", tmp_path / "e.png")
+        assert f"made with a {family} model" in one_line(code, stderr) and stdout == ""
+    assert not (tmp_path / "e.png").exists()
+
+
+def test_the_flow_inversion_file_keeps_its_grid(tmp_path, flux_dev_folder, image_file):
+    """FLUX's dynamic shift: the file's sigmas are the inversion's, and its model record says the family
+    and the embedded guidance."""
+    from npinv import load_model
+    from npinv.inversion import Inversion
+    from npinv.service import invert_one, prepare_file
+    from npinv.settings import InvertSettings
+
+    model = load_model(flux_dev_folder, device="cpu")
+    settings = InvertSettings(steps=3, size=16, invert_scheme="ddim")
+    inverted = invert_one(model, prepare_file(image_file, model, settings), SOURCE, settings)
+    path = inverted.inversion.save(tmp_path / "inv.safetensors")
+    loaded = Inversion.load(path)
+    assert loaded.model["family"] == "flux" and loaded.model["embedded_guidance"] == 3.5
+    grid = loaded.schedule_for(model)
+    assert torch.equal(grid.sigmas, model.schedule(3, latent_size=(16, 16)).sigmas)
+    assert loaded.schedule["mu"] is not None and np.isfinite(loaded.schedule["mu"])
