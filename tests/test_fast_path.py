@@ -70,12 +70,7 @@ def _npi_round_trip(model, picture, steps):
     return reconstruct(model, inv, "npi", 7.5)
 
 
-# The fused path's CrossEdit.weights reads its alpha row's flags back at every step (its cache is keyed by
-# the step): strict, so that the mark goes once it reads them once per edit.
-FUSED_READS_PER_STEP = pytest.mark.xfail(strict=True, reason="CrossEdit.weights reads .cpu()/.tolist() each step")
-
-
-@pytest.mark.parametrize("attention", [pytest.param("fused", marks=FUSED_READS_PER_STEP), "explicit"])
+@pytest.mark.parametrize("attention", ["fused", "explicit"])
 def test_host_reads_do_not_grow_with_the_steps(sd_model, picture, monkeypatch, attention):
     """NPI inversion + reconstruction and an NPI word-swap edit read the same number of host values at 5
     and at 10 steps: nothing per step (the reads left are per run: the fingerprint, the encoded latent's
