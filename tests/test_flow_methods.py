@@ -278,3 +278,33 @@ def test_skip_layer_guidance_would_break_npis_identity(sd35_folder):
                 v = v + 2.8 * (v - skip)  # the pipeline's default skip_guidance_scale
             z = s.denoise_step(z, v, i)
     assert (z - round_trip).abs().max() > 1e-3
+
+
+# -- through the CLI ---------------------------------------------------------------------------------
+def test_the_cli_takes_the_flow_schemes_and_flowedit(capsys, tmp_path, sd3_folder):
+    import json
+
+    from npinv.cli import main
+    from npinv.scenes import Scene
+
+    image = tmp_path / "in.png"
+    Scene("circle", "red", "blue", 0.5).render(32).save(image)
+    model = ["--model", str(sd3_folder), "--steps", "4", "--json"]
+    for scheme, calls in (("midpoint", 2 * 4), ("fireflow", 4 + 1)):
+        assert main(["--quiet", "reconstruct", str(image), "--prompt", SOURCE, "--invert-scheme", scheme,
+                     "--out", str(tmp_path / f"{scheme}.png"), *model]) == 0
+        row = json.loads(capsys.readouterr().out)
+        assert row["invert_scheme"] == scheme and row["unet_calls"] == 2 * calls  # inversion, then its sampler
+    assert main(["--quiet", "edit", str(image), "--source", SOURCE, "--target", TARGET, "--method", "flowedit",
+                 "--out", str(tmp_path / "edit.png"), *model]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["method"] == "flowedit" and row["unet_calls"] == 4 + 3  # (inversion) + round(4 * 33 / 50) window steps
+    assert (tmp_path / "edit.png").is_file()
+    for argv, needle in ((["reconstruct", str(image), "--prompt", SOURCE, "--method", "nti", "--invert-scheme",
+                           "fireflow"], "method nti cannot sample a fireflow inversion"),
+                         (["reconstruct", str(image), "--prompt", SOURCE, "--method", "flowedit"],
+                          "method flowedit edits without inverting")):
+        assert main(["--quiet", *argv, "--out", str(tmp_path / "no.png"), *model]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+    assert not (tmp_path / "no.png").exists()
