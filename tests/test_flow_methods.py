@@ -308,3 +308,20 @@ def test_the_cli_takes_the_flow_schemes_and_flowedit(capsys, tmp_path, sd3_folde
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and needle in err, err
     assert not (tmp_path / "no.png").exists()
+
+
+def test_a_saved_second_order_inversion_samples_with_its_step(sd3, flux, tmp_path):
+    from npinv.inversion import Inversion
+
+    for model in (sd3, flux):
+        inv = ddim_inversion(model, _image(), SOURCE, steps=4, scheme="fireflow")
+        back = Inversion.load(inv.save(tmp_path / "inv.safetensors"))
+        assert back.schedule_for(model).solver == "fireflow"  # the grid as recorded (FLUX's mu), FireFlow's step
+        assert torch.equal(reconstruct(model, back, "npi", 7.5).latent, reconstruct(model, inv, "npi", 7.5).latent)
+
+
+def test_nti_analogue_on_flux_dev(flux):
+    inv = ddim_inversion(flux, _image(), SOURCE, steps=4)
+    nti, ddim = reconstruct(flux, inv, "nti", 3.0), reconstruct(flux, inv, "ddim", 3.0)
+    target = inv.trajectory[0]
+    assert float(((nti.latent - target) ** 2).mean()) <= float(((ddim.latent - target) ** 2).mean())
