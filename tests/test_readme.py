@@ -49,3 +49,25 @@ def test_readme_exact_inversion_command_runs_as_printed(tmp_path, monkeypatch, c
     x = image_to_tensor(load_image(ROOT / "src/npinv/examples/red_circle.png"))
     vae = image_metrics(tensor_to_unit(x), tensor_to_unit(model.decode(model.encode_image(x))))["psnr"]
     assert row["psnr"] > vae + 1.0, (row["psnr"], vae)
+
+
+def test_readme_flow_commands_run_as_printed(tmp_path, monkeypatch, capsys, sd3_folder, flux_dev_folder):
+    """The "Flow models" commands, literally, with ./sd3-medium and ./flux-dev the tiny test folders."""
+    import json
+    import shlex
+
+    from npinv.cli import main
+
+    block = re.search(r"## Flow models.*?```sh\n(.*?)```", (ROOT / "README.md").read_text(), re.S).group(1)
+    commands = [shlex.split(line) for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+    assert [c[:2] for c in commands] == [[".venv/bin/npinv", c] for c in ("models", "reconstruct", "edit", "generate")]
+    (tmp_path / "src").symlink_to(ROOT / "src")
+    (tmp_path / "sd3-medium").symlink_to(sd3_folder)
+    (tmp_path / "flux-dev").symlink_to(flux_dev_folder)
+    monkeypatch.chdir(tmp_path)
+    for argv in commands:
+        assert main(["--quiet", *argv[1:]]) == 0, argv
+        out = capsys.readouterr().out
+        if argv[1] == "models":
+            assert json.loads(out)["model"]["family"] == "flow"
+    assert all((tmp_path / f).is_file() for f in ("rec.png", "circle.safetensors", "green.png", "flux.png"))
