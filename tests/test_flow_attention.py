@@ -332,3 +332,16 @@ def test_npi_edit_batch_with_replace_and_blend(models, inversions, name):
     assert torch.allclose(result.latents[1][:, outside], result.latents[0][:, outside], atol=1e-6)
     none = edit(model, inv, targets[:1], EditSettings(method="npi", guidance=7.5, controller="none"))
     assert not torch.allclose(none.latents[1], result.latents[1])
+
+
+def test_flux_text_of_another_length_is_refused_and_the_processors_restored(models):
+    """FLUX's single-stream blocks are not told the text length: the installer's must be the call's."""
+    model = models["flux-dev"]
+    before = dict(model.transformer.attn_processors)
+    cond = model.encode_prompt(SOURCE)
+    short = type(cond)(cond.hidden[:, :8], cond.pooled)
+    ctrl = _controller("replace", [GREEN], edit_tokens(model))
+    with pytest.raises(ValueError, match="text of 8 tokens, but the edit addresses 16"), \
+            attention_control(model, ctrl, mode="fused"):
+        model.unet_output(torch.zeros(1, 1, 4, 4, dtype=torch.float64), 500.0, short)
+    assert all(model.transformer.attn_processors[k] is p for k, p in before.items())

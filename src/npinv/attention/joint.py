@@ -57,7 +57,8 @@ class JointLayout:
 
 @dataclasses.dataclass
 class _Step:
-    """One step's plan, the same for every hooked block (built once per step on the CPU)."""
+    """One step's plan, the same for every hooked block (built once per step on the CPU; its index and
+    weight tensors are moved to each device once, by :meth:`on`, not at every block)."""
 
     inject_to: torch.Tensor | None  # target rows taking their source's image queries and keys
     inject_from: torch.Tensor | None
@@ -69,6 +70,26 @@ class _Step:
     cond_rows: dict[int, int]
     groups: list[tuple[Any, int, list[tuple[int, int]]]]  # (CrossEdit, source row, [(target index, row)])
     linear: bool  # every edit has a linear form (else the fused mode computes edited blocks explicitly)
+    _moved: dict = dataclasses.field(default_factory=dict)
+
+    def on(self, device: torch.device, dtype: torch.dtype, rows: int) -> dict[str, torch.Tensor | None]:
+        key = (device, dtype, rows)
+        if key not in self._moved:
+            pick = [n for n, used in enumerate(self.uses_base) if used]
+            others = [r for r in range(rows) if r not in set(self.edited)]
+
+            def index(values: list[int]) -> torch.Tensor | None:
+                return torch.tensor(values, device=device) if values else None
+
+            self._moved[key] = {
+                "inject_to": None if self.inject_to is None else self.inject_to.to(device),
+                "inject_from": None if self.inject_from is None else self.inject_from.to(device),
+                "edited": index(self.edited), "others": index(others),
+                "own": None if self.own is None else self.own.to(device, dtype),
+                "at": index(pick), "src": index([self.sources[n] for n in pick]),
+                "base": self.base[pick].to(device, dtype) if pick else None,
+            }
+        return self._moved[key]
 
 
 class JointSession:
@@ -148,8 +169,9 @@ class JointSession:
         if plan is None:  # a call outside the loop's steps (e.g. NTI's optimisation): unedited
             return sdpa(q, k, v) if self.fused else explicit_attention(q, k, v)
         hook, state = self.hook, self.hook.state
+        moved = plan.on(q.device, v.dtype, q.shape[0])
         if plan.inject_to is not None:
-            to, frm = plan.inject_to.to(q.device), plan.inject_from.to(q.device)
+            to, frm = moved["inject_to"], moved["inject_from"]
             q, k = q.clone(), k.clone()
             q[to, :, lay.image] = q[frm, :, lay.image]
             k[to, :, lay.image] = k[frm, :, lay.image]
@@ -171,7 +193,7 @@ class JointSession:
                 hook._record(_edited_maps(q, k, lay, plan, state.i), layer, plan.cond_rows, state)
         if not plan.edited:
             return sdpa(q, k, v)
-        return _fused_edit(q, k, v, lay, plan)
+        return _fused_edit(q, k, v, lay, moved)
 
     def _plain(self, q, k, v) -> torch.Tensor:
         if self.fused:
@@ -218,34 +240,28 @@ def _edited_maps(q, k, lay: JointLayout, plan: _Step, step: int) -> torch.Tensor
     return _edit_maps(maps, plan, step)
 
 
-def _fused_edit(q, k, v, lay: JointLayout, plan: _Step) -> torch.Tensor:
+def _fused_edit(q, k, v, lay: JointLayout, moved: dict[str, torch.Tensor | None]) -> torch.Tensor:
     """:func:`_explicit_edit`'s output with SDPA calls (module doc): unedited rows and every row's text
     queries as diffusers computes them; the edited rows' image queries from the two terms."""
-    b, d = q.shape[0], v.shape[-1]
-    device, dtype = v.device, v.dtype
-    edited = torch.tensor(plan.edited, device=device)
-    others = [r for r in range(b) if r not in set(plan.edited)]
+    d = v.shape[-1]
+    edited, others = moved["edited"], moved["others"]
     out = torch.empty_like(v)
-    if others:
-        index = torch.tensor(others, device=device)
-        out.index_copy_(0, index, sdpa(q.index_select(0, index), k.index_select(0, index), v.index_select(0, index)))
+    if others is not None:
+        out.index_copy_(0, others, sdpa(q.index_select(0, others), k.index_select(0, others),
+                                        v.index_select(0, others)))
     qe, ke, ve = q.index_select(0, edited), k.index_select(0, edited), v.index_select(0, edited)
     rows = torch.empty_like(ve)
     rows[:, :, lay.text] = sdpa(qe[:, :, lay.text], ke, ve)  # the text stream: the target's own attention
-    own = plan.own.to(device, dtype)  # (n, Nt)
     values = ve.clone()
-    values[:, :, lay.text] = ve[:, :, lay.text] * own[:, None, :, None]
-    indicator = torch.zeros(*ve.shape[:3], _PAD, device=device, dtype=dtype)
+    values[:, :, lay.text] = ve[:, :, lay.text] * moved["own"][:, None, :, None]
+    indicator = torch.zeros(*ve.shape[:3], _PAD, device=v.device, dtype=v.dtype)
     indicator[:, :, lay.text, 0] = 1
     wide = sdpa(F.pad(qe[:, :, lay.image], (0, _PAD)), F.pad(ke, (0, _PAD)), torch.cat([values, indicator], -1),
                 scale=1 / math.sqrt(q.shape[-1]))
     image_out, mass = wide[..., :d], wide[..., d : d + 1]
-    if any(plan.uses_base):
-        pick = [n for n, used in enumerate(plan.uses_base) if used]
-        at = torch.tensor(pick, device=device)
-        src = torch.tensor([plan.sources[n] for n in pick], device=device)
-        base = plan.base[pick].to(device, dtype)  # (m, Nt, Nt)
-        mapped = torch.einsum("nkj,nhjd->nhkd", base, ve.index_select(0, at)[:, :, lay.text])
+    at, src = moved["at"], moved["src"]
+    if at is not None:
+        mapped = torch.einsum("nkj,nhjd->nhkd", moved["base"], ve.index_select(0, at)[:, :, lay.text])
         from_source = sdpa(q.index_select(0, src)[:, :, lay.image], k.index_select(0, src)[:, :, lay.text], mapped)
         image_out = image_out.index_add(0, at, mass.index_select(0, at) * from_source)
     rows[:, :, lay.image] = image_out
@@ -316,6 +332,8 @@ class JointControlledProcessor:
             eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
             query, key, value = torch.cat([eq, query], 1), torch.cat([ek, key], 1), torch.cat([ev, value], 1)
             n_txt = encoder_hidden_states.shape[1]
+            if self.session.text_len not in (None, n_txt):  # the single-stream blocks would split wrongly
+                raise ValueError(f"text of {n_txt} tokens, but the edit addresses {self.session.text_len}")
         else:  # a single-stream block: the sequence is [text; image] already, of the session's text length
             n_txt = self.session.text_len or 0
         if image_rotary_emb is not None:
