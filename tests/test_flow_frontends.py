@@ -241,3 +241,35 @@ def test_the_flow_inversion_file_keeps_its_grid(tmp_path, flux_dev_folder, image
     grid = loaded.schedule_for(model)
     assert torch.equal(grid.sigmas, model.schedule(3, latent_size=(16, 16)).sigmas)
     assert loaded.schedule["mu"] is not None and np.isfinite(loaded.schedule["mu"])
+
+
+# -- other ways to name a model ---------------------------------------------------------------------
+def test_a_flux_transformer_file_with_its_config_folder(tmp_path, flux_dev_folder):
+    """FLUX checkpoints hold the transformer only: the rest comes from --model-config."""
+    from safetensors.torch import save_file
+
+    import npinv
+
+    whole = npinv.load_model(flux_dev_folder, device="cpu")
+    path = tmp_path / "flux-transformer.safetensors"
+    save_file({k: v.contiguous() for k, v in whole.transformer.state_dict().items()}, str(path))
+    single = npinv.load_model(path, device="cpu", config=flux_dev_folder)
+    assert single.family == "flux" and single.fingerprint == whole.fingerprint
+
+
+def test_a_cached_hub_id(capsys, tmp_path, monkeypatch, sd3_folder, image_file):
+    """A hub id in the local cache, offline: the family from its cached model_index.json, the same run."""
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hub" / "models--npinv-test--tiny-sd3"
+    shutil.copytree(sd3_folder, repo / "snapshots" / ("a" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    code, stdout, stderr = run(capsys, "models", "--model", "npinv-test/tiny-sd3", "--json")
+    assert code == 0 and json.loads(stdout)["model"]["kind"] == "sd3", stderr
+    code, stdout, stderr = run(capsys, "reconstruct", image_file, "--prompt", SOURCE, "--model", "npinv-test/tiny-sd3",
+                               "--steps", STEPS, "--out", tmp_path / "rec.png", "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["model"] == "npinv-test/tiny-sd3" and stderr == "", stderr
