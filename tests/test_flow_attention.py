@@ -345,3 +345,22 @@ def test_flux_text_of_another_length_is_refused_and_the_processors_restored(mode
             attention_control(model, ctrl, mode="fused"):
         model.unet_output(torch.zeros(1, 1, 4, 4, dtype=torch.float64), 500.0, short)
     assert all(model.transformer.attn_processors[k] is p for k, p in before.items())
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux-dev"])
+def test_heat_maps_read_the_same_maps(models, inversions, name):
+    """--save-attention on a flow model: one map per word of each prompt, at the latent's size, from the
+    edited image->text maps of every block (each map's rows sum to 1 over the text rows, and the words'
+    rows are disjoint, so the source words' maps add up to at most 1 everywhere)."""
+    from npinv.attention.maps import word_maps
+
+    model, inv = models[name], inversions[name]
+    result = edit(model, inv, [GREEN], EditSettings(method="npi", guidance=7.5, controller="replace",
+                                                    keep_attention_maps=True))
+    maps = word_maps(model, result, SOURCE)
+    assert [(m.label, m.word) for m in maps] == [("source", w) for w in SOURCE.split()] + [
+        ("target0", w) for w in GREEN.split()]
+    for m in maps:
+        assert m.heat.shape == inv.trajectory.shape[-2:] and m.heat.min() >= 0
+    total = sum(m.heat for m in maps if m.label == "source")
+    assert 0 < total.max() <= 1 + 1e-6
