@@ -325,3 +325,27 @@ def test_nti_analogue_on_flux_dev(flux):
     nti, ddim = reconstruct(flux, inv, "nti", 3.0), reconstruct(flux, inv, "ddim", 3.0)
     target = inv.trajectory[0]
     assert float(((nti.latent - target) ** 2).mean()) <= float(((ddim.latent - target) ** 2).mean())
+
+
+def test_flowedits_knobs_are_settings(capsys, tmp_path, sd3):
+    """--flowedit-n-max/-n-min/-n-avg/-source-guidance reach FlowEdit; with another method they are refused."""
+    from npinv.cli import main
+    from npinv.editing import EditJob, edit_batch
+    from npinv.settings import EditSettings
+
+    inv = ddim_inversion(sd3, _image(), SOURCE, steps=6)
+    settings = EditSettings(method="flowedit", guidance=7.0, flowedit_n_max=5, flowedit_n_min=1, flowedit_n_avg=2,
+                            flowedit_source_guidance=2.0)
+    out = edit_batch(sd3, [EditJob(inv, [TARGET])], settings)[0]
+    assert out.cost.unet_calls == 2 * (5 - 1) + 1
+    for bad, needle in ((EditSettings(flowedit_n_avg=2), "flowedit-n-avg applies to --method flowedit only, not npi"),
+                        (EditSettings(method="flowedit", flowedit_n_max=3, flowedit_n_min=3),
+                         "flowedit-n-min must be below flowedit-n-max (3), got 3")):
+        with pytest.raises(NpinvError, match=f"^{needle}$".replace("(", r"\(").replace(")", r"\)")):
+            bad.validate()
+    image = tmp_path / "in.png"
+    image.write_bytes(b"")  # refused before the image is read
+    assert main(["--quiet", "edit", str(image), "--source", SOURCE, "--target", TARGET, "--flowedit-n-min", "2",
+                 "--out", str(tmp_path / "e.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "flowedit-n-min applies to --method flowedit only" in err, err

@@ -253,7 +253,7 @@ def test_example_rows_swap_the_changed_word():
 
 
 @pytest.mark.parametrize("form,message", [
-    ({"method": "magic"}, "method must be one of npi, proxnpi, proxnpi-noig, nti, ddim, got 'magic'"),
+    ({"method": "magic"}, "method must be one of npi, proxnpi, proxnpi-noig, nti, ddim, flowedit, got 'magic'"),
     ({"controller": "magic"}, "controller must be one of refine, replace, reweight, none, got 'magic'"),
     ({"guidance": "lots"}, "guidance must be a number in 0..30 (or none), got 'lots'"),
     ({"guidance": 40}, "guidance must be a number in 0..30 (or none), got 40"),

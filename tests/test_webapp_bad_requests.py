@@ -156,7 +156,7 @@ EDIT_CASES = [
     ("direct", "maybe", "direct must be true or false, got 'maybe'"),
     ("direct", 1, "direct must be true or false, got 1"),
     ("keep_attention_maps", "maybe", "keep-attention-maps must be true or false, got 'maybe'"),
-    ("method", None, "method must be one of npi, proxnpi, proxnpi-noig, nti, ddim, got None"),
+    ("method", None, "method must be one of npi, proxnpi, proxnpi-noig, nti, ddim, flowedit, got None"),
     ("method", "x" * 100_000, "method is 100,000 characters long"),
     ("controller", ["refine"], "controller must be one of refine, replace, reweight, none, got ['refine']"),
     ("target_prompt", HUGE, "the target prompt is 100,000 characters long; this server accepts at most 1,000"),
@@ -306,7 +306,8 @@ def test_raw_json_infinity_and_nan_are_one_line_errors(server, server_log):
     form = {"method": "npi", "controller": "replace", "guidance": 2.5, "cross_replace": "0.8",
             "cross_replace_words": "", "self_replace": "0.6", "self_replace_size": 0.5, "blend": "",
             "blend_threshold": 0.3, "blend_start": 0.2, "blend_res": None, "reweight": "", "direct": False,
-            "prox_quantile": 0.75, "recon_t": 400, "recon_lr": 1.0, "attention": "fused",
+            "prox_quantile": 0.75, "recon_t": 400, "recon_lr": 1.0, "flowedit_n_max": None, "flowedit_n_min": 0,
+            "flowedit_n_avg": 1, "flowedit_source_guidance": None, "attention": "fused",
             "keep_attention_maps": False}
     assert list(form) == list(FORM_FIELDS)  # the API's order: the schema's
 

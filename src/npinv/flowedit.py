@@ -164,7 +164,8 @@ def _embedded_guidance(model, value: float) -> Iterator[None]:
 def edit_jobs(model, jobs: list, settings, *, progress: bool = False) -> list:
     """``npinv.editing.edit_batch`` for ``--method flowedit``: each image edited from its clean latent
     ``z*[0]`` (an inversion's first latent: the encoder's, or the decoder-fitted one) toward its targets,
-    with ``settings.guidance`` as the target guidance and noise from FlowEdit's default seed. The source
+    with ``settings.guidance`` as the target guidance, ``settings.flowedit_*`` as FlowEdit's other knobs
+    and noise from FlowEdit's default seed. The source
     image is the VAE round trip of ``z*[0]``; there is no attention controller or blend mask."""
     from npinv.editing import EditResult
 
@@ -176,7 +177,9 @@ def edit_jobs(model, jobs: list, settings, *, progress: bool = False) -> list:
         targets = [model.encode_prompt(t) for t in job.targets]
         x_src = inv.trajectory[0:1]
         done = flowedit(model, x_src, inv.source, targets, schedule,
-                        FlowEditSettings(target_guidance=settings.guidance),
+                        FlowEditSettings(n_max=settings.flowedit_n_max, n_min=settings.flowedit_n_min,
+                                         n_avg=settings.flowedit_n_avg, source_guidance=settings.flowedit_source_guidance,
+                                         target_guidance=settings.guidance),
                         progress="flowedit" if progress else None)
         latents = torch.cat([x_src.to(done.latents), done.latents])
         images = model.decode(latents)

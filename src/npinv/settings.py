@@ -554,6 +554,21 @@ class EditSettings:
                            label="ProxNPI inversion-guidance timestep", advanced=True)
     recon_lr: float = setting(1.0, Number(0, 1), "ProxNPI: inversion guidance's pull (1 copies the trajectory)",
                               label="ProxNPI inversion-guidance strength", advanced=True)
+    # FlowEdit's knobs (method flowedit, flow models; docs/method.md): None takes the paper's value.
+    flowedit_n_max: int | None = setting(None, Number(1, 1000, integer=True, optional=True),
+                                         "FlowEdit: edit over the last N steps (default: the paper's share of the "
+                                         "steps, 33 of 50 on SD3, 24 of 28 on FLUX.1)",
+                                         label="FlowEdit n_max (empty: the paper's)", metavar="N", advanced=True)
+    flowedit_n_min: int = setting(0, Number(0, 1000, integer=True),
+                                  "FlowEdit: sample the last N steps plainly from the edit (default 0)",
+                                  label="FlowEdit n_min", advanced=True)
+    flowedit_n_avg: int = setting(1, Number(1, 100, integer=True),
+                                  "FlowEdit: noise draws averaged each step (default 1; each costs a call)",
+                                  label="FlowEdit n_avg", advanced=True)
+    flowedit_source_guidance: float | None = setting(
+        None, Number(0, 30, optional=True), "FlowEdit: the source's guidance (default: the paper's, 3.5 on SD3, "
+        "1.5 embedded on FLUX.1); --guidance is the target's", label="FlowEdit source guidance (empty: the paper's)",
+        advanced=True)
     # An output choice, not a setting: record per-word maps at the latent resolution for heat maps.
     keep_attention_maps: bool = False
     # How controlled attention layers compute (docs/method.md "Fused attention"): the same edits either way.
@@ -568,6 +583,14 @@ class EditSettings:
         check_fields(self)
         if self.controller == "reweight" and not self.reweight:
             raise NpinvError("the reweight controller needs at least one reweight WORD=SCALE")
+        knobs = {"flowedit_n_max": None, "flowedit_n_min": 0, "flowedit_n_avg": 1, "flowedit_source_guidance": None}
+        if self.method != "flowedit":  # a knob the method does not use is refused rather than ignored
+            for name, default in knobs.items():
+                if getattr(self, name) != default:
+                    raise NpinvError(f"{flag_name(name)} applies to --method flowedit only, not {self.method}")
+        elif self.flowedit_n_max is not None and self.flowedit_n_min >= self.flowedit_n_max:
+            raise NpinvError(f"flowedit-n-min must be below flowedit-n-max ({self.flowedit_n_max}), "
+                             f"got {self.flowedit_n_min}")
 
     def resolved(self, model: Any) -> EditSettings:
         """With the guidance the model recommends when none is set."""
