@@ -24,6 +24,7 @@ processor (npinv's controlled attention unless it implements ``graph_key``) runs
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import warnings
 from collections.abc import Callable, Hashable, Mapping
@@ -48,21 +49,32 @@ class Captured:
 CaptureFn = Callable[[Callable[[], torch.Tensor]], Captured]
 
 
-def cuda_capture(run: Callable[[], torch.Tensor], *, pool: Any = None, warmup: int = 1) -> Captured:
-    """Capture ``run`` (which reads static buffers and returns its output) as a CUDA graph.
+def cuda_capture(run: Callable[[], torch.Tensor], *, pool: Any = None, stream: Any = None,
+                 warmup: int = 1) -> Captured:
+    """Capture ``run`` (which reads static buffers and returns its output) as a CUDA graph on ``stream``
+    (a side stream; one per cache, so that its captures share their pool's blocks).
 
-    The warm-up call on a side stream lets lazy initialisation (cuBLAS handles, kernel choices) happen
-    outside the capture, as torch's docs prescribe."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    The warm-up call first lets lazy initialisation (cuBLAS handles, kernel choices, a controller's
+    per-layout tables) happen outside the capture, as torch's docs prescribe. ``capture_begin`` rather
+    than ``torch.cuda.graph``: the context manager also synchronises the device and empties the
+    allocator's cache before each capture, a cost paid per edit when an edit's layers get graphs of
+    their own, and not needed here (the side stream waits for the current one's work)."""
+    side = stream if stream is not None else torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
         for _ in range(warmup):
             run()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    # thread_local: a web server's other threads touching CUDA do not invalidate the capture.
-    with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-        output = run()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: a web server's other threads touching CUDA do not invalidate the capture.
+        graph.capture_begin(pool=pool, capture_error_mode="thread_local")
+        try:
+            output = run()
+        except BaseException:
+            with contextlib.suppress(Exception):  # the capture's own error, if any, says less than run's
+                graph.capture_end()
+            raise
+        graph.capture_end()
+    torch.cuda.current_stream().wait_stream(side)
     return Captured(graph.replay, output, graph)
 
 
@@ -71,6 +83,51 @@ def eager_capture(run: Callable[[], torch.Tensor]) -> Captured:
     each replay recomputes eagerly from the static inputs, as a graph's replay would."""
     output = run()
     return Captured(lambda: output.copy_(run()), output)
+
+
+class HostReadInCapture(RuntimeError):
+    """A call read a device value back to the host while being captured (a real capture fails there)."""
+
+
+# Operations that need a device value on the host: a CUDA graph capture fails on them.
+_HOST_READS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal")
+
+
+def recording_capture(run: Callable[[], torch.Tensor]) -> Captured:
+    """A stand-in capture for the CPU that replays as a graph does: ``run``'s tensor operations are
+    recorded once (through torch's dispatcher), and a replay re-executes them on the same tensors with
+    no Python of ``run``'s in between, so what Python decided at capture (a controller's branch, a
+    number read per step) stays as it was then, and per-step inputs must be tensors updated in place.
+    A host read during the capture raises :class:`HostReadInCapture`, as a real capture fails."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops: list[tuple[Any, tuple, dict, Any]] = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func._schema.name in _HOST_READS:
+                raise HostReadInCapture(f"{func._schema.name} reads a device value during a graph capture")
+            out = func(*args, **kwargs)
+            ops.append((func, args, kwargs, out))
+            return out
+
+    with Recorder():
+        output = run()
+
+    def replay() -> None:
+        for func, args, kwargs, out in ops:
+            fresh = func(*args, **kwargs)
+            # Views and in-place results alias tensors updated already; other results are written into
+            # the tensors the capture made, which later operations (and the caller) read.
+            if any(r.alias_info is not None for r in func._schema.returns):
+                continue
+            for old, new in zip(out if isinstance(out, (tuple, list)) else (out,),
+                                fresh if isinstance(fresh, (tuple, list)) else (fresh,), strict=True):
+                if isinstance(old, torch.Tensor):
+                    old.copy_(new)
+
+    return Captured(replay, output)
 
 
 @dataclasses.dataclass
@@ -104,6 +161,7 @@ class GraphCache:
         self.capacity = capacity
         self._capture = capture
         self._pool: Any = None
+        self._stream: Any = None
         self._entries: collections.OrderedDict[Hashable, _Entry] = collections.OrderedDict()
         self._failed: collections.OrderedDict[Hashable, None] = collections.OrderedDict()
         self._warned = False
@@ -175,8 +233,8 @@ class GraphCache:
         if self._capture is not None:
             return self._capture(run)
         if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        return cuda_capture(run, pool=self._pool)
+            self._pool, self._stream = torch.cuda.graph_pool_handle(), torch.cuda.Stream()
+        return cuda_capture(run, pool=self._pool, stream=self._stream)
 
 
 def processors_key(modules: list[Any]) -> tuple | None:

@@ -124,7 +124,13 @@ def sample(
     ``pair_start`` (an inversion's ``z*[n-1]``, per branch or shared): BDIA sampling. The first step
     is not computed (every branch takes ``pair_start``: no UNet call, no hooks), and each later step
     is the BDIA step from the branch's last two latents (:meth:`Schedule.bdia_step`) with damping
-    factor ``pair_gamma`` (the inversion's)."""
+    factor ``pair_gamma`` (the inversion's).
+
+    A flow grid whose ``solver`` is ``midpoint`` or ``fireflow`` (:class:`npinv.flow_schedule.FlowSchedule`,
+    set from a midpoint or FireFlow inversion's scheme) takes each step as the explicit midpoint step over
+    the same guided rows: the guided velocity at the step's start (FireFlow: the previous step's midpoint
+    one, after the first step), then at the midpoint, and the Euler move with the latter. Hooks run once a
+    step; an attention controller sees both evaluations."""
     branches = list(branches)
     # The loop's state lives on the model's device (an inversion loaded from a file is on the CPU).
     z = _per_branch(z_start.to(model.device), len(branches))
