@@ -426,7 +426,8 @@ def test_web_requests_share_the_models_graphs(model, tmp_path):
 
 def test_edit_batch_chunks_share_the_models_graphs(model, tmp_path):
     """edit-batch --batch-size 2 over four images: the second chunk's inversion replays the graph the
-    first chunk's captured (the edit calls run eagerly: Prompt-to-Prompt's processors have no graph key)."""
+    first chunk's captured (each chunk's fused edit captures its own two plans, self-replacement on then
+    off: Prompt-to-Prompt's processors key their graphs by their controller)."""
     import json
 
     from npinv.batch import read_manifest, run_batch

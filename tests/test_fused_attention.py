@@ -109,13 +109,15 @@ def test_each_edits_linear_form_is_the_edit(sd_model):
         by_form = torch.einsum("hqk,tkj->thqj", base, a.double()) + target * d.double()[:, None, None, :]
         torch.testing.assert_close(by_form, edit_(base, target), atol=1e-12, rtol=0)
         cross = CrossEdit(cross_replace_alpha(tok, targets, 10, {"default_": (0.1, 0.7), "square": 0.3}), edit_)
+        w = cross.value_weights()
+        assert len(w.base) == len(set(w.row_of_step)) < 10  # the distinct rows of the window table
         for step in range(10):
-            w = cross.weights(step)
-            uses_base = torch.tensor(w.uses_base, dtype=torch.float64)[:, None, None, None]
-            by_form = (torch.einsum("hqk,tkj->thqj", base, w.base.double()) * uses_base
-                       + target * w.own.double()[:, None, None, :])
+            u = w.row(step)
+            uses_base = torch.tensor(w.uses_base[u], dtype=torch.float64)[:, None, None, None]
+            by_form = (torch.einsum("hqk,tkj->thqj", base, w.base[u].double()) * uses_base
+                       + target * w.own[u].double()[:, None, None, :])
             torch.testing.assert_close(by_form, cross.apply(base, target, step), atol=1e-12, rtol=0)
-            assert w.own_is_one == tuple(bool(x) for x in w.own.eq(1).all(1))
+            assert w.own_is_one[u] == tuple(bool(x) for x in w.own[u].eq(1).all(1))
 
 
 class SoftmaxSizes:
@@ -271,3 +273,50 @@ def test_cli_attention_flag_reaches_the_processors(capsys, tmp_path, sd_folder, 
     assert run("--out", str(tmp_path / "bad.png"), "--attention", "sparse") == 2
     assert "attention must be one of fused, explicit, got 'sparse'" in capsys.readouterr().err
     assert not (tmp_path / "bad.png").exists()
+
+
+# -- CUDA graphs (npinv.graphs), with a stand-in capture on the CPU ------------------------------------------------
+
+
+def test_fused_edits_replay_one_graph_per_plan(sd_folder, monkeypatch):
+    """With graphs on, a fused edit's UNet calls are keyed by the plans of their layers: captured once
+    per plan key (here 3 keys in 5 steps: the cross-replace and self-replace windows open and close)
+    and replayed. The stand-in capture is strict: every replay of a key must run the very plans, in
+    the same order, that its capture ran, as a real graph would. Results and bookkeeping equal eager
+    calls; an edit that records maps (local blend) runs eagerly."""
+    from npinv.attention.control import FusedPlan
+    from npinv.graphs import Captured, GraphCache
+
+    model = load_model(str(sd_folder), device="cpu")
+    inv = ddim_inversion(model, image_to_tensor(Scene("circle", "red", "blue", 0.5).render(32)), SOURCE, steps=STEPS)
+    ran: list[int] = []
+    real = FusedPlan.attend
+
+    def attend(self, *args, **kwargs):
+        ran.append(id(self))
+        return real(self, *args, **kwargs)
+
+    def strict_capture(run):
+        ran.clear()
+        output = run()
+        captured = list(ran)
+
+        def replay():
+            ran.clear()
+            output.copy_(run())
+            assert ran == captured
+
+        return Captured(replay, output)
+
+    monkeypatch.setattr(FusedPlan, "attend", attend)
+    settings = EditSettings(controller="refine", cross_replace=(0.2, 0.8), self_replace=(0.2, 0.6), guidance=7.5)
+    targets = ["a photo of a red square on a blue background", "a red square on the blue background"]
+    eager = edit(model, inv, targets, settings)
+    model.graphs = GraphCache(enabled=True, capture=strict_capture)
+    graphed = edit(model, inv, targets, settings)
+    assert torch.equal(graphed.latents, eager.latents)
+    assert graphed.controller.seen == eager.controller.seen
+    stats = model.graphs.stats
+    assert (stats.captures, stats.replays, stats.eager) == (3, STEPS, 0)
+    edit(model, inv, [SQUARE], dataclasses.replace(settings, controller="replace", blend=("circle", "square")))
+    assert (stats.captures, stats.eager) == (3, STEPS)

@@ -15,7 +15,8 @@ path) or, as the same linear maps folded into the values, the fused attention's 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +34,7 @@ class CrossEdit:
 
     alpha: torch.Tensor
     edit: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    # The value weights of the last alpha row asked for (fused path).
-    _weights: dict = dataclasses.field(default_factory=dict, init=False, repr=False, compare=False)
+    _value_weights: ValueWeights | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def apply(self, base: torch.Tensor, target: torch.Tensor, step: int) -> torch.Tensor:
         """base (H, Q, K) of the source; target (T, H, Q, K); returns the targets' new attention."""
@@ -47,42 +47,61 @@ class CrossEdit:
         """Whether the edit says its linear form (the fused path needs it)."""
         return callable(getattr(self.edit, "linear", None))
 
-    def weights(self, step: int) -> ValueWeights:
-        """:meth:`apply` at ``step`` as weights on the targets' values (see :class:`ValueWeights`)."""
-        row = min(step, len(self.alpha) - 1)
-        if row not in self._weights:
-            targets, keys = self.alpha.shape[1:]
+    def value_weights(self) -> ValueWeights:
+        """:meth:`apply` at every step as weights on the targets' values (see :class:`ValueWeights`),
+        computed once, on the CPU: the steps share a few distinct rows of the window table."""
+        if self._value_weights is None:
+            steps, targets, keys = self.alpha.shape
+            rows, row_of_step = torch.unique(self.alpha.detach().cpu().float().flatten(1), dim=0, return_inverse=True)
+            a = rows.view(-1, targets, keys)
             base, own = self.edit.linear(targets, keys)  # type: ignore[attr-defined]
             # edited * a + target * (1 - a), with edited = P_src @ base + P_tgt * own.
-            a = self.alpha[row].detach().cpu().float()
-            base, own = base * a[:, None, :], own * a + (1 - a)
-            self._weights.clear()  # the alpha rows change only at window edges: keep one
-            self._weights[row] = ValueWeights(base, own, tuple(base.flatten(1).ne(0).any(1).tolist()),
-                                              tuple(own.ne(0).any(1).tolist()), tuple(own.eq(1).all(1).tolist()))
-        return self._weights[row]
+            base, own = base[None] * a[:, :, None, :], own[None] * a + (1 - a)
+            self._value_weights = ValueWeights(
+                tuple(row_of_step.tolist()), base, own, _flags(base.flatten(2).ne(0).any(2)),
+                _flags(own.ne(0).any(2)), _flags(own.eq(1).all(2)))
+        return self._value_weights
+
+
+def _flags(t: torch.Tensor) -> tuple[tuple[bool, ...], ...]:
+    return tuple(tuple(row) for row in t.tolist())
 
 
 @dataclasses.dataclass(frozen=True)
 class ValueWeights:
-    """One step of a :class:`CrossEdit` as weights on each target's values ``V`` (keys, head_dim),
-    on the CPU: its attention output is ``P_src @ (base[t] @ V) + P_t @ (own[t] * V)`` (P:
-    probabilities), two fused attention calls, or one where a term vanishes."""
+    """A :class:`CrossEdit` as weights on each target's values ``V`` (keys, head_dim), per distinct
+    row ``u`` of its window table, on the CPU: at a step of row ``u`` target ``t``'s attention output
+    is ``P_src @ (base[u, t] @ V) + P_t @ (own[u, t] * V)`` (P: probabilities), two fused attention
+    calls, or one where a term vanishes (the flags say which, without reading the device)."""
 
-    base: torch.Tensor  # (T, K, K)
-    own: torch.Tensor  # (T, K)
-    uses_base: tuple[bool, ...]  # target t reads the source's attention at this step
-    uses_own: tuple[bool, ...]  # target t reads its own attention
-    own_is_one: tuple[bool, ...]  # ... unweighted
+    row_of_step: tuple[int, ...]
+    base: torch.Tensor  # (U, T, K, K)
+    own: torch.Tensor  # (U, T, K)
+    uses_base: tuple[tuple[bool, ...], ...]  # [u][t]: the target reads the source's attention
+    uses_own: tuple[tuple[bool, ...], ...]  # ... reads its own attention
+    own_is_one: tuple[tuple[bool, ...], ...]  # ... unweighted
+
+    def row(self, step: int) -> int:
+        return self.row_of_step[min(step, len(self.row_of_step) - 1)]
+
+
+def to_device(t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A CPU tensor on ``device`` without synchronising the host: on CUDA copied asynchronously from
+    pinned memory (a plain copy from pageable memory waits for the GPU)."""
+    t = t if dtype is None else t.to(dtype)
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 @dataclasses.dataclass(frozen=True)
 class FusedPlan:
-    """What one step does to every layer of one kind (self- or cross-attention), as device index
-    tensors and weights (None: nothing of that sort). Row ``r`` attends with the queries and keys of
-    row ``reads[r]``; rows ``mapped`` take values ``mapped_weights @ V``, rows ``scaled`` values
-    ``scaled_weights * V``; rows ``own`` add their own attention to values ``own_weights * V``."""
+    """What every layer of one kind (self- or cross-attention) does at the steps of one plan key, as
+    device index tensors and weights (None: nothing of that sort). Row ``r`` attends with the queries
+    and keys of row ``reads[r]``; rows ``mapped`` take values ``mapped_weights @ V``, rows ``scaled``
+    values ``scaled_weights * V``; rows ``own`` add their own attention to values ``own_weights * V``.
+    Its launches depend only on the key: a CUDA graph captured under the key replays it."""
 
-    touched: bool  # a rule applied (the explicit path's "cross_edited" / "self_replaced")
     reads: torch.Tensor | None = None
     mapped: torch.Tensor | None = None
     mapped_weights: torch.Tensor | None = None  # (n, K, K)
@@ -134,12 +153,16 @@ class EditController:
         self.map_count = 0
         # Query-map sizes (h, w) of the layers each rule touched: "cross_edited", "self_replaced", "blend_read".
         self.seen: dict[str, set[tuple[int, int]]] = {}
-        self._plans: dict[tuple, FusedPlan] = {}  # this step's, per (kind, device, dtype)
+        # The fused path's plans by (plan key, device, dtype), its groups' value weights on the device,
+        # and this step's plan key per kind of layer.
+        self._plans: dict[tuple, FusedPlan] = {}
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._keys: dict[bool, tuple[tuple, bool]] = {}
 
     # -- the loop's controller protocol --------------------------------------------------------
     def begin_step(self, state: StepState) -> None:
         self.state = state
-        self._plans.clear()
+        self._keys.clear()
 
     def end_step(self, state: StepState) -> None:
         self.state = None
@@ -184,56 +207,104 @@ class EditController:
         state = self.state
         if state is None:
             return sdpa(query, key, value, scale=scale)
-        if layer.is_cross and (self.keep_maps or layer.downscale == self.blend_downscale):
+        if self._records(layer):
             self._record_maps(query, key, layer, scale)
-        plan_key = (layer.is_cross, value.device, value.dtype)
-        if plan_key not in self._plans:
-            self._plans[plan_key] = self._plan(state, layer.is_cross, value.device, value.dtype)
-        plan = self._plans[plan_key]
-        if plan.touched:
-            self._saw("cross_edited" if layer.is_cross else "self_replaced", layer, state)
-        return plan.attend(query, key, value, scale)
+        return self._prepare(state, layer, value.device, value.dtype).attend(query, key, value, scale)
 
-    def _plan(self, state: StepState, is_cross: bool, device: torch.device, dtype: torch.dtype) -> FusedPlan:
-        """The step's edits of one kind of layer, built once on the CPU: a target reads its source's
-        queries and keys where the source's probabilities replace its own, and the edit's linear form
-        weights its values (:class:`FusedPlan`)."""
+    def graph_key(self, layer: LayerInfo, device: torch.device, dtype: torch.dtype) -> Hashable | None:
+        """What decides the fused path's launches at this layer and step (:mod:`npinv.graphs`): its plan
+        key; None (run eagerly) where maps are recorded or the explicit path runs. The plan is built
+        here, before the call (a capture then copies nothing from the host), and since a replay runs no
+        Python the rules' bookkeeping is done here too."""
+        state = self.state
+        if state is None:
+            return ("idle",)
+        if self._records(layer) or self.needs_probs(layer):
+            return None
+        self._prepare(state, layer, device, dtype)
+        return self._step_key(state, layer.is_cross)[0]
+
+    def _prepare(self, state: StepState, layer: LayerInfo, device: torch.device, dtype: torch.dtype) -> FusedPlan:
+        """This step's plan for ``layer`` (built at its key's first step), with the rules' bookkeeping."""
+        plan_key, touched = self._step_key(state, layer.is_cross)
+        if touched:
+            self._saw("cross_edited" if layer.is_cross else "self_replaced", layer, state)
+        full = (plan_key, device, dtype)
+        if full not in self._plans:
+            self._plans[full] = self._plan(state, layer.is_cross, plan_key[-1], device, dtype)
+        return self._plans[full]
+
+    def _records(self, layer: LayerInfo) -> bool:
+        return layer.is_cross and (self.keep_maps or layer.downscale == self.blend_downscale)
+
+    def _step_key(self, state: StepState, is_cross: bool) -> tuple[tuple, bool]:
+        """This step's plan key for one kind of layer (the row layout and, per group, the window
+        table's row or whether self-attention is replaced) and whether a rule applies, once a step."""
+        if is_cross not in self._keys:
+            present = self._present(state)
+            if is_cross:
+                rule: Hashable = tuple(None if g.cross is None else g.cross.value_weights().row(state.i)
+                                       for g in self.groups)
+                touched = any(p and g.cross is not None for g, p in zip(self.groups, present, strict=True))
+            else:
+                rule = self.self_steps[0] <= state.i < self.self_steps[1]
+                touched = rule and any(present)
+            layout = tuple((r.branch, r.kind) for r in state.rows)
+            self._keys[is_cross] = ((is_cross, layout, rule), touched)
+        return self._keys[is_cross]
+
+    def _present(self, state: StepState) -> list[list[tuple[int, int]]]:
+        """Per group, its targets (index j, batch row) edited this step: none unless the source's and
+        the target's conditional rows are both in the batch."""
+        cond_rows = {r.branch: k for k, r in enumerate(state.rows) if r.kind == "cond"}
+        return [[(j, cond_rows[b]) for j, b in enumerate(g.targets) if b in cond_rows]
+                if g.source in cond_rows else [] for g in self.groups]
+
+    def _plan(self, state: StepState, is_cross: bool, rule: Any, device: torch.device,
+              dtype: torch.dtype) -> FusedPlan:
+        """The plan of one key, built once on the CPU: a target reads its source's queries and keys
+        where the source's probabilities replace its own, and the edit's linear form weights its values
+        (:class:`FusedPlan`)."""
         cond_rows = {r.branch: k for k, r in enumerate(state.rows) if r.kind == "cond"}
         reads = list(range(len(state.rows)))
         mapped: list[tuple[int, torch.Tensor]] = []
         scaled: list[tuple[int, torch.Tensor]] = []
         own: list[tuple[int, torch.Tensor]] = []
-        touched = False
-        for group in self.groups:
-            present = [(j, cond_rows[b]) for j, b in enumerate(group.targets) if b in cond_rows]
-            if group.source not in cond_rows or not present:
+        for g, (group, present) in enumerate(zip(self.groups, self._present(state), strict=True)):
+            if not present:
                 continue
             src = cond_rows[group.source]
             if is_cross and group.cross is not None:
-                touched = True
-                w = group.cross.weights(state.i)
+                w, u = group.cross.value_weights(), rule[g]
+                base, own_w = self._table(g, device, dtype)
                 for j, row in present:
-                    if w.uses_base[j]:
+                    if w.uses_base[u][j]:
                         reads[row] = src
-                        mapped.append((row, w.base[j]))
-                        if w.uses_own[j]:
-                            own.append((row, w.own[j]))
-                    elif not w.own_is_one[j]:
-                        scaled.append((row, w.own[j]))
-            elif not is_cross and self.self_steps[0] <= state.i < self.self_steps[1]:
-                touched = True
+                        mapped.append((row, base[u, j]))
+                        if w.uses_own[u][j]:
+                            own.append((row, own_w[u, j]))
+                    elif not w.own_is_one[u][j]:
+                        scaled.append((row, own_w[u, j]))
+            elif not is_cross and rule:
                 for _, row in present:
                     reads[row] = src
 
         def rows(pairs: list[tuple[int, torch.Tensor]]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
             if not pairs:
                 return None, None
-            return (torch.tensor([r for r, _ in pairs], device=device),
-                    torch.stack([w for _, w in pairs]).to(device, dtype))
+            return to_device(torch.tensor([r for r, _ in pairs]), device), torch.stack([w for _, w in pairs])
 
         identity = reads == list(range(len(reads)))
-        return FusedPlan(touched, None if identity else torch.tensor(reads, device=device),
+        return FusedPlan(None if identity else to_device(torch.tensor(reads), device),
                          *rows(mapped), *rows(scaled), *rows(own))
+
+    def _table(self, group: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A group's value weights on the device, copied there once an edit."""
+        key = (group, device, dtype)
+        if key not in self._tables:
+            w = self.groups[group].cross.value_weights()  # type: ignore[union-attr]
+            self._tables[key] = (to_device(w.base, device, dtype), to_device(w.own, device, dtype))
+        return self._tables[key]
 
     def _record_maps(self, query: torch.Tensor, key: torch.Tensor, layer: LayerInfo, scale: float) -> None:
         """The cross-attention maps local blend and heat maps read, materialised and edited (by

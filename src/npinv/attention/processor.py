@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import re
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from typing import Protocol
 
 import torch
@@ -56,6 +56,10 @@ class FusedAttentionHook(AttentionHook, Protocol):
         """The layer's output (batch, heads, queries, head_dim) from (batch, heads, tokens, head_dim) inputs."""
         ...
 
+    def graph_key(self, layer: LayerInfo, device: torch.device, dtype: torch.dtype) -> Hashable | None:
+        """A hashable that changes whenever ``attend``'s launches at ``layer`` would, or None (eager)."""
+        ...
+
 
 ATTENTION_MODES = ("fused", "explicit")
 
@@ -83,12 +87,21 @@ class ControlledAttnProcessor:
     ``hook.attention``, or (``fused``) the hook's own fused computation except where it needs the
     probabilities. ``explicit_calls`` and ``fused_calls`` count the calls each way went."""
 
-    def __init__(self, hook: AttentionHook, layer: LayerInfo, *, fused: bool = False) -> None:
+    def __init__(self, hook: AttentionHook, layer: LayerInfo, *, fused: bool = False,
+                 device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         self.hook = hook
         self.layer = layer
         self.fused = fused
+        self.device, self.dtype = device, dtype  # the layer's (its values'), for graph_key
         self.explicit_calls = 0
         self.fused_calls = 0
+
+    def graph_key(self) -> Hashable | None:
+        """What decides this layer's launches now, for CUDA graphs (:mod:`npinv.graphs`): the fused
+        hook's key; None (run the call eagerly) on the explicit path. The call counters count the
+        calls this processor ran: a graph replay runs none."""
+        hook_key = getattr(self.hook, "graph_key", None) if self.fused and self.device is not None else None
+        return None if hook_key is None else hook_key(self.layer, self.device, self.dtype)
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kwargs):
         residual = hidden_states
@@ -153,7 +166,9 @@ def controlled_attention(unet, hook: AttentionHook, *, self_min_downscale: float
         key: info for key, info in infos.items()
         if info.is_cross or (self_min_downscale is not None and info.downscale >= self_min_downscale)
     }
-    processors = {key: ControlledAttnProcessor(hook, hooked[key], fused=mode == "fused") if key in hooked else proc
+    weight = next(unet.parameters())
+    processors = {key: ControlledAttnProcessor(hook, hooked[key], fused=mode == "fused", device=weight.device,
+                                               dtype=weight.dtype) if key in hooked else proc
                   for key, proc in original.items()}
     unet.set_attn_processor(processors)
     try:
