@@ -71,12 +71,7 @@ def _npi_round_trip(model, picture, steps):
     return reconstruct(model, inv, "npi", 7.5)
 
 
-# Committed fused attention (39a9d6c) still reads its window table's flags per step; the plans being
-# finished read them once per edit. Not strict until those land (then this mark goes).
-FUSED_PENDING = pytest.mark.xfail(strict=False, reason="fused P2P reads .cpu()/.tolist() per step before its plans")
-
-
-@pytest.mark.parametrize("attention", [pytest.param("fused", marks=FUSED_PENDING), "explicit"])
+@pytest.mark.parametrize("attention", ["fused", "explicit"])
 def test_host_reads_do_not_grow_with_the_steps(sd_model, picture, monkeypatch, attention):
     """NPI inversion + reconstruction and an NPI word-swap edit read the same number of host values at 5
     and at 10 steps: nothing per step (the reads left are per run: the fingerprint, the encoded latent's
