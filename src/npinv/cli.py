@@ -51,10 +51,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="diffusers folder, .safetensors file or hub id (default: embedded)")
     p.add_argument("--model-config", default=None, help="diffusers folder or hub id with configs for a single file")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a trusted .ckpt/.bin/.pt checkpoint")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="UNet precision (default fp32)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
+                   help="UNet / transformer and text encoder precision (default fp32; the step arithmetic stays fp32)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: best available)")
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
-                   help="on CUDA, replay UNet calls as CUDA graphs (default: on; no effect on CPU or MPS)")
+                   help="on CUDA, replay UNet calls as CUDA graphs (default: on; no effect on CPU or MPS, nor on flow "
+                        "models, whose transformer calls run eagerly)")
 
 
 LIST_KINDS = ("WordWindows", "WordNumbers")
