@@ -364,3 +364,25 @@ def test_heat_maps_read_the_same_maps(models, inversions, name):
         assert m.heat.shape == inv.trajectory.shape[-2:] and m.heat.min() >= 0
     total = sum(m.heat for m in maps if m.label == "source")
     assert 0 < total.max() <= 1 + 1e-6
+
+
+@pytest.mark.parametrize("mode", ["fused", "explicit"])
+def test_fused_mode_materialises_only_the_image_text_block(models, inversions, monkeypatch, mode):
+    """Fused: probabilities only for the maps local blend reads, image queries x text keys; explicit: the
+    whole joint softmax of every hooked block (the oracle)."""
+    import npinv.attention.joint as joint
+
+    model, inv = models["flux-dev"], inversions["flux-dev"]
+    shapes = []
+    real = joint._probs
+
+    def probs(q, k):
+        shapes.append((q.shape[-2], k.shape[-2]))
+        return real(q, k)
+
+    monkeypatch.setattr(joint, "_probs", probs)
+    edit(model, inv, [GREEN], EditSettings(method="npi", guidance=7.5, controller="replace", blend=("red", "green"),
+                                           attention=mode))
+    n_txt, n_img = edit_tokens(model).length, model.image_seq_len(tuple(inv.trajectory.shape[-2:]))
+    want = (n_img, n_txt) if mode == "fused" else (n_txt + n_img, n_txt + n_img)
+    assert shapes and set(shapes) == {want}
