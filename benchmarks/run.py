@@ -20,6 +20,7 @@ from npinv import load_model
 from npinv.bench.edit_shapes import edit_table, inversion_label, run_edit_shapes
 from npinv.bench.paired import compare_paired, load_edit_rows, paired_table
 from npinv.bench.reconstruct import reconstruct_table, run_reconstruct_bench
+from npinv.bench.attention_timing import attention_timing_table, run_attention_timing
 from npinv.bench.throughput import run_throughput, throughput_table
 from npinv.io import write_text
 from npinv.settings import DEFAULT_INVERT_ITERS, DEFAULT_INVERT_TOL
@@ -33,7 +34,8 @@ EXACT_METHODS = ("npi@fixed-point", "npi@anderson", "npi@bdia", "npi@bdia+g0.9",
 # against in the same run.
 EXACT_EDIT_INVERSIONS = (("ddim", 1.0), ("anderson", 1.0), ("bdia", 1.0), ("bdia", 0.9))
 # The results folders main() writes (besides edit_exact_*), which a fresh run clears first.
-OUTPUT_FOLDERS = ("reconstruct", "edit_shapes", "edit_guidance", "edit_blend", "edit_noblend", "edit_bare", "throughput")
+OUTPUT_FOLDERS = ("reconstruct", "edit_shapes", "edit_guidance", "edit_blend", "edit_noblend", "edit_bare", "throughput",
+                  "attention_timing")
 
 
 def frontier_section(rec: dict) -> str:
@@ -137,6 +139,8 @@ def main() -> None:
                              load_edit_rows(out / f"edit_exact_{inversion_label(scheme, gamma)}_s{steps}"))
               for steps in exact_steps for scheme, gamma in EXACT_EDIT_INVERSIONS if scheme != "ddim"]
     throughput = run_throughput(model, out / "throughput", n_images=args.batch_images, guidance=rec_w)
+    # Measured afresh on every run (a minute): fused against explicit attention, side by side.
+    attention = run_attention_timing(model, out / "attention_timing")
     sd15 = None
     if args.sd15_steps:
         import subprocess
@@ -216,13 +220,21 @@ NPI + word swap at w = {rec_w:g} (the model's recommended guidance), 50 steps; e
 whole manifest from scratch (inversion, editing, PNGs and results rows written). Several images share one UNet call a step.
 
 {throughput_table(throughput)}
+## Fused against explicit Prompt-to-Prompt attention (CPU, same run)
+
+NPI + word swap + local blend at w = {rec_w:g}, {attention['steps']} steps, on {attention['n_scenes']} held-out
+scenes, each edit run {attention['repeats']} times per path, alternating which goes first
+(`npinv.bench.attention_timing`). `explicit` is npinv's attention path before the fused one (kept as the
+test oracle, `--attention explicit`); the edits agree to the pixel difference shown.
+
+{attention_timing_table(attention)}
 {sd15_section(sd15, args.sd15_steps)}"""
     write_text(ROOT / "BENCHMARKS.md", text)
     write_text(out / "benchmarks.json", json.dumps({"reconstruct": rec, "edit": edits, "edit_guidance": sweep,
                                                     "edit_bare": bare, "edit_blend": blend_maps, "edit_noblend": no_blend,
                                                     "edit_exact": exact_edits,
                                                     "edit_exact_paired": [dataclasses.asdict(c) for c in paired],
-                                                    "throughput": throughput,
+                                                    "throughput": throughput, "attention_timing": attention,
                                                     "minutes": minutes}, indent=2, default=float))
     print(text)
 

@@ -439,11 +439,11 @@ class InvertSettings:
     invert_iters: int = setting(DEFAULT_INVERT_ITERS, Number(1, 100, integer=True),
                                 "fixed-point and anderson: at most this many extra UNet calls a step (default "
                                 f"{DEFAULT_INVERT_ITERS}; a step stops as soon as it meets --invert-tol)",
-                                label="Fixed-point iterations (most)")
+                                label="Iterations a step, most (fixed-point, anderson)")
     invert_tol: float = setting(DEFAULT_INVERT_TOL, Number(0, 1), "fixed-point and anderson: stop a step once its "
                                 "denoising step lands within this relative distance of where it started (default "
                                 f"{DEFAULT_INVERT_TOL:g})",
-                                label="Fixed-point tolerance")
+                                label="Tolerance (fixed-point, anderson)")
     bdia_gamma: float = setting(1.0, Number(0, 1, low_open=True),
                                 "bdia: damping factor gamma of each step (BDIA's; 1: the plain step; below 1 edits "
                                 "follow the target prompt more, and inverting divides by it every step, so rounding "
