@@ -17,10 +17,10 @@ from pathlib import Path
 import torch
 
 from npinv import load_model
+from npinv.bench.attention_timing import attention_timing_table, run_attention_timing
 from npinv.bench.edit_shapes import edit_table, inversion_label, run_edit_shapes
 from npinv.bench.paired import compare_paired, load_edit_rows, paired_table
 from npinv.bench.reconstruct import reconstruct_table, run_reconstruct_bench
-from npinv.bench.attention_timing import attention_timing_table, run_attention_timing
 from npinv.bench.throughput import run_throughput, throughput_table
 from npinv.io import write_text
 from npinv.settings import DEFAULT_INVERT_ITERS, DEFAULT_INVERT_TOL

@@ -46,7 +46,7 @@ def run_attention_timing(model: Model, out: str | Path, *, n_scenes: int = 6, st
                 done = edit(model, [(inverted, [target.caption])], dataclasses.replace(base, attention=kind))[0]
                 seconds[kind].append(time.perf_counter() - start)
                 images[kind] = done.images
-        diff = float(((images["fused"] - images["explicit"]).abs().max() * 127.5))
+        diff = float((images["fused"] - images["explicit"]).abs().max() * 127.5)
         explicit, fused = statistics.median(seconds["explicit"]), statistics.median(seconds["fused"])
         rows.append({"scene": n, "explicit_seconds": explicit, "fused_seconds": fused, "fused_over_explicit": fused / explicit,
                      "max_pixel_difference": diff})
