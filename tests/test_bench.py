@@ -325,3 +325,13 @@ def test_a_bench_folder_in_use_is_refused_naming_the_holder(tmp_path, sd_model, 
         holder.wait(timeout=60)
     run_reconstruct_bench(sd_model, out, shapes=1, steps_list=(2,), methods=("npi",))  # free again
     assert not (out / ".npinv.lock").exists()
+
+
+def test_attention_timing_compares_the_two_paths_on_the_same_edits(tmp_path, sd_model):
+    from npinv.bench.attention_timing import attention_timing_table, run_attention_timing
+
+    summary = run_attention_timing(sd_model, tmp_path / "attn", n_scenes=2, steps=3, repeats=2)
+    assert [r["scene"] for r in summary["rows"]] == [0, 1] and summary["max_pixel_difference"] < 0.5
+    assert all(r["fused_over_explicit"] == r["fused_seconds"] / r["explicit_seconds"] for r in summary["rows"])
+    assert json.loads((tmp_path / "attn" / "summary.json").read_text())["n_scenes"] == 2
+    assert "| fused (the default) |" in attention_timing_table(summary)
