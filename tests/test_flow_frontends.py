@@ -290,3 +290,15 @@ def test_a_timestep_offset_is_refused_before_loading(capsys, tmp_path, sd3_folde
     code, _, stderr = run(capsys, "reconstruct", image_file, "--prompt", SOURCE, "--model", sd3_folder, "--offset", 1,
                           "--out", tmp_path / "x.png")
     assert "no timestep offset" in one_line(code, stderr)
+
+
+def test_offload_needs_cuda(capsys, tmp_path, flux_dev_folder, image_file):
+    """--offload (diffusers' model CPU offload) is CUDA only: refused in one line on the CPU, before loading."""
+    from npinv.errors import NpinvError
+    from npinv.model import load_model
+
+    code, _, stderr = run(capsys, "reconstruct", image_file, "--prompt", SOURCE, "--model", flux_dev_folder,
+                          "--offload", "--device", "cpu", "--out", tmp_path / "x.png")
+    assert "--offload" in one_line(code, stderr) and not (tmp_path / "x.png").exists()
+    with pytest.raises(NpinvError, match="CUDA device"):
+        load_model(flux_dev_folder, device="cpu", offload=True)

@@ -57,6 +57,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                    help="on CUDA, replay UNet calls as CUDA graphs (default: on; no effect on CPU or MPS, nor on flow "
                         "models, whose transformer calls run eagerly)")
+    p.add_argument("--offload", action="store_true",
+                   help="CUDA only: keep the networks in CPU memory and move each to the GPU while it runs "
+                        "(diffusers' model CPU offload: for FLUX.1 / SD3.5-Large on a smaller card; slower)")
 
 
 LIST_KINDS = ("WordWindows", "WordNumbers")
@@ -327,7 +330,7 @@ def _load(args):
     from npinv.model import load_model
 
     model = load_model(args.model, args.device, args.dtype, allow_pickle=args.allow_pickle, config=args.model_config,
-                       cuda_graphs=args.cuda_graphs)
+                       cuda_graphs=args.cuda_graphs, offload=args.offload)
     args.resources.enter_context(_quiet_libraries(model))
     return model
 
@@ -706,11 +709,11 @@ def _check_before_load(args, settings=None, *, guidance=None, inverts: bool = Tr
     the size against its VAE, a broken model folder (one line naming the file), a model that cannot be
     inverted (FLUX.1-schnell) when the command ``inverts``. ``settings``: the run's InvertSettings."""
     from npinv.checks import check_seed, check_size
-    from npinv.model import model_facts, parse_device
+    from npinv.model import check_offload, model_facts, parse_device
 
     if getattr(args, "seed", None) is not None:
         check_seed(args.seed, "--seed")
-    parse_device(args.device)
+    check_offload(getattr(args, "offload", False), parse_device(args.device))
     facts = model_facts(args.model, args.model_config)
     if inverts:
         facts.check_invertible()

@@ -420,6 +420,13 @@ def _read_vocabulary(pipe: Any) -> frozenset[str] | None:
     return frozenset(words.read_text().split()) if words.is_file() else None
 
 
+def check_offload(offload: bool, device: torch.device) -> None:
+    """``--offload`` needs a CUDA device (diffusers' model CPU offload moves each network to it while it runs)."""
+    if offload and device.type != "cuda":
+        raise NpinvError(f"--offload moves the networks between CPU memory and a CUDA device; the device here is "
+                         f"{device.type} (use --device cuda, or drop --offload)")
+
+
 def load_model(
     spec: str | Path | None = None,
     device: str | torch.device | None = None,
@@ -428,6 +435,7 @@ def load_model(
     allow_pickle: bool = False,
     config: str | Path | None = None,
     cuda_graphs: bool = True,
+    offload: bool = False,
 ) -> Model:
     """Load a Stable Diffusion family model (SD 1.x, SD 2.x, SDXL: a :class:`Model`) or a flow-matching
     one (SD3 / SD3.5 / FLUX.1: a :class:`npinv.flow_model.FlowModel`, the same interface) for inversion
@@ -437,12 +445,15 @@ def load_model(
     config asks for upcasting, and the schedule's arithmetic is always fp32. ``config`` is the
     diffusers folder or hub id whose configs a single-file checkpoint uses (needed offline).
     ``cuda_graphs``: on a CUDA device, replay UNet calls as CUDA graphs (:mod:`npinv.graphs`; no
-    effect elsewhere).
+    effect elsewhere). ``offload``: keep the networks in CPU memory and move each to the CUDA device
+    only while it runs (diffusers' ``enable_model_cpu_offload``: the text encoders, run once per
+    prompt, leave the GPU to the denoiser); CUDA only, and it turns CUDA graphs off (the weights move).
     """
     from diffusers.utils import logging as dlogging
 
     torch_dtype = parse_dtype(dtype)
     dev = parse_device(device)
+    check_offload(offload, dev)
     edit_guidance = model_edit_guidance(spec)  # a malformed npinv.json fails before the slow load
     if _is_embedded(spec):
         path, name = embedded_model_path(), "npinv-shapes-64"
@@ -468,9 +479,12 @@ def load_model(
         parts = [(network, torch_dtype), (pipe.text_encoder, torch_dtype), (pipe.vae, vae_dtype),
                  (getattr(pipe, "text_encoder_2", None), torch_dtype),
                  (getattr(pipe, "text_encoder_3", None), torch_dtype)]
+        home = torch.device("cpu") if offload else dev  # offloaded parts wait in CPU memory
         for part, wanted in parts:
-            if part is not None and (part.dtype != wanted or part.device != dev):
-                part.to(dev, wanted)
+            if part is not None and (part.dtype != wanted or part.device != home):
+                part.to(home, wanted)
+        if offload:
+            pipe.enable_model_cpu_offload(device=dev)
     finally:
         dlogging.set_verbosity(verbosity)
         tlogging.set_verbosity(tverbosity)
@@ -482,7 +496,7 @@ def load_model(
     if type(pipe).__name__ in FLOW_PIPELINES:
         # Transformer calls run eagerly (no CUDA graphs yet for this family): cuda_graphs has no effect.
         return FlowModel(pipe, name, dev, torch_dtype, edit_guidance=edit_guidance)
-    return Model(pipe, name, dev, torch_dtype, edit_guidance=edit_guidance, cuda_graphs=cuda_graphs)
+    return Model(pipe, name, dev, torch_dtype, edit_guidance=edit_guidance, cuda_graphs=cuda_graphs and not offload)
 
 
 # -- reading a model's configs before its weights -------------------------------------------------------
