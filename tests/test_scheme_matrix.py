@@ -223,3 +223,17 @@ def test_reconstruct_help_names_each_methods_default_scheme(capsys):
     assert "(default bdia for npi, proxnpi, proxnpi-noig; ddim for nti, ddim)" in text
     assert {m.reconstruct_scheme for m in METHODS.values()} == {"bdia", "ddim"}
     assert get_method("nti").reconstruct_scheme == "ddim"
+
+
+def test_a_flow_only_method_is_refused_on_a_unet_model_before_inverting(capsys, tmp_path, sd_folder, image_file,
+                                                                         monkeypatch):
+    import npinv.service
+
+    def no_inversion(*args, **kwargs):
+        raise AssertionError("inverted before refusing")
+
+    monkeypatch.setattr(npinv.service, "invert", no_inversion)
+    code, _, err = run(capsys, "edit", str(image_file), "--source", PROMPT, "--target", "a red square on a blue background",
+                       "--method", "flowedit", "--steps", "3", "--model", str(sd_folder), "--out", str(tmp_path / "e.png"))
+    one_line_refusal(code, err, "method flowedit is for flow-matching models")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.png"]

@@ -25,7 +25,7 @@ from PIL import Image
 from npinv.demo import bundled_examples
 from npinv.errors import NpinvError
 from npinv.inversion import Inversion
-from npinv.schemes import scheme_names
+from npinv.schemes import SCHEMES, scheme_names
 from npinv.service import prepare_file
 from npinv.settings import DEFAULT_INVERT_ITERS, DEFAULT_INVERT_TOL, EditSettings, InvertSettings, flag_name, from_value, specs
 from npinv.webapp.app import ServeOptions, build_app, is_loopback, launch
@@ -186,8 +186,9 @@ def test_fixed_point_inversion_is_its_own_cache_entry(engine):
                         invert_iters=3)
     assert again.timings.inversion_cached and again.timings.invert_scheme == "fixed-point"
     assert again.timings.invert_extra_calls == t.invert_extra_calls and again.timings.unet_calls == 4
-    plain = engine.invert(cache, EXAMPLE["path"], EXAMPLE["prompt"], steps=4, invert_tol=0.5)
-    assert plain.timings.inversion_cached and plain.timings.invert_scheme == "ddim"
+    # A tolerance does nothing to a DDIM inversion: refused rather than ignored, in one line.
+    with pytest.raises(NpinvError, match="^invert-tol applies to --invert-scheme fixed-point and anderson only, not ddim$"):
+        engine.invert(cache, EXAMPLE["path"], EXAMPLE["prompt"], steps=4, invert_tol=0.5)
     other = engine.invert(cache, EXAMPLE["path"], EXAMPLE["prompt"], steps=4, invert_scheme="fixed-point",
                           invert_iters=3, invert_tol=0.5)
     assert not other.timings.inversion_cached and len(cache) == 3
@@ -323,7 +324,9 @@ def test_the_edit_form_is_derived_from_the_schema(engine):
     assert [c[1] for c in by_id["npinv-offset"].choices] == ["0", "1", "default"]
     assert isinstance(by_id["npinv-resize"], gr.Radio) and by_id["npinv-resize"].value == "crop"
     scheme = by_id["npinv-invert-scheme"]
-    assert isinstance(scheme, (gr.Radio, gr.Dropdown)) and [c[1] for c in scheme.choices] == list(scheme_names())
+    # The UNet model is offered the schemes it runs (midpoint and fireflow are for flow models).
+    assert isinstance(scheme, (gr.Radio, gr.Dropdown)) and [c[1] for c in scheme.choices] == \
+        [s for s in scheme_names() if not SCHEMES[s].flow_only] == ["ddim", "fixed-point", "anderson", "bdia"]
     assert scheme.value == "ddim" and scheme.info
     assert by_id["npinv-invert-iters"].value == DEFAULT_INVERT_ITERS  # the defaults, not snapped
     assert by_id["npinv-invert-tol"].value == DEFAULT_INVERT_TOL

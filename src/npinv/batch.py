@@ -29,7 +29,7 @@ from typing import Any
 
 from npinv.cache import InversionCache
 from npinv.cost import Meter
-from npinv.editing import check_edit_words
+from npinv.editing import check_edit
 from npinv.errors import NpinvError
 from npinv.io import load_image, remove_stale_temporaries, save_image, tensor_to_image
 from npinv.methods import check_scheme
@@ -186,10 +186,9 @@ def _safe_name(name: str) -> str:
 def check_words(model: Model, rows: list[ManifestRow]) -> None:
     """Prompt-level checks that need the tokenizer (blend and reweight words, replace word counts):
     the first failing row raises with its line number, still before any UNet call."""
-    tok = model.edit_tokenizer
     for row in rows:
         try:
-            check_edit_words(tok, row.source, list(row.targets), row.invert.steps, row.edit)
+            check_edit(model, row.source, list(row.targets), row.invert.steps, row.edit)
         except NpinvError as exc:
             raise NpinvError(f"line {row.line}: {exc}") from None
 

@@ -447,7 +447,7 @@ def cmd_edit(args) -> int:
     from pathlib import Path
 
     from npinv.attention.maps import save_attention_maps
-    from npinv.editing import check_edit_words
+    from npinv.editing import check_edit
     from npinv.inversion import Inversion, check_inversion_path
     from npinv.io import check_output_path, image_grid, load_image, save_image, staged_outputs, tensor_to_image
     from npinv.methods import check_scheme
@@ -488,7 +488,7 @@ def cmd_edit(args) -> int:
     _check_before_load(args, inv_settings, guidance=settings.guidance)
     model = _load(args)
     # The words (blend, reweight, per-word cross-replace) before the inversion's cost and its warnings.
-    check_edit_words(model.edit_tokenizer, args.source or saved.source_prompt, args.target, inv_settings.steps,
+    check_edit(model, args.source or saved.source_prompt, args.target, inv_settings.steps,
                      settings)
     source = prepare_file(args.image, model, inv_settings)
     inverted = load_inversion(args.inversion, model, source, steps=inv_settings.steps) if saved is not None else None

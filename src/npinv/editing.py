@@ -29,7 +29,7 @@ from npinv.sampling import Branch, StepHook, StepState, sample
 from npinv.settings import EditSettings
 
 __all__ = ["EditSettings", "EditResult", "EditJob", "edit", "edit_batch", "cross_edit", "blend_tokens",
-           "check_edit_words", "blend_downscale", "edit_tokens", "BLEND_SIDE"]
+           "check_edit_words", "check_edit", "blend_downscale", "edit_tokens", "BLEND_SIDE"]
 
 
 @dataclasses.dataclass
@@ -99,6 +99,14 @@ def check_edit_words(tokenizer, source_prompt: str, targets: list[str], steps: i
     cross_edit(tokenizer, source_prompt, list(targets), steps, settings)
     if settings.blend is not None:
         blend_tokens(tokenizer, source_prompt, list(targets), settings.blend)
+
+
+def check_edit(model: Model, source_prompt: str, targets: list[str], steps: int, settings: EditSettings) -> None:
+    """Everything about an edit that can be known before the inversion: the method against the model
+    (FlowEdit on a UNet) and its inversion scheme, then the words against the rows the edit addresses
+    (:func:`edit_tokens`: SD3's CLIP and T5 rows, FLUX's T5 pieces)."""
+    get_method(settings.method).check_model(model)
+    check_edit_words(edit_tokens(model), source_prompt, targets, steps, settings)
 
 
 def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, source_rows: str = "shared",

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 
 from npinv.cost import Meter
-from npinv.editing import check_edit_words
+from npinv.editing import check_edit
 from npinv.errors import NpinvError
 from npinv.io import atomic_path, check_output_path, remove_abandoned_temporaries, tensor_to_image, writing
 from npinv.model import Model
@@ -431,7 +431,7 @@ def edit_video(model: Model, video: str | Path, out: str | Path, source: str, ta
     kept: list[torch.Tensor] = []
     invert_settings = invert_settings or InvertSettings()
     # The words (blend, reweight, per-word cross-replace) before the first frame's inversion and its warnings.
-    check_edit_words(model.edit_tokenizer, source, [target], invert_settings.steps, settings)
+    check_edit(model, source, [target], invert_settings.steps, settings)
     meter = Meter(model)
     frames = read_frames(video, max_frames=max_frames)
     edits = edit_frames(model, frames, source, target, settings, invert_settings, batch_size=batch_size)

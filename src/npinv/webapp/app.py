@@ -205,8 +205,20 @@ def setting_text(kind, value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def runnable_choices(name: str, options: list, model) -> list:
+    """The methods and inversion schemes this server's model runs (flow-only ones are not offered for a
+    UNet model); every other setting's options as they are."""
+    from npinv.methods import METHODS
+    from npinv.schemes import SCHEMES
+
+    registry = {"method": METHODS, "invert_scheme": SCHEMES}.get(name)
+    if registry is None or model is None or getattr(model, "is_flow", False):
+        return options
+    return [c for c in options if c not in registry or not registry[c].flow_only]
+
+
 def setting_control(field: dataclasses.Field, spec: Spec, *, guidance: float | None = None, high: float | None = None,
-                    info: bool = False) -> gr.Component:
+                    info: bool = False, model=None) -> gr.Component:
     """The page's control of one settings field (EditSettings' or InvertSettings'), from its schema
     kind, default and label. ``guidance``: the guidance slider's start (the model's); ``high``: this
     server's cap of a number below the schema's bound (:data:`~npinv.webapp.engine.SERVER_CAPS`). The
@@ -220,7 +232,7 @@ def setting_control(field: dataclasses.Field, spec: Spec, *, guidance: float | N
                          **common)
     if isinstance(kind, Choice):
         labels = CHOICE_LABELS.get(field.name, {})
-        options = [*kind.choices(), *([None] if kind.optional else [])]
+        options = runnable_choices(field.name, [*kind.choices(), *([None] if kind.optional else [])], model)
         choices = [(labels.get(c, "default" if c is None else str(c)), "default" if c is None else str(c))
                    for c in options]
         value = "default" if default is None else str(default)
@@ -311,7 +323,8 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
                     for f, spec in specs(InvertSettings):
                         if spec.web:
                             cap = getattr(limits, SERVER_CAPS[f.name]) if f.name in SERVER_CAPS else None
-                            inv_form[f.name] = setting_control(f, spec, high=cap, info=f.name not in INVERT_TOP)
+                            inv_form[f.name] = setting_control(f, spec, high=cap, info=f.name not in INVERT_TOP,
+                                                               model=engine.model)
                 invert_btn = gr.Button("Invert", variant="primary", elem_id="npinv-invert")
             with gr.Column(scale=2, min_width=480):
                 status = gr.Markdown("Upload an image or pick an example below.", label="Status", elem_id="npinv-status")
@@ -337,7 +350,8 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
 
                 def controls(fields, info: bool = False) -> None:
                     for f, spec in fields:
-                        form[f.name] = setting_control(f, spec, guidance=engine.edit_guidance, info=info)
+                        form[f.name] = setting_control(f, spec, guidance=engine.edit_guidance, info=info,
+                                                       model=engine.model)
 
                 controls([(f, spec) for f, spec in web if f.name in FORM_TOP])
                 with gr.Accordion("Controller settings", open=False, elem_id="npinv-controller-settings"):

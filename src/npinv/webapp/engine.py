@@ -29,6 +29,7 @@ from npinv.attention.maps import heat_image, word_maps
 from npinv.cache import InversionCache
 from npinv.checks import short_repr
 from npinv.cost import Cost
+from npinv.editing import check_edit
 from npinv.errors import NpinvError
 from npinv.inversion import Inversion
 from npinv.io import load_image, save_image, tensor_to_image
@@ -365,7 +366,9 @@ class Engine:
         negatives only once per guidance: the service keeps them in the cache."""
         prompt = self._source_prompt(prompt)
         settings = self.invert_settings(**settings)
-        check_scheme(request.settings.method, settings.invert_scheme)  # before the inversion's cost
+        # Before the inversion's cost: the method against the scheme and the model, the words.
+        check_scheme(request.settings.method, settings.invert_scheme)
+        check_edit(self.model, prompt, [request.target], settings.steps, request.settings)
         with self._model_call() as caught:
             source, read_s = self._read(path, name, settings)
             if InversionKey.of(self.model, source, prompt, settings) not in cache:
