@@ -3,10 +3,11 @@
 import os as _os
 import sys as _sys
 
-# Before torch loads OpenMP, which reads it then: waiting threads sleep instead of spinning, unless the
-# user chose (beside other work on the same cores, spinning made runs 20-40x slower; npinv.threads).
-if "torch" not in _sys.modules:
-    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# Before torch loads OpenMP, which reads it then: a waiting thread spins briefly, then sleeps, unless the
+# user chose a policy. Beside other work on the same cores the default spin made runs 35x slower; sleeping at
+# once (OMP_WAIT_POLICY=PASSIVE) doubled them on an idle machine (npinv.threads, docs/batch.md).
+if "torch" not in _sys.modules and not {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"} & set(_os.environ):
+    _os.environ["GOMP_SPINCOUNT"] = "3000"
 
 from npinv.cost import Cost
 from npinv.editing import EditResult, edit, edit_batch

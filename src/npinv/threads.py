@@ -5,15 +5,16 @@ threads spin while they wait for each other. Beside other work on the same cores
 process, ``accelerate launch`` on a CPU, a server beside a batch job, anything) a thread waits for
 one the kernel has descheduled, spinning: a 20-step reconstruct of the embedded model took 67-131 s
 instead of 2.3-2.9 s on a 2-core machine (docs/batch.md). Either fix alone removes that here: one
-thread per process, or waiting threads that sleep (``OMP_WAIT_POLICY=PASSIVE``). So the CLI
+thread per process, or waiting threads that sleep. So the CLI
 
 - gives each process the CPUs it may use (``os.sched_getaffinity``) divided by the processes launched
   together (accelerate's and torchrun's ``LOCAL_WORLD_SIZE``), at least one: ``--threads N`` or
   ``NPINV_THREADS`` set the number; an ``OMP_NUM_THREADS`` or ``MKL_NUM_THREADS`` the user exported is
   left to torch, which reads it;
-- and ``import npinv`` sets ``OMP_WAIT_POLICY=PASSIVE`` unless the user set it or torch is already
-  loaded (OpenMP reads it once, when torch loads it; setting it later does nothing): that covers the
-  work npinv cannot see (another launch, another program).
+- and ``import npinv`` bounds how long a waiting OpenMP thread spins before it sleeps
+  (``GOMP_SPINCOUNT=3000``) unless the user set it or ``OMP_WAIT_POLICY``, or torch is already loaded
+  (OpenMP reads them once, when torch loads it): that covers the work npinv cannot see (another launch,
+  another program). Sleeping at once (``OMP_WAIT_POLICY=PASSIVE``) doubles an idle machine's times.
 """
 
 from __future__ import annotations
