@@ -34,6 +34,7 @@ import torch.nn.functional as F
 
 from npinv.attention.align import find_word
 from npinv.attention.control import blend_mask
+from npinv.attention.install import edit_tokens
 from npinv.bench.results import claim_for_model, group, markdown_table, nanmean
 from npinv.cache import InversionCache
 from npinv.cost import Cost
@@ -215,7 +216,7 @@ def _word_iou(model: Model, result, scene: Scene) -> float:
     controller = result.controller
     if controller is None or result.first_branch not in controller.blend_sum:
         return math.nan
-    tok, caption = model.edit_tokenizer, scene.caption
+    tok, caption = edit_tokens(model), scene.caption  # the rows the blend mask reads (SD3: CLIP and T5)
     tokens = find_word(tok, caption, scene.color) + find_word(tok, caption, scene.shape)
     hw = tuple(result.latents.shape[-2:])
     mask = blend_mask(controller, result.first_branch, tokens, hw).cpu()
