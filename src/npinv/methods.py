@@ -212,22 +212,22 @@ def check_scheme(method: str | Method, scheme: str) -> None:
     if not method.needs_inversion:  # it samples no inversion: any scheme is as good (its work is wasted)
         return
     if get_scheme(scheme).sampler != "euler" and not method.samples_midpoint:
-        names = _suggested_schemes(method)
-        raise NpinvError(f"method {method.name} cannot sample a {scheme} inversion: it optimises each Euler step's "
-                         f"negative; invert with --invert-scheme {', '.join(names[:-1])} or {names[-1]}")
-    if get_scheme(scheme).pair_start and not method.samples_bdia:
-        names = _suggested_schemes(method)
-        fine = ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
-        raise NpinvError(f"method {method.name} cannot sample a {scheme} inversion: its coupled step is exact only when "
-                         f"sampling repeats the inversion's model outputs, and amplifies {method.name}'s difference "
-                         f"into noise; invert with --invert-scheme {fine}")
+        why = "it optimises each Euler step's negative"
+    elif get_scheme(scheme).pair_start and not method.samples_bdia:
+        why = (f"its coupled step is exact only when sampling repeats the inversion's model outputs, and amplifies "
+               f"{method.name}'s difference into noise")
+    else:
+        return
+    raise NpinvError(f"method {method.name} cannot sample a {scheme} inversion: {why}; invert with --invert-scheme "
+                     f"{_suggested_schemes(method)}")
 
 
-def _suggested_schemes(method: Method) -> tuple[str, ...]:
-    """The schemes a refusal suggests: those every model takes (a check before loading knows no model)."""
+def _suggested_schemes(method: Method) -> str:
+    """The schemes a refusal suggests, in words: those every model takes (a check before loading knows no model)."""
     from npinv.schemes import SCHEMES
 
-    return tuple(n for n in scheme_names_for(method) if not SCHEMES[n].flow_only)
+    names = [n for n in scheme_names_for(method) if not SCHEMES[n].flow_only]
+    return ", ".join(names[:-1]) + f" or {names[-1]}" if len(names) > 1 else names[0]
 
 
 def scheme_names_for(method: str | Method) -> tuple[str, ...]:
