@@ -26,18 +26,15 @@ SOURCE, TARGET = "a red circle on blue background", "a green square on blue back
 
 
 def _model(folder, **kwargs) -> FlowModel:
-    from tiny_flow import load
+    from tiny_flow import flow_model
 
-    return FlowModel(load(folder), str(folder), torch.device("cpu"), torch.float32, **kwargs)
+    return flow_model(folder, **kwargs)
 
 
 def _image() -> torch.Tensor:
-    import numpy as np
+    from tiny_flow import circle_image
 
-    from npinv.scenes import Scene
-
-    pixels = np.asarray(Scene("circle", "red", "blue", 0.5).render(SIZE), dtype=np.float32) / 127.5 - 1
-    return torch.from_numpy(pixels).permute(2, 0, 1)[None]
+    return circle_image(SIZE)
 
 
 def _pixels(x: torch.Tensor):

@@ -154,3 +154,20 @@ def load(folder: Path, **kwargs):
     pipe = DiffusionPipeline.from_pretrained(folder, **{**absent_components(folder), **kwargs})
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def flow_model(folder: Path, **kwargs):
+    """An fp32 CPU FlowModel over the tiny folder, built directly (the tests of the adapter itself)."""
+    from npinv.flow_model import FlowModel
+
+    return FlowModel(load(folder), str(folder), torch.device("cpu"), torch.float32, **kwargs)
+
+
+def circle_image(size: int) -> torch.Tensor:
+    """(1, 3, size, size) in [-1, 1]: a red circle on blue, the tests' real-world-ish picture."""
+    import numpy as np
+
+    from npinv.scenes import Scene
+
+    pixels = np.asarray(Scene("circle", "red", "blue", 0.5).render(size), dtype=np.float32) / 127.5 - 1
+    return torch.from_numpy(pixels).permute(2, 0, 1)[None]
