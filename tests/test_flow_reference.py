@@ -67,17 +67,23 @@ def test_sd3_npi_identity_through_the_diffusers_pipeline(sd3_case):
     assert (out - z0).abs().max() > 1e-3  # plain Euler inversion is not exact: the identity is not a round trip to z0
 
 
+def _hand_cfg(schedule: FlowSchedule, z_t: torch.Tensor, velocity, scale: float) -> torch.Tensor:
+    """Euler sampling by hand with CFG: ``velocity(z, t, negative)`` is the negative's (True) or the condition's."""
+    z = z_t
+    for i, t in enumerate(schedule.timesteps):
+        v_neg, v_cond = velocity(z, t, True), velocity(z, t, False)
+        z = schedule.denoise_step(z, v_neg + scale * (v_cond - v_neg), i)
+    return z
+
+
 def test_sd3_flow_schedule_loop_reproduces_the_pipelines_cfg(sd3_case):
     pipe, z0, (src, src_pooled), (tgt, tgt_pooled) = sd3_case
     s = FlowSchedule.from_scheduler_config(pipe.scheduler.config, STEPS)
     w = 7.5
     z_t = torch.randn(z0.shape, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        z = z_t
-        for i, t in enumerate(s.timesteps):
-            v_neg = _sd3_velocity(pipe, z, t, src, src_pooled)
-            v_cond = _sd3_velocity(pipe, z, t, tgt, tgt_pooled)
-            z = s.denoise_step(z, v_neg + w * (v_cond - v_neg), i)
+        z = _hand_cfg(s, z_t, lambda z, t, neg: _sd3_velocity(pipe, z, t, *((src, src_pooled) if neg else (tgt, tgt_pooled))),
+                      w)
         out = pipe(prompt_embeds=tgt, pooled_prompt_embeds=tgt_pooled, negative_prompt_embeds=src,
                    negative_pooled_prompt_embeds=src_pooled, guidance_scale=w, latents=z_t,
                    num_inference_steps=STEPS, height=SIZE, width=SIZE, output_type="latent").images
@@ -154,11 +160,7 @@ def test_flux_dev_flow_schedule_loop_reproduces_the_pipelines_true_cfg(flux_case
     scale = 4.0
     z_t = torch.randn(z0.shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        z = z_t
-        for i, t in enumerate(s.timesteps):
-            v_neg = _flux_velocity(pipe, z, t, src, img_ids)
-            v_cond = _flux_velocity(pipe, z, t, tgt, img_ids)
-            z = s.denoise_step(z, v_neg + scale * (v_cond - v_neg), i)
+        z = _hand_cfg(s, z_t, lambda z, t, neg: _flux_velocity(pipe, z, t, src if neg else tgt, img_ids), scale)
         out = _flux_pipe(pipe, tgt, src, scale, z_t)
     assert (out - z).abs().max() <= 1e-5
     assert (out - z_t).abs().max() > 1e-2
