@@ -19,6 +19,16 @@ import torch
 from npinv import load_model
 from npinv.bench.attention_timing import attention_timing_table, run_attention_timing
 from npinv.bench.edit_shapes import edit_table, inversion_label, run_edit_shapes
+from npinv.bench.flow import (
+    family_table,
+    flow_edit_table,
+    flow_paired_table,
+    flow_recon_table,
+    plot_calls,
+    run_flow_edits,
+    run_flow_reconstruct,
+    same_calls_table,
+)
 from npinv.bench.paired import compare_paired, load_edit_rows, paired_table
 from npinv.bench.reconstruct import reconstruct_table, run_reconstruct_bench
 from npinv.bench.throughput import run_throughput, throughput_table
@@ -35,7 +45,7 @@ EXACT_METHODS = ("npi@fixed-point", "npi@anderson", "npi@bdia", "npi@bdia+g0.9",
 EXACT_EDIT_INVERSIONS = (("ddim", 1.0), ("anderson", 1.0), ("bdia", 1.0), ("bdia", 0.9))
 # The results folders main() writes (besides edit_exact_*), which a fresh run clears first.
 OUTPUT_FOLDERS = ("reconstruct", "edit_shapes", "edit_guidance", "edit_blend", "edit_noblend", "edit_bare", "throughput",
-                  "attention_timing")
+                  "attention_timing", "flow")
 
 
 def frontier_section(rec: dict) -> str:
@@ -78,6 +88,61 @@ def sd15_section(sd15: dict | None, steps: int) -> str:
         f"(NTI / NPI = {sd15['nti_over_npi_time']:.1f}x). GPU figures: run `benchmarks/gpu.sh` on a GPU machine.\n")
 
 
+def flow_benchmarks(out: Path, args, unet_rec: dict) -> dict:
+    """The flow section: the embedded flow model's reconstruction frontier and edits, and both families
+    on the same held-out scenes (:mod:`npinv.bench.flow`)."""
+    model = load_model("shapes-flow", device="cpu")
+    rec_w = model.edit_guidance
+    steps = [int(s) for s in args.flow_steps.split(",")]
+    rec = run_flow_reconstruct(model, out / "flow" / "reconstruct", shapes=args.shapes, steps_list=steps)
+    plot_calls(rec, out / "flow" / "reconstruct")
+    guidances = tuple(dict.fromkeys((rec_w, *(float(w) for w in args.flowedit_guidances.split(",")))))
+    edits = run_flow_edits(model, out / "flow", n_scenes=args.flow_edit_scenes, steps=args.flow_edit_steps,
+                           flowedit_guidances=guidances)
+    common = tuple(s for s in steps if any(r["steps"] == s for r in unet_rec["rows"]))
+    text = f"""## Flow models: the embedded flow model (npinv-shapes-flow-64)
+
+An SD3-layout flow-matching model (MMDiT transformer, Euler flow schedule, shift 1) trained on the same
+scenes and captions as the UNet model, on that model's VAE and text encoder (its card:
+`src/npinv/models/shapes_flow64/MODEL_CARD.md`). Same held-out scenes as the UNet tables. Model calls
+are exact counts per image (inversion included); seconds are medians on this machine.
+
+### Reconstruction frontier ({args.shapes} held-out scenes, w = 7.5)
+
+`npi` inverts with the Euler step (one call a step); `@fixed-point` and `@anderson` iterate each step
+to {DEFAULT_INVERT_TOL:g}; `@bdia` is exact at one call a step; `@midpoint` is RF-Solver's second-order
+step (2 calls a step, inversion and sampling), `@fireflow` FireFlow's midpoint with the velocity reused
+(one call a step plus one); `nti` the null-text analogue (the pooled embedding optimised too);
+`ddim` plain classifier-free guidance with the empty prompt; `ddim1` the round trip at w = 1;
+`dec100` fits the clean latent through the VAE decoder first. Cells: PSNR (model calls per image).
+
+{flow_recon_table(rec)}
+Best PSNR within a budget of model calls per image (inversion + reconstruction):
+
+{same_calls_table(rec)}
+![PSNR vs model calls]({out}/flow/reconstruct/psnr_vs_calls.png)
+
+### Editing: NPI-Flow + Prompt-to-Prompt against FlowEdit, RF-Solver (midpoint) and FireFlow
+
+{edits["n_cases"]} held-out cases ({args.flow_edit_scenes} scenes x colour, shape and background swaps),
+{args.flow_edit_steps} steps, scored as the UNet edit tables. NPI edits at the model's recommended guidance
+(w = {rec_w:g}) with word swap (cross-replace 0.8, self-replace 0.6 through joint attention) and local blend on the swapped
+words; the midpoint and FireFlow rows invert and edit with those solvers. FlowEdit (Kulikov et al.
+2024) is inversion-free: w is its target guidance (source guidance and n_max at the paper's SD3
+values). Model calls and rows per edit include the inversion where the method needs one.
+
+{flow_edit_table(edits)}
+Case by case against NPI + word swap + local blend on the Euler inversion (McNemar's exact test on the
+cases only one gets right; mean paired differences with 95 % intervals resampling whole scenes):
+
+{flow_paired_table(edits)}
+### Both families on the same held-out scenes (w = 7.5)
+
+{family_table(unet_rec, rec, common)}
+"""
+    return {"text": text, "reconstruct": rec, "edits": edits}
+
+
 def clear_outputs(out: Path) -> None:
     """Remove what an earlier run wrote in ``out`` (and nothing else), so every figure is measured now."""
     import shutil
@@ -102,6 +167,12 @@ def main() -> None:
     parser.add_argument("--batch-images", type=int, default=8, help="images for the edit-batch throughput figure")
     parser.add_argument("--resume", action="store_true",
                         help="keep the rows an interrupted run of the same model left in --out (default: measure afresh)")
+    parser.add_argument("--flow-steps", default="5,10,20,50", help="step counts of the flow reconstruction frontier")
+    parser.add_argument("--flow-edit-scenes", type=int, default=24,
+                        help="held-out scenes (x 3 swaps) of the flow edit comparison")
+    parser.add_argument("--flow-edit-steps", type=int, default=50)
+    parser.add_argument("--flowedit-guidances", default="7.5,13.5",
+                        help="FlowEdit's target guidances (beside the flow model's recommended one)")
     parser.add_argument("--sd15-steps", type=int, default=5,
                         help="also time an SD-1.5-shaped random model at 256 px on this CPU (0: skip)")
     args = parser.parse_args()
@@ -141,6 +212,7 @@ def main() -> None:
     throughput = run_throughput(model, out / "throughput", n_images=args.batch_images, guidance=rec_w)
     # Measured afresh on every run (a minute): fused against explicit attention, side by side.
     attention = run_attention_timing(model, out / "attention_timing")
+    flow = flow_benchmarks(out, args, rec)
     sd15 = None
     if args.sd15_steps:
         import subprocess
@@ -230,6 +302,7 @@ scenes, each edit run {attention['repeats']} times per path, alternating which g
 test oracle, `--attention explicit`); the edits agree to the pixel difference shown.
 
 {attention_timing_table(attention)}
+{flow["text"]}
 {sd15_section(sd15, args.sd15_steps)}"""
     write_text(ROOT / "BENCHMARKS.md", text)
     write_text(out / "benchmarks.json", json.dumps({"reconstruct": rec, "edit": edits, "edit_guidance": sweep,
@@ -237,6 +310,7 @@ test oracle, `--attention explicit`); the edits agree to the pixel difference sh
                                                     "edit_exact": exact_edits,
                                                     "edit_exact_paired": [dataclasses.asdict(c) for c in paired],
                                                     "throughput": throughput, "attention_timing": attention,
+                                                    "flow": {k: v for k, v in flow.items() if k != "text"},
                                                     "minutes": minutes}, indent=2, default=float))
     print(text)
 

@@ -78,6 +78,10 @@ def test_a_declaring_folder_still_loads_with_diffusers(declared, sd_model):
     ('{"edit_guidance": true}', "positive finite number, got True"),
     ('{"edit_guidance": NaN}', "positive finite number, got nan"),
     ('{"edit_guidance": Infinity}', "positive finite number, got inf"),
+    ('{"max_sequence_length": -1}', "integer in 0..512, got -1"),
+    ('{"max_sequence_length": 600}', "integer in 0..512, got 600"),
+    ('{"max_sequence_length": 1.5}', "integer in 0..512, got 1.5"),
+    ('{"max_sequence_length": true}', "integer in 0..512, got True"),
 ])
 def test_a_broken_file_is_one_error_naming_it(sd_folder, tmp_path, text, match):
     folder = with_settings(sd_folder, tmp_path, text)
@@ -223,3 +227,14 @@ def test_serve_starts_at_the_declared_guidance(declared, sd_model, tmp_path):
         slider = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "npinv-guidance")
         assert slider.value == want
     assert parse_edit_request(TARGET).settings.guidance == 7.5  # without a model: 7.5
+
+
+def test_a_declared_t5_length_reaches_the_flow_model_and_the_default_stays_the_pipelines(sd3_no_t5_folder, tmp_path):
+    from npinv.model import model_settings
+
+    assert load_model(str(sd3_no_t5_folder)).max_sequence_length == 256  # StableDiffusion3Pipeline's default
+    folder = with_settings(sd3_no_t5_folder, tmp_path, '{"max_sequence_length": 0, "edit_guidance": 3.5}')
+    assert model_settings(folder).max_sequence_length == 0
+    model = load_model(str(folder))
+    assert model.max_sequence_length == 0 and model.edit_guidance == 3.5
+    assert model.encode_prompt("a red circle").hidden.shape[1] == model.pipe.tokenizer.model_max_length

@@ -48,7 +48,9 @@ def _global_args(p: argparse.ArgumentParser, *, top: bool = False) -> None:
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="diffusers folder, .safetensors file or hub id (default: embedded)")
+    p.add_argument("--model", default=None,
+                   help="diffusers folder, .safetensors file, hub id, or an embedded model: shapes (the default, "
+                        "a UNet) or shapes-flow (an SD3-layout flow model)")
     p.add_argument("--model-config", default=None, help="diffusers folder or hub id with configs for a single file")
     p.add_argument("--allow-pickle", action="store_true", help="allow loading a trusted .ckpt/.bin/.pt checkpoint")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"],
@@ -685,11 +687,13 @@ def cmd_serve(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from npinv.model import embedded_model_path, model_facts
+    from npinv.model import EMBEDDED_MODELS, model_facts
 
-    info = {"default": {"name": "npinv-shapes-64", "path": str(embedded_model_path()),
-                        "available": (embedded_model_path() / "model_index.json").is_file(),
-                        "family": "unet", "kind": None, "invertible": True}}
+    # The embedded models under their --model names ("default" is the one used without --model).
+    info = {("default" if n == 0 else m.aliases[0]): {
+        "name": m.name, "path": str(m.path), "available": (m.path / "model_index.json").is_file(),
+        "family": m.family, "kind": "sd3" if m.family == "flow" else None, "invertible": True}
+        for n, m in enumerate(EMBEDDED_MODELS)}
     if args.model is not None:
         facts = model_facts(args.model, args.model_config)
         info["model"] = {"name": args.model, "path": args.model, "available": True, "family": facts.architecture,

@@ -89,7 +89,7 @@ class FlowModel:
         self.vae = pipe.vae
         self.counter = UNetCounter()
         self.finite = FiniteWatch(dtype)  # the transformer's non-finite checks, deferred inside a run
-        self.max_sequence_length = max_sequence_length or MAX_SEQUENCE_LENGTH[self.kind]
+        self.max_sequence_length = MAX_SEQUENCE_LENGTH[self.kind] if max_sequence_length is None else max_sequence_length
         guided = self.kind == "flux" and bool(self.transformer.config.get("guidance_embeds", False))
         self.embedded_guidance = float(embedded_guidance) if guided and embedded_guidance is not None else None
         if guided and embedded_guidance is None:

@@ -73,23 +73,68 @@ class QuietTruncation(logging.Filter):
                 logger.removeFilter(quiet)
 
 
-def embedded_model_path() -> Path:
-    """Folder of the model that ships inside the package."""
-    return Path(__file__).parent / "models" / "shapes64"
+@dataclasses.dataclass(frozen=True)
+class EmbeddedModel:
+    """A model that ships inside the package, selected by one of its short names."""
+
+    name: str  # the model's own name (its card's title)
+    folder: str  # under npinv/models/
+    family: str  # "unet" or "flow"
+    aliases: tuple[str, ...]
+
+    @property
+    def path(self) -> Path:
+        return Path(__file__).parent / "models" / self.folder
+
+
+# The first is the default model (no --model).
+EMBEDDED_MODELS = (
+    EmbeddedModel("npinv-shapes-64", "shapes64", "unet", ("default", "shapes", "shapes64", "npinv-shapes-64")),
+    EmbeddedModel("npinv-shapes-flow-64", "shapes_flow64", "flow",
+                  ("shapes-flow", "shapes-flow64", "shapes-flow-64", "npinv-shapes-flow-64")),
+)
+
+
+def embedded_model(spec: str | Path | None) -> EmbeddedModel | None:
+    """The embedded model ``spec`` names (None: the default), else None. A folder of that name in the
+    working directory is not shadowed by it only when given as a path (``./shapes64``)."""
+    if spec is None:
+        return EMBEDDED_MODELS[0]
+    return next((m for m in EMBEDDED_MODELS if str(spec) in m.aliases), None)
+
+
+def embedded_model_path(spec: str | Path | None = None) -> Path:
+    """Folder of an embedded model (default: the default model)."""
+    found = embedded_model(spec)
+    if found is None:
+        raise ValueError(f"{spec!r} is not an embedded model")
+    return found.path
 
 
 def _is_embedded(spec: str | Path | None) -> bool:
-    return spec is None or str(spec) in ("default", "shapes64")
+    return embedded_model(spec) is not None
 
 
-def model_edit_guidance(spec: str | Path | None = None) -> float:
-    """The editing guidance a model declares (``"edit_guidance"`` in its folder's ``npinv.json``),
-    else 7.5. Reads only that small file, so the CLI resolves its defaults before the slow load;
-    hub ids and single checkpoint files declare nothing. A malformed file raises :class:`NpinvError`."""
-    folder = embedded_model_path() if _is_embedded(spec) else Path(str(spec)).expanduser()
+@dataclasses.dataclass(frozen=True)
+class ModelSettings:
+    """What a model folder's ``npinv.json`` declares: its editing guidance and, for a flow model whose
+    prompts carry no T5 rows, the T5 sequence length its transformer was trained with."""
+
+    edit_guidance: float = DEFAULT_EDIT_GUIDANCE
+    max_sequence_length: int | None = None
+
+
+SETTINGS_KEYS = ("edit_guidance", "max_sequence_length")
+
+
+def model_settings(spec: str | Path | None = None) -> ModelSettings:
+    """The settings a model declares in its folder's ``npinv.json`` (defaults where it declares none).
+    Reads only that small file, so the CLI resolves its defaults before the slow load; hub ids and
+    single checkpoint files declare nothing. A malformed file raises :class:`NpinvError`."""
+    folder = embedded_model_path(spec) if _is_embedded(spec) else Path(str(spec)).expanduser()
     path = folder / SETTINGS_FILE
     if not folder.is_dir() or not path.is_file():
-        return DEFAULT_EDIT_GUIDANCE
+        return ModelSettings()
     try:
         settings = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
@@ -98,14 +143,23 @@ def model_edit_guidance(spec: str | Path | None = None) -> float:
         raise NpinvError(f"{path}: not valid JSON ({exc.msg}, line {exc.lineno})") from None
     if not isinstance(settings, dict):
         raise NpinvError(f'{path}: expected a JSON object like {{"edit_guidance": 2.5}}')
-    unknown = sorted(set(settings) - {"edit_guidance"})
+    unknown = sorted(set(settings) - set(SETTINGS_KEYS))
     if unknown:
-        warnings.warn(f"{path}: ignoring unknown key(s) {', '.join(map(repr, unknown))} (known: 'edit_guidance')",
+        warnings.warn(f"{path}: ignoring unknown key(s) {', '.join(map(repr, unknown))} "
+                      f"(known: {', '.join(map(repr, SETTINGS_KEYS))})",
                       NpinvWarning, stacklevel=1)  # one location: the CLI's early read and the load warn once
     value = settings.get("edit_guidance", DEFAULT_EDIT_GUIDANCE)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
         raise NpinvError(f"{path}: 'edit_guidance' must be a positive finite number, got {value!r}")
-    return float(value)
+    length = settings.get("max_sequence_length")
+    if length is not None and (isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= 512):
+        raise NpinvError(f"{path}: 'max_sequence_length' must be an integer in 0..512, got {length!r}")
+    return ModelSettings(float(value), length)
+
+
+def model_edit_guidance(spec: str | Path | None = None) -> float:
+    """The editing guidance a model declares (``"edit_guidance"`` in its folder's ``npinv.json``), else 7.5."""
+    return model_settings(spec).edit_guidance
 
 
 @dataclasses.dataclass
@@ -454,11 +508,13 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     dev = parse_device(device)
     check_offload(offload, dev)
-    edit_guidance = model_edit_guidance(spec)  # a malformed npinv.json fails before the slow load
-    if _is_embedded(spec):
-        path, name = embedded_model_path(), "npinv-shapes-64"
+    declared = model_settings(spec)  # a malformed npinv.json fails before the slow load
+    edit_guidance = declared.edit_guidance
+    embedded = embedded_model(spec)
+    if embedded is not None:
+        path, name = embedded.path, embedded.name
         if not (path / "model_index.json").is_file():
-            raise NpinvError(f"the embedded model is missing from {path}; reinstall npinv")
+            raise NpinvError(f"the embedded model {name} is missing from {path}; reinstall npinv")
         spec = str(path)
     else:
         name = str(spec)
@@ -495,7 +551,8 @@ def load_model(
 
     if type(pipe).__name__ in FLOW_PIPELINES:
         # Transformer calls run eagerly (no CUDA graphs yet for this family): cuda_graphs has no effect.
-        return FlowModel(pipe, name, dev, torch_dtype, edit_guidance=edit_guidance)
+        return FlowModel(pipe, name, dev, torch_dtype, edit_guidance=edit_guidance,
+                         max_sequence_length=declared.max_sequence_length)
     return Model(pipe, name, dev, torch_dtype, edit_guidance=edit_guidance, cuda_graphs=cuda_graphs and not offload)
 
 
@@ -694,7 +751,7 @@ def model_facts(spec: str | Path | None = None, config: str | Path | None = None
     (the embedded model, a folder, a single file's ``config`` folder, or a hub id's configs: cached, or
     fetched alone when there is a network). A broken folder raises :class:`NpinvError` now; what cannot
     be read without the weights or the network is None and is checked after the load instead."""
-    folder = embedded_model_path() if _is_embedded(spec) else Path(str(spec)).expanduser()
+    folder = embedded_model_path(spec) if _is_embedded(spec) else Path(str(spec)).expanduser()
     if folder.is_dir():
         return check_model_folder(folder)
     if folder.is_file() and config is not None and Path(config).expanduser().is_dir():

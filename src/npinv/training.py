@@ -331,7 +331,7 @@ CONFIG_COPY = "config.json"
 
 def _check_run_folder(run: Path, cfg: dict[str, Any], resume: bool) -> None:
     """A run folder is resumed only when asked, and only with the config that started it."""
-    started = any((run / name).exists() for name in ("vae.ckpt", "unet.ckpt", "latents.pt"))
+    started = any((run / name).exists() for name in ("vae.ckpt", "unet.ckpt", "latents.pt", "flow.ckpt"))
     if not started:
         return
     if not resume:
@@ -361,10 +361,16 @@ def train_scenes(config_path: str | Path, out: str | Path, run_dir: str | Path |
         torch.backends.cudnn.benchmark = False
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-    torch.manual_seed(cfg["seed"])
-    parts = build_components(cfg, run / "tokenizer")
     log = TrainLog(run / "train_log.jsonl")
     log(stage="start", config=cfg, threads=torch.get_num_threads(), device=str(dev), resume=resume)
+    if "transformer" in cfg:  # the flow model (npinv.flow_training): an SD3 layout on the UNet model's VAE
+        from npinv.flow_training import train_flow
+
+        train_flow(cfg, run, out, log, dev)
+        log(stage="done", out=str(out))
+        return out
+    torch.manual_seed(cfg["seed"])
+    parts = build_components(cfg, run / "tokenizer")
     train_vae(parts["vae"], cfg, run, log, dev)
     parts["vae"].requires_grad_(False)
     data = encode_dataset(parts["vae"], cfg, run, dev)

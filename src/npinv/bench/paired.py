@@ -44,8 +44,14 @@ def load_edit_rows(folder: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _case(row: dict) -> tuple:
-    return (row["scene"], row["kind"], row["target"], row["method"], row["controller"], row["guidance"], row["steps"])
+# What makes two rows the same case: by default also the same method, controller and guidance (one
+# inversion against another); ``EDIT_CASE`` alone compares two methods on the same swaps.
+CASE_FIELDS = ("scene", "kind", "target", "method", "controller", "guidance", "steps")
+EDIT_CASE = ("scene", "kind", "target", "steps")
+
+
+def _case(row: dict, fields: tuple[str, ...] = CASE_FIELDS) -> tuple:
+    return tuple(row[f] for f in fields)
 
 
 def mcnemar_exact(b: int, c: int) -> float:
@@ -58,10 +64,12 @@ def mcnemar_exact(b: int, c: int) -> float:
 
 
 def compare_paired(base_rows: list[dict], other_rows: list[dict], *, resamples: int = 4000,
-                   seed: int = 0) -> PairedComparison:
-    """Compare two runs on the cases they share; raises ValueError when they share none."""
-    base = {_case(r): r for r in base_rows}
-    other = {_case(r): r for r in other_rows}
+                   seed: int = 0, fields: tuple[str, ...] = CASE_FIELDS,
+                   names: tuple[str, str] | None = None) -> PairedComparison:
+    """Compare two runs on the cases they share (rows equal on ``fields``); raises ValueError when they
+    share none. ``names``: the two runs' labels (default: their inversion schemes)."""
+    base = {_case(r, fields): r for r in base_rows}
+    other = {_case(r, fields): r for r in other_rows}
     keys = sorted(base.keys() & other.keys(), key=str)
     if not keys:
         raise ValueError("the two runs share no edit case")
@@ -90,7 +98,8 @@ def compare_paired(base_rows: list[dict], other_rows: list[dict], *, resamples: 
     other_only = int(((ok_b == 0) & (ok_o == 1)).sum())
     first_b, first_o = base[keys[0]], other[keys[0]]
     return PairedComparison(
-        base=first_b.get("inversion", "ddim"), other=first_o.get("inversion", "ddim"), steps=int(first_b["steps"]),
+        base=names[0] if names else first_b.get("inversion", "ddim"),
+        other=names[1] if names else first_o.get("inversion", "ddim"), steps=int(first_b["steps"]),
         n=len(keys), scenes=len(scenes), both_ok=int(((ok_b == 1) & (ok_o == 1)).sum()), base_only=base_only,
         other_only=other_only, mcnemar_p=mcnemar_exact(base_only, other_only), success_diff=float(d_ok.mean()),
         success_ci=interval(ok_means), bg_diff=float(np.nanmean(d_bg)), bg_ci=interval(bg_means))
