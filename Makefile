@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test lint demo model-card bench clean e2e
+.PHONY: install test lint demo model-card model-card-flow bench clean e2e
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ demo: $(STAMP)
 # Measure the embedded model on held-out scenes and rewrite its MODEL_CARD.md (about 25 min on 2 cores).
 model-card: $(STAMP)
 	$(PY) -m npinv.modelcard
+
+# The same for the embedded flow model (src/npinv/models/shapes_flow64).
+model-card-flow: $(STAMP)
+	$(PY) -m npinv.modelcard_flow
 
 # Rerun the benchmarks afresh and regenerate BENCHMARKS.md from what this run measured (about an hour on
 # 2 cores; after an interruption, `$(PY) benchmarks/run.py --out bench --resume` keeps the finished rows).
