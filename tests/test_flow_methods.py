@@ -231,6 +231,49 @@ def test_flowedit_through_edit_batch(sd3):
     assert torch.equal(out.latents[:1], inv.trajectory[:1]) and out.cost.unet_calls == 4  # round(6 * 33 / 50)
 
 
+def test_flowedit_edits_from_an_encoding_alone_and_an_encoding_is_never_sampled(sd3, tmp_path):
+    """FlowEdit's front ends encode the image only (no model call before the edit); the same edit as from a
+    full inversion; an encoded-only "inversion" is refused by every method that samples, and as a file."""
+    from npinv.editing import EditJob, edit_batch
+    from npinv.inversion import ddim_inversion_batch
+    from npinv.settings import EditSettings
+
+    calls = sd3.counter.calls
+    encoded = ddim_inversion_batch(sd3, _image(), [SOURCE], steps=6, encode_only=True)[0]
+    assert sd3.counter.calls == calls and encoded.encoded_only and encoded.trajectory.shape[0] == 1
+    full = ddim_inversion(sd3, _image(), SOURCE, steps=6)
+    assert torch.equal(encoded.trajectory[0], full.trajectory[0])
+    settings = EditSettings(method="flowedit", guidance=7.0)
+    a = edit_batch(sd3, [EditJob(encoded, [TARGET])], settings)[0]
+    b = edit_batch(sd3, [EditJob(full, [TARGET])], settings)[0]
+    assert torch.equal(a.latents, b.latents)
+    message = "^method npi samples from an inversion, but this one holds only the clean latent"
+    with pytest.raises(NpinvError, match=message):
+        edit_batch(sd3, [EditJob(encoded, [TARGET])], EditSettings(method="npi", guidance=2.0))
+    with pytest.raises(NpinvError, match=message):
+        reconstruct(sd3, encoded, "npi")
+    with pytest.raises(NpinvError, match="not a file npinv can reuse"):
+        encoded.save(tmp_path / "enc.safetensors")
+    assert not (tmp_path / "enc.safetensors").exists()
+
+
+def test_flowedit_on_the_command_line_costs_its_edit_alone(capsys, tmp_path, sd3_folder):
+    import json
+
+    from npinv.cli import main
+    from npinv.io import save_image, tensor_to_image
+
+    image = save_image(tensor_to_image(_image()), tmp_path / "in.png")
+    common = ["--quiet", "edit", str(image), "--source", SOURCE, "--target", TARGET, "--method", "flowedit",
+              "--model", str(sd3_folder), "--steps", "6", "--controller", "none", "--json"]
+    assert main([*common, "--out", str(tmp_path / "a.png")]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["unet_calls"] == 4  # FlowEdit's window (round(6 * 33 / 50)); nothing spent inverting
+    assert main([*common, "--out", str(tmp_path / "b.png"), "--save-inversion", str(tmp_path / "inv.safetensors")]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["unet_calls"] == 6 + 4 and (tmp_path / "inv.safetensors").is_file()  # the file asked for an inversion
+
+
 # -- refusals, one line each -------------------------------------------------------------------------
 def test_unet_models_refuse_what_is_for_flows(sd_model):
     from npinv.editing import EditJob, edit_batch
@@ -295,7 +338,7 @@ def test_the_cli_takes_the_flow_schemes_and_flowedit(capsys, tmp_path, sd3_folde
     assert main(["--quiet", "edit", str(image), "--source", SOURCE, "--target", TARGET, "--method", "flowedit",
                  "--out", str(tmp_path / "edit.png"), *model]) == 0
     row = json.loads(capsys.readouterr().out)
-    assert row["method"] == "flowedit" and row["unet_calls"] == 4 + 3  # (inversion) + round(4 * 33 / 50) window steps
+    assert row["method"] == "flowedit" and row["unet_calls"] == 3  # round(4 * 33 / 50) window steps; no inversion
     assert (tmp_path / "edit.png").is_file()
     for argv, needle in ((["reconstruct", str(image), "--prompt", SOURCE, "--method", "nti", "--invert-scheme",
                            "fireflow"], "method nti cannot sample a fireflow inversion"),

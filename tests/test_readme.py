@@ -71,3 +71,32 @@ def test_readme_flow_commands_run_as_printed(tmp_path, monkeypatch, capsys, sd3_
         if argv[1] == "models":
             assert json.loads(out)["model"]["family"] == "flow"
     assert all((tmp_path / f).is_file() for f in ("rec.png", "circle.safetensors", "green.png", "flux.png"))
+
+
+def test_readme_flow_demo_runs_as_printed(tmp_path, monkeypatch):
+    """The embedded flow model's demo command, literally, gives the table the README prints (PSNR and
+    SSIM to their printed digits give or take a unit of rounding, model calls exactly)."""
+    import json
+    import shlex
+
+    from npinv.cli import main
+
+    found = re.search(r"## The embedded flow model.*?```sh\n(.*?)```\s*```\n(.*?)```", (ROOT / "README.md").read_text(),
+                      re.S)
+    argv = shlex.split(found.group(1).replace("\\\n", " "))
+    assert argv[:2] == [".venv/bin/npinv", "demo"] and "--model" in argv
+    printed = {}
+    for line in found.group(2).splitlines()[1:]:
+        method, w, psnr_db, ssim, _seconds, calls = line.split()
+        printed[(method, float(w.removeprefix("w=")))] = (float(psnr_db), float(ssim), int(calls))
+    (tmp_path / "src").symlink_to(ROOT / "src")
+    monkeypatch.chdir(tmp_path)
+    assert main(["--quiet", *argv[1:]]) == 0
+    out = Path(argv[argv.index("--out") + 1])
+    report = json.loads((out / "demo_reconstruction.json").read_text())
+    rows = {(r["method"], r["guidance"]): r for r in report["rows"] if "guidance" in r}
+    assert rows.keys() == printed.keys()
+    for key, (psnr_db, ssim, calls) in printed.items():
+        assert abs(rows[key]["psnr"] - psnr_db) <= 0.015 and abs(rows[key]["ssim"] - ssim) <= 0.0015, key
+        assert rows[key]["unet_calls"] == calls, key
+    assert (out / "demo_reconstruction.png").is_file() and (out / "demo_edit.png").is_file()

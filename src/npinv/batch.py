@@ -32,7 +32,7 @@ from npinv.cost import Meter
 from npinv.editing import check_edit
 from npinv.errors import NpinvError
 from npinv.io import load_image, remove_stale_temporaries, save_image, tensor_to_image
-from npinv.methods import check_scheme
+from npinv.methods import check_scheme, get_method
 from npinv.model import Model
 from npinv.parallel import FolderLock, Shard, ShardedResults
 from npinv.service import InversionKey, Source, edit, invert, prepare_file
@@ -335,8 +335,10 @@ def _run_chunk(model: Model, chunk: list[_Source], results: ShardedResults, prog
     # The chunk's inversions, and a method's variants of them (NTI's negatives serve every setting
     # with the same guidance), live in one cache for the chunk.
     cache = InversionCache(max_entries=4 * len(chunk) + 4, max_bytes=2**62)
+    # Only the clean latents when every edit of the chunk is inversion-free (FlowEdit).
+    encode_only = all(not get_method(it.row.edit.method).needs_inversion for src in chunk for it in src.items)
     inverted = invert(model, [src.source for src in chunk], [src.items[0].row.source for src in chunk], row.invert,
-                      cache=cache)
+                      cache=cache, encode_only=encode_only)
     invert_cost = inverted[0].cost
     # One edit call per setting, over every image of the chunk that has edits with it.
     calls: dict[str, list[tuple[int, list[EditItem]]]] = {}

@@ -494,8 +494,9 @@ def cmd_edit(args) -> int:
                      settings)
     source = prepare_file(args.image, model, inv_settings)
     inverted = load_inversion(args.inversion, model, source, steps=inv_settings.steps) if saved is not None else None
+    # An inversion-free method (flowedit) encodes the image only, unless the inversion is to be saved.
     edited = edit_image(model, source, args.source, args.target, settings, inv_settings, inversion=inverted,
-                        progress=not args.quiet)
+                        progress=not args.quiet, encode_only=False if args.save_inversion else None)
     result = edited.result
     tiles = [tensor_to_image(source.image), tensor_to_image(result.source_image)]
     new_maps_folder = bool(args.save_attention) and not Path(args.save_attention).exists()

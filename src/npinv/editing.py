@@ -133,6 +133,8 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
         return edit_jobs(model, jobs, settings, progress=progress)
     first = jobs[0].inversion
     check_scheme(method, first.scheme_name)
+    for job in jobs:
+        job.inversion.check_sampled_by(method.name)
     for job in jobs[1:]:
         inv = job.inversion
         if (inv.schedule != first.schedule or inv.trajectory.shape != first.trajectory.shape

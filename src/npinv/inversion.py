@@ -89,6 +89,18 @@ class Inversion:
         return get_scheme(self.scheme_name).exact
 
     @property
+    def encoded_only(self) -> bool:
+        """Whether this holds only the clean latent ``z*[0]`` (made for an inversion-free method, FlowEdit,
+        which needs nothing else): nothing to sample from, and nothing a file could hold."""
+        return bool((self.scheme or {}).get("encoded_only"))
+
+    def check_sampled_by(self, method: str) -> None:
+        """Refuse, in one line, to sample an encoded-only inversion (it has no noise end)."""
+        if self.encoded_only:
+            raise NpinvError(f"method {method} samples from an inversion, but this one holds only the clean latent "
+                             "(made for an inversion-free edit); invert the image")
+
+    @property
     def pair_start(self) -> torch.Tensor | None:
         """``z*[n-1]`` when sampling from this inversion starts from a pair of latents (BDIA), else None."""
         from npinv.schemes import get_scheme
@@ -184,6 +196,9 @@ class Inversion:
         from safetensors.torch import save
 
         path = check_inversion_path(path, "inversion path")
+        if self.encoded_only:
+            raise NpinvError("an encoded-only inversion (the clean latent of an inversion-free edit) is not a file "
+                             "npinv can reuse; invert the image to save one")
 
         tensors = {"trajectory": self.trajectory}
         tensors.update(_embedding_tensors("source", self.source))
@@ -356,9 +371,11 @@ def ddim_inversion(
 def ddim_inversion_batch(
     model: Model, images: torch.Tensor, prompts: list[str], *, steps: int = 50, offset: int | None = None,
     progress: bool = False, scheme: str = "ddim", iters: int = DEFAULT_INVERT_ITERS, tol: float = DEFAULT_INVERT_TOL,
-    gamma: float = 1.0, decoder_steps: int = 0,
+    gamma: float = 1.0, decoder_steps: int = 0, encode_only: bool = False,
 ) -> list[Inversion]:
     """Invert several same-size images (B, 3, H, W), one prompt each, in one UNet batch per step.
+    ``encode_only``: stop after the encoder (and the decoder fit): each result holds the clean latent
+    alone, all an inversion-free method (FlowEdit) uses, at no UNet call (:attr:`Inversion.encoded_only`).
 
     ``scheme`` (:mod:`npinv.schemes`): ``ddim``, or ``fixed-point`` with at most ``iters`` extra UNet
     calls a step, stopping when a step inverts to ``tol``; ``bdia`` with damping factor ``gamma``.
@@ -386,18 +403,24 @@ def ddim_inversion_batch(
     sources = [model.encode_prompt(p) for p in prompts]
     z0 = model.encode_image(images)
     fit = invert_decoder(model, images, z0, decoder_steps, progress="decoder" if progress else None)
-    trace = how.invert(model, fit.latent, schedule, PromptEmbedding.cat(sources), iters=iters, tol=tol,
-                       gamma=gamma, progress="invert" if progress else None)
+    if encode_only:
+        trajectory, residuals, iterations = fit.latent[None], [], []
+    else:
+        trace = how.invert(model, fit.latent, schedule, PromptEmbedding.cat(sources), iters=iters, tol=tol,
+                           gamma=gamma, progress="invert" if progress else None)
+        trajectory, residuals, iterations = trace.trajectory, trace.residuals, trace.iterations
     null = model.null_embedding()
     # The cap and tolerance only where the scheme iterates: a BDIA or DDIM inversion made no iterations.
     record = {"name": how.name, "iters": iters if how.iterates else 0, "tol": tol if how.iterates else 0.0,
-              "residuals": trace.residuals, "iterations": trace.iterations, "decoder_steps": decoder_steps,
+              "residuals": residuals, "iterations": iterations, "decoder_steps": decoder_steps,
               "decoder_losses": fit.losses[:1] + fit.losses[-1:]}  # first and last
+    if encode_only:
+        record |= {"encoded_only": True, "iters": 0, "tol": 0.0}
     if how.pair_start:
         record["gamma"] = gamma
     return [
         Inversion(
-            trajectory=trace.trajectory[:, b].contiguous(), source_prompt=prompt, source=source, null=null,
+            trajectory=trajectory[:, b].contiguous(), source_prompt=prompt, source=source, null=null,
             schedule=schedule.to_dict(), model=_model_record(model),
             image_size=(images.shape[-2], images.shape[-1]), dtype=str(model.dtype).removeprefix("torch."),
             scheme=dict(record), image_digest=image_digest(images[b]),

@@ -275,6 +275,7 @@ def reconstruct(model: Model, inv: Inversion, method: str | Method, guidance: fl
     method.check_model(model)
     check_guidance(guidance)
     check_scheme(method, inv.scheme_name)
+    inv.check_sampled_by(method.name)
     meter = Meter(model)
     rule = method.guidance(guidance)
     negatives = method.negatives(inv, guidance)

@@ -105,9 +105,10 @@ class Inverted:
 
 
 def invert(model: Model, sources: Sequence[Source], prompts: Sequence[str], settings: InvertSettings, *,
-           cache: InversionCache | None = None, progress: bool = False) -> list[Inverted]:
+           cache: InversionCache | None = None, progress: bool = False, encode_only: bool = False) -> list[Inverted]:
     """DDIM inversions of ``sources`` (one prompt each); cache hits are reused, misses of one size
-    are inverted together, one UNet batch per step."""
+    are inverted together, one UNet batch per step. ``encode_only``: the clean latents alone, for an
+    inversion-free method (FlowEdit), at no UNet call (cached apart from full inversions)."""
     settings.validate()
     if len(sources) != len(prompts):
         raise ValueError(f"{len(sources)} images for {len(prompts)} prompts")
@@ -118,6 +119,8 @@ def invert(model: Model, sources: Sequence[Source], prompts: Sequence[str], sett
     fingerprint = model.fingerprint if cache is not None else ""  # hashes weights: once per call
     keys = [InversionKey.of_file(fingerprint, src.digest, prompt, settings) if cache is not None else None
             for src, prompt in zip(sources, prompts, strict=True)]
+    if encode_only:
+        keys = [None if k is None else dataclasses.replace(k, prepared="encoded") for k in keys]
     for n, (src, key) in enumerate(zip(sources, keys, strict=True)):
         hit = cache.get(key) if cache is not None else None
         if hit is not None:
@@ -128,7 +131,7 @@ def invert(model: Model, sources: Sequence[Source], prompts: Sequence[str], sett
         meter = Meter(model)
         inversions = ddim_inversion_batch(model, torch.cat([sources[n].image for n in group]),
                                           [prompts[n] for n in group], steps=settings.steps, offset=settings.offset,
-                                          progress=progress, **settings.scheme_kwargs())
+                                          progress=progress, encode_only=encode_only, **settings.scheme_kwargs())
         cost = meter.cost
         for n, inv in zip(group, inversions, strict=True):
             out[n] = Inverted(inv, sources[n].image, cost, False, keys[n], len(group))
@@ -138,8 +141,8 @@ def invert(model: Model, sources: Sequence[Source], prompts: Sequence[str], sett
 
 
 def invert_one(model: Model, source: Source, prompt: str, settings: InvertSettings, *,
-               cache: InversionCache | None = None, progress: bool = False) -> Inverted:
-    return invert(model, [source], [prompt], settings, cache=cache, progress=progress)[0]
+               cache: InversionCache | None = None, progress: bool = False, encode_only: bool = False) -> Inverted:
+    return invert(model, [source], [prompt], settings, cache=cache, progress=progress, encode_only=encode_only)[0]
 
 
 def load_inversion(path: str | Path, model: Model, source: Source, *, steps: int | None = None,
@@ -265,11 +268,16 @@ def edit(model: Model, items: Sequence[tuple[Inverted, Sequence[str]]], settings
 
 def edit_image(model: Model, source: Source, prompt: str, targets: Sequence[str], settings: EditSettings,
                invert_settings: InvertSettings, *, inversion: Inverted | None = None,
-               cache: InversionCache | None = None, progress: bool = False) -> Edited:
-    """Invert one image (unless ``inversion`` is given or cached) and edit it toward ``targets``."""
+               cache: InversionCache | None = None, progress: bool = False,
+               encode_only: bool | None = None) -> Edited:
+    """Invert one image (unless ``inversion`` is given or cached) and edit it toward ``targets``.
+    ``encode_only`` (default: when the method needs no inversion, FlowEdit): encode the image only."""
     settings = settings.resolved(model)
     settings.validate()  # before the inversion's cost
-    inverted = inversion or invert_one(model, source, prompt, invert_settings, cache=cache, progress=progress)
+    if encode_only is None:
+        encode_only = not get_method(settings.method).needs_inversion
+    inverted = inversion or invert_one(model, source, prompt, invert_settings, cache=cache, progress=progress,
+                                       encode_only=encode_only)
     return edit(model, [(inverted, targets)], settings, cache=cache, progress=progress)[0]
 
 

@@ -30,6 +30,7 @@ from npinv.cost import Meter
 from npinv.editing import check_edit
 from npinv.errors import NpinvError
 from npinv.io import atomic_path, check_output_path, remove_abandoned_temporaries, tensor_to_image, writing
+from npinv.methods import get_method
 from npinv.model import Model
 from npinv.service import edit, invert, prepare_picture
 from npinv.settings import EditSettings, InvertSettings
@@ -308,7 +309,8 @@ def edit_frames(model: Model, frames: Iterable[Image.Image], source: str, target
     index = 0
     for batch in _batched(frames, batch_size):
         sources = [prepare_picture(img, model, invert_settings, name=f"frame{index + k}") for k, img in enumerate(batch)]
-        inverted = invert(model, sources, [source] * len(batch), invert_settings)
+        inverted = invert(model, sources, [source] * len(batch), invert_settings,
+                          encode_only=not get_method(settings.method).needs_inversion)
         edited = edit(model, [(inv, [target]) for inv in inverted], settings)
         share = (inverted[0].cost + edited[0].edit_cost).seconds / len(batch)
         for k, done in enumerate(edited):

@@ -157,7 +157,8 @@ def run_edit_shapes(model: Model, out_dir: str | Path, *, n_scenes: int = 10, me
             # The scene's inversion and each method's prepared variant of it (NTI's negatives at each
             # guidance), kept for the whole scene: room for all of them, so that nothing is evicted.
             cache = InversionCache(max_entries=2 + len(methods) * len(guidances), max_bytes=2**62)
-            inverted = invert_one(model, picture, scene.caption, invert_settings, cache=cache)
+            inverted = invert_one(model, picture, scene.caption, invert_settings, cache=cache,
+                                  encode_only=not any(get_method(m).needs_inversion for m in methods))
             prepared: dict[tuple[str, float], Cost] = {}  # what preparing each method's negatives cost (NTI)
             for case, (method, direct, controller, w, blend_res) in todo:
                 src_word, tgt_word = case.words
