@@ -146,7 +146,8 @@ def test_flow_model_card_measures_every_target(trained, tmp_path):
     card = (out / "MODEL_CARD.md").read_text()
     targets = card.split("## Targets")[1].split("##")[0]
     judged = [ln for ln in targets.splitlines() if ln.endswith(("| yes |", "| **no** |"))]
-    assert len(judged) == len(modelcard_flow.TARGETS)
+    assert len(judged) == len(modelcard_flow.TARGETS) + 1  # and the edit target at the default self-replace
+    assert figures["recommended_self_replace"] in modelcard_flow.SELF_REPLACE
     assert (out / "loss_curve.png").is_file() and (out / "samples.png").is_file()
     assert "{" not in card  # every field filled
     assert modelcard_flow.main(["--model", str(out), "--card-only"]) == 0

@@ -20,7 +20,6 @@ from npinv.bench.localisation import attention_localisation
 from npinv.io import atomic_path, image_grid, save_image, write_text
 from npinv.model import SETTINGS_FILE, embedded_model_path, load_model
 from npinv.modelcard import (
-    EDIT_GUIDANCES,
     HELD_OUT_SEED,
     _training_device,
     _training_seconds,
@@ -33,6 +32,11 @@ from npinv.scenes import random_scenes
 
 TARGETS = {"samples": 0.92, "object_iou": 0.5, "edit_success": 0.85, "bundle_mb": 30.0, "train_hours": 3.0}
 SAMPLE_GUIDANCES = (4.0, 7.5)
+# Flow edits do best at low guidance (the transformer follows the target strongly); 7.5 is in the
+# UNet card's sweep and in BENCHMARKS.md's flow section.
+EDIT_GUIDANCES = (1.0, 1.5, 2.5, 4.0)
+SELF_REPLACE = (0.2, 0.4, 0.6)  # the share of steps whose image queries and keys come from the source
+DEFAULT_SELF_REPLACE = 0.6
 
 CARD = """# Model card: npinv-shapes-flow-64 (the embedded flow model)
 
@@ -122,12 +126,19 @@ NPI + word swap, {edit_steps} steps, {n_edit} held-out scenes x 3 edits = {n_cas
 With local blend:
 
 {edit_table}
-Without local blend (the same edits):
+Without local blend (the same edits, at the recommended guidance):
 
 {edit_table_noblend}
 **Recommended guidance for editing with this model: {recommended:g}** (highest edit success with
 local blend, then highest background PSNR). {blend_sentence} It is declared in `npinv.json`, so the
 edit commands and `serve` use it unless `--guidance` says otherwise.
+
+Self-attention replacement at that guidance (`--self-replace`: the share of the first steps whose
+image queries and keys come from the source; the same {n_cases} cases, local blend on):
+
+{self_replace_table}
+**Recommended self-replace: {recommended_sr:g}** (pass `--self-replace {recommended_sr:g}`; npinv's default is
+{default_sr:g}, the reference's choice for UNets).
 
 ## Limits
 - 64x64 px scenes of three shapes and six colours only; anything else is out of distribution.
@@ -174,11 +185,34 @@ def _sweep_row(sweep: dict, w: float) -> dict:
     return next(r for r in sweep["rows"] if r["guidance"] == w)["all"]
 
 
+def _self_replace_row(figures: dict, sr: float) -> dict:
+    rec = figures["recommended_guidance"]
+    if sr == DEFAULT_SELF_REPLACE:
+        return _sweep_row(figures["edit_sweep"], rec)
+    return figures["self_replace_sweep"][f"{sr:g}"]["rows"][0]["all"]
+
+
+def recommended_self_replace(figures: dict) -> float:
+    """The self-replace share with the highest success at the recommended guidance, then background PSNR."""
+    return max(SELF_REPLACE, key=lambda sr: (_self_replace_row(figures, sr)["success"],
+                                             _self_replace_row(figures, sr)["psnr_bg"]))
+
+
+def self_replace_table(figures: dict) -> str:
+    rows = []
+    for sr in SELF_REPLACE:
+        r = _self_replace_row(figures, sr)
+        rows.append(f"| {sr:g} | {r['success']:.0%} | {r['psnr_bg']:.2f} | {r['psnr_bg_ok']:.2f} | {r['psnr_gt']:.2f} |")
+    return ("| self-replace | success | bg PSNR | bg PSNR (successes) | PSNR vs truth |\n|---|---|---|---|---|\n"
+            + "\n".join(rows) + "\n")
+
+
 def target_rows(figures: dict) -> list[str]:
     yes = {True: "yes", False: "**no**"}
     t = TARGETS
-    rec = figures["recommended_guidance"]
-    blend = _sweep_row(figures["edit_sweep"], rec)
+    rec, sr = figures["recommended_guidance"], figures["recommended_self_replace"]
+    blend = _self_replace_row(figures, sr)
+    default = _sweep_row(figures["edit_sweep"], rec)
     best_samples = max(figures["samples"], key=lambda s: s["all"])
     rows = [
         (f"samples right (colour, shape, background) >= {t['samples']:.0%}",
@@ -186,8 +220,10 @@ def target_rows(figures: dict) -> list[str]:
         (f"object-word joint-attention IoU >= {t['object_iou']:g}", f"{figures['localisation']['object_iou']:.2f}",
          figures["localisation"]["object_iou"] >= t["object_iou"]),
         (f"NPI + word swap + local blend succeeds on >= {t['edit_success']:.0%} of the {figures['n_edit'] * 3} cases "
-         f"at w {rec:g}", f"{blend['success']:.0%} (background PSNR {blend['psnr_bg']:.2f} dB)",
+         f"at w {rec:g}, self-replace {sr:g}", f"{blend['success']:.0%} (background PSNR {blend['psnr_bg']:.2f} dB)",
          blend["success"] >= t["edit_success"]),
+        (f"(the same at npinv's default self-replace {DEFAULT_SELF_REPLACE:g})",
+         f"{default['success']:.0%} (background PSNR {default['psnr_bg']:.2f} dB)", default["success"] >= t["edit_success"]),
         (f"bundle <= {t['bundle_mb']:g} MB", f"{figures['bundle_mb']:.1f} MB", figures["bundle_mb"] <= t["bundle_mb"]),
         (f"training <= {t['train_hours']:g} h on 2 CPU cores", f"{figures['train_minutes']} min",
          figures["train_minutes"] <= 60 * t["train_hours"]),
@@ -240,6 +276,8 @@ def write_card(model_dir: Path, figures: dict) -> Path:
         edit_steps=figures["edit_steps"], n_edit=figures["n_edit"], n_cases=3 * figures["n_edit"],
         edit_date=figures.get("edit_date", figures["date"]), edit_table=edit_table(figures["edit_sweep"]),
         edit_table_noblend=edit_table(figures["edit_sweep_noblend"]), recommended=rec,
+        self_replace_table=self_replace_table(figures), recommended_sr=figures["recommended_self_replace"],
+        default_sr=DEFAULT_SELF_REPLACE,
         blend_sentence=(f"At that guidance local blend gives success {blend['success']:.0%} (without it "
                         f"{bare['success']:.0%}) and background PSNR {blend['psnr_bg']:.2f} dB (without it "
                         f"{bare['psnr_bg']:.2f} dB)."),
@@ -293,12 +331,19 @@ def main(argv: list[str] | None = None) -> int:
     figures["reconstruction"], grid = reconstruction_table(model, args.n_recon, figures["recon_steps"])
     save_image(image_grid(grid, scale=2), model_dir / "reconstructions.png")
     with tempfile.TemporaryDirectory() as tmp:  # the sweep's raw rows are not part of the card
-        sweep, bare = (run_edit_shapes(model, Path(tmp) / name, n_scenes=args.n_edit, methods=("npi",),
-                                       directs=(False,), guidances=EDIT_GUIDANCES, steps=args.edit_steps, blend=blend)
-                       for name, blend in (("blend", True), ("noblend", False)))
-    figures.update(edit_sweep=sweep, edit_sweep_noblend=bare, n_edit=args.n_edit, edit_steps=args.edit_steps,
-                   recommended_guidance=recommended_guidance(sweep), seconds_total=time.perf_counter() - t0)
-    print(f"recommended editing guidance {figures['recommended_guidance']}", flush=True)
+        def run(name: str, guidances: tuple[float, ...], **kwargs) -> dict:
+            return run_edit_shapes(model, Path(tmp) / name, n_scenes=args.n_edit, methods=("npi",), directs=(False,),
+                                   guidances=guidances, steps=args.edit_steps, **kwargs)
+
+        sweep = run("blend", EDIT_GUIDANCES, self_replace=DEFAULT_SELF_REPLACE)
+        rec = recommended_guidance(sweep)
+        print(f"recommended editing guidance {rec}", flush=True)
+        bare = run("noblend", (rec,), blend=False, self_replace=DEFAULT_SELF_REPLACE)
+        by_sr = {f"{sr:g}": run(f"sr{sr:g}", (rec,), self_replace=sr) for sr in SELF_REPLACE if sr != DEFAULT_SELF_REPLACE}
+    figures.update(edit_sweep=sweep, edit_sweep_noblend=bare, self_replace_sweep=by_sr, n_edit=args.n_edit,
+                   edit_steps=args.edit_steps, recommended_guidance=rec)
+    figures["recommended_self_replace"] = recommended_self_replace(figures)
+    figures["seconds_total"] = time.perf_counter() - t0
     write_text(model_dir / "model_card_figures.json", json.dumps(figures, indent=2, default=float))
     settings = json.loads((model_dir / SETTINGS_FILE).read_text()) if (model_dir / SETTINGS_FILE).is_file() else {}
     settings["edit_guidance"] = figures["recommended_guidance"]
