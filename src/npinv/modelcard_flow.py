@@ -144,8 +144,30 @@ image queries and keys come from the source; the same {n_cases} cases, local ble
 - 64x64 px scenes of three shapes and six colours only; anything else is out of distribution.
 - The VAE is the UNet model's (soft edges; its latents are not local, see that model's card).
 - Joint-attention maps are 8x8 (one per 2x2 latent patch): local blend's mask is coarser than the UNet
-  model's 16x16.
+  model's 16x16. This is why the localisation target (IoU 0.5) is not met: a *perfect* 8x8 map (each
+  cell the object's share of it) scores IoU {ceiling8:.2f} through local blend's mask rule on the same
+  {n_iou} scenes (its 3x3 max-pool dilates the mask by a whole 8-pixel cell), against {ceiling16:.2f} for a
+  16x16 map; the model's {object_iou:.2f} is above the 8x8 ceiling. Reaching 0.5 needs patch 1 (16x16
+  maps, four times the image tokens, about four times the training compute).
 """
+
+
+def iou_ceiling(side: int, n: int, resolution: int = 64) -> float:
+    """The localisation IoU a perfect map of ``side`` x ``side`` cells would score (each cell the object's
+    share of it) through local blend's mask rule (:func:`npinv.attention.control.blend_mask`) on the card's
+    held-out scenes: what the map size alone allows."""
+    import torch.nn.functional as F
+
+    from npinv.bench.localisation import iou
+
+    values = []
+    for scene in random_scenes(HELD_OUT_SEED + 3, n):
+        cover = torch.from_numpy(scene.mask(resolution))[None, None]
+        m = F.max_pool2d(F.adaptive_avg_pool2d(cover, side), 3, stride=1, padding=1)
+        m = F.interpolate(m, size=(resolution // 4, resolution // 4))
+        m = F.interpolate((m / m.amax() > 0.3).float(), size=(resolution, resolution))[0, 0] > 0.5
+        values.append(iou(m, cover[0, 0] > 0.5))
+    return sum(values) / len(values)
 
 
 def bundle_bytes(model_dir: Path) -> int:
@@ -270,6 +292,7 @@ def write_card(model_dir: Path, figures: dict) -> Path:
         n_captions=grid_samples["n"],
         sample_rows="\n".join(f"| {s['guidance']:g} | {s['color']:.1%} | {s['shape']:.1%} | {s['background']:.1%} | "
                               f"{s['all']:.1%} |" for s in figures["samples"]),
+        ceiling8=iou_ceiling(8, loc["n"]), ceiling16=iou_ceiling(16, loc["n"]),
         iou_steps=loc["steps"], object_iou=loc["object_iou"], background_iou=loc["background_iou"], n_iou=loc["n"],
         n_recon=figures["n_recon"], recon_rows="\n".join(lines), grid_guidance=grid_samples["guidance"],
         grid_captions="; ".join(grid_samples["captions"][:24]), max_steps=max(figures["recon_steps"]),
