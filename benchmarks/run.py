@@ -33,6 +33,7 @@ from npinv.bench.paired import compare_paired, load_edit_rows, paired_table
 from npinv.bench.reconstruct import reconstruct_table, run_reconstruct_bench
 from npinv.bench.throughput import run_throughput, throughput_table
 from npinv.io import write_text
+from npinv.model import embedded_model_path
 from npinv.settings import DEFAULT_INVERT_ITERS, DEFAULT_INVERT_TOL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -97,8 +98,11 @@ def flow_benchmarks(out: Path, args, unet_rec: dict) -> dict:
     rec = run_flow_reconstruct(model, out / "flow" / "reconstruct", shapes=args.shapes, steps_list=steps)
     plot_calls(rec, out / "flow" / "reconstruct")
     guidances = tuple(dict.fromkeys((rec_w, *(float(w) for w in args.flowedit_guidances.split(",")))))
+    # The self-replace share the model's card recommends (measured there), run beside npinv's default.
+    card = embedded_model_path("shapes-flow") / "model_card_figures.json"
+    sr = json.loads(card.read_text()).get("recommended_self_replace", 0.6) if card.is_file() else 0.6
     edits = run_flow_edits(model, out / "flow", n_scenes=args.flow_edit_scenes, steps=args.flow_edit_steps,
-                           flowedit_guidances=guidances)
+                           flowedit_guidances=guidances, self_replace=sr)
     common = tuple(s for s in steps if any(r["steps"] == s for r in unet_rec["rows"]))
     text = f"""## Flow models: the embedded flow model (npinv-shapes-flow-64)
 
@@ -126,10 +130,11 @@ Best PSNR within a budget of model calls per image (inversion + reconstruction):
 
 {edits["n_cases"]} held-out cases ({args.flow_edit_scenes} scenes x colour, shape and background swaps),
 {args.flow_edit_steps} steps, scored as the UNet edit tables. NPI edits at the model's recommended guidance
-(w = {rec_w:g}) with word swap (cross-replace 0.8, self-replace 0.6 through joint attention) and local blend on the swapped
-words; the midpoint and FireFlow rows invert and edit with those solvers. FlowEdit (Kulikov et al.
-2024) is inversion-free: w is its target guidance (source guidance and n_max at the paper's SD3
-values). Model calls and rows per edit include the inversion where the method needs one.
+(w = {rec_w:g}) with word swap (cross-replace 0.8, self-replace 0.6 through joint attention, and the share
+the model card recommends, {sr:g}) and local blend on the swapped words; the midpoint and FireFlow rows
+invert and edit with those solvers. FlowEdit (Kulikov et al. 2024) is inversion-free: w is its target
+guidance (source guidance and n_max at the paper's SD3 values). Model calls and rows per edit include the
+inversion where the method needs one.
 
 {flow_edit_table(edits)}
 Case by case against NPI + word swap + local blend on the Euler inversion (McNemar's exact test on the
@@ -173,6 +178,9 @@ def main() -> None:
     parser.add_argument("--flow-edit-steps", type=int, default=50)
     parser.add_argument("--flowedit-guidances", default="7.5,13.5",
                         help="FlowEdit's target guidances (beside the flow model's recommended one)")
+    parser.add_argument("--keep-timings", action="store_true",
+                        help="with --resume: keep the throughput, attention and SD-1.5 timings of the earlier run "
+                             "(its benchmarks.json) instead of measuring them again")
     parser.add_argument("--sd15-steps", type=int, default=5,
                         help="also time an SD-1.5-shaped random model at 256 px on this CPU (0: skip)")
     args = parser.parse_args()
@@ -209,12 +217,18 @@ def main() -> None:
     paired = [compare_paired(load_edit_rows(out / f"edit_exact_ddim_s{steps}"),
                              load_edit_rows(out / f"edit_exact_{inversion_label(scheme, gamma)}_s{steps}"))
               for steps in exact_steps for scheme, gamma in EXACT_EDIT_INVERSIONS if scheme != "ddim"]
-    throughput = run_throughput(model, out / "throughput", n_images=args.batch_images, guidance=rec_w)
-    # Measured afresh on every run (a minute): fused against explicit attention, side by side.
-    attention = run_attention_timing(model, out / "attention_timing")
+    kept = json.loads((out / "benchmarks.json").read_text()) if args.keep_timings else None
+    if kept is None:
+        throughput = run_throughput(model, out / "throughput", n_images=args.batch_images, guidance=rec_w)
+        # Measured afresh on every run (a minute): fused against explicit attention, side by side.
+        attention = run_attention_timing(model, out / "attention_timing")
+    else:
+        throughput, attention = kept["throughput"], kept["attention_timing"]
     flow = flow_benchmarks(out, args, rec)
     sd15 = None
-    if args.sd15_steps:
+    if kept is not None and (out / "sd15_cpu.json").is_file():
+        sd15 = json.loads((out / "sd15_cpu.json").read_text())
+    elif args.sd15_steps:
         import subprocess
         import sys
 
@@ -226,6 +240,9 @@ def main() -> None:
     machine = f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU"
     resumed = ("; resumed with `--resume`: rows an earlier run measured were kept, the throughput, attention and "
                "SD-1.5 timings measured afresh" if args.resume else "")
+    if args.resume and kept is not None:
+        resumed = ("; resumed with `--resume --keep-timings`: the UNet rows and the throughput, attention and SD-1.5 "
+                   "timings are an earlier run's, the rows new to this run (the flow section) measured now")
     text = f"""# Benchmarks
 
 Regenerated by `make bench` ({minutes:.0f} minutes on {machine}, {time.strftime('%Y-%m-%d')}){resumed}.

@@ -26,6 +26,7 @@ from npinv.io import atomic_path
 # Reconstruction labels (npinv.bench.reconstruct): method@inversion.
 FLOW_RECON_METHODS = ("ddim1", "ddim", "npi", "npi@fixed-point", "npi@anderson", "npi@bdia", "npi@midpoint",
                       "npi@fireflow", "nti", "npi@dec100")
+DEFAULT_SELF_REPLACE = 0.6  # EditSettings' default
 # Rows of the family table: the labels both families run.
 FAMILY_METHODS = ("ddim1", "ddim", "npi", "npi@fixed-point", "npi@anderson", "npi@bdia", "nti", "npi@dec100")
 
@@ -40,14 +41,21 @@ class FlowEditRun:
     blend: bool = True
     controller: str = "replace"
     guidance: float | None = None  # None: the model's recommended editing guidance
+    self_replace: float = DEFAULT_SELF_REPLACE
 
     def folder(self, w: float) -> str:
-        return f"flow_edit_{self.label.replace(' ', '_').replace('+', '')}_w{w:g}"
+        sr = "" if self.self_replace == DEFAULT_SELF_REPLACE else f"_sr{self.self_replace:g}"
+        return f"flow_edit_{self.label.replace(' ', '_').replace('+', '')}_w{w:g}{sr}"
 
 
-def flow_edit_runs(flowedit_guidances: tuple[float, ...]) -> tuple[FlowEditRun, ...]:
+def flow_edit_runs(flowedit_guidances: tuple[float, ...],
+                   self_replace: float = DEFAULT_SELF_REPLACE) -> tuple[FlowEditRun, ...]:
+    """The edit table's runs; ``self_replace``: the model card's recommended share, run beside npinv's default."""
+    tuned = (() if self_replace == DEFAULT_SELF_REPLACE else
+             (FlowEditRun(f"npi + word swap + blend, self-replace {self_replace:g}", self_replace=self_replace),))
     return (
         FlowEditRun("npi + word swap + blend"),
+        *tuned,
         FlowEditRun("npi + word swap", blend=False),
         FlowEditRun("npi + word swap + blend", invert_scheme="fixed-point"),
         FlowEditRun("npi + word swap + blend", invert_scheme="midpoint"),
@@ -61,16 +69,17 @@ def run_flow_reconstruct(model, out: Path, *, shapes: int, steps_list: list[int]
     return run_reconstruct_bench(model, out, shapes=shapes, steps_list=steps_list, methods=FLOW_RECON_METHODS)
 
 
-def run_flow_edits(model, out: Path, *, n_scenes: int, steps: int, flowedit_guidances: tuple[float, ...]) -> dict:
+def run_flow_edits(model, out: Path, *, n_scenes: int, steps: int, flowedit_guidances: tuple[float, ...],
+                   self_replace: float = DEFAULT_SELF_REPLACE) -> dict:
     """Every run of :func:`flow_edit_runs` on the same cases, and each against the first, case by case."""
     rec_w = model.edit_guidance
     runs = []
-    for run in flow_edit_runs(flowedit_guidances):
+    for run in flow_edit_runs(flowedit_guidances, self_replace):
         w = rec_w if run.guidance is None else run.guidance
         folder = out / f"{run.folder(w)}_{run.invert_scheme}_s{steps}"
         summary = run_edit_shapes(model, folder, n_scenes=n_scenes, methods=(run.method,), directs=(False,),
                                   controllers=(run.controller,), guidances=(w,), steps=steps, blend=run.blend,
-                                  invert_scheme=run.invert_scheme)
+                                  invert_scheme=run.invert_scheme, self_replace=run.self_replace)
         runs.append((run, w, folder, summary["rows"][0]))
     base_run, _, base_folder, _ = runs[0]
     base_rows = load_edit_rows(base_folder)
