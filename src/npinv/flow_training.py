@@ -132,7 +132,7 @@ class _recording:
 
 def train_transformer(parts: dict[str, Any], data: dict[str, Any], cfg: dict[str, Any], run: Path,
                       log: Callable[..., None], device: torch.device) -> None:
-    from npinv.training import _lr_at, _save_ckpt, _step_generator, _word_positions, grounding_losses
+    from npinv.training import _lr_at, _save_ckpt, _step_generator, _word_positions, add_grounding, optimiser_step
 
     t = cfg["transformer"]
     transformer = parts["transformer"].to(device)
@@ -181,22 +181,11 @@ def train_transformer(parts: dict[str, Any], data: dict[str, Any], cfg: dict[str
                               pooled_projections=pooled[which], return_dict=False)[0]
             loss = mse = F.mse_loss(out, noise - z0)
             extra = {}
-            keep = ~drop
-            if grounded and bool(keep.any()):
-                kept = keep.nonzero().squeeze(1).to(device)
-                token, pixel = grounding_losses([m[kept] for m in recorder.maps], data["masks"][idx][keep].to(device),
-                                                positions[idx][keep].to(device))
-                loss = loss + token_weight * token + pixel_weight * pixel
-                extra = {"token": round(token.item(), 4), "pixel": round(pixel.item(), 4)}
+            if grounded:
+                loss, extra = add_grounding(loss, recorder.maps, ~drop, data["masks"][idx], positions[idx],
+                                            (token_weight, pixel_weight), device)
             recorder.maps.clear()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            step += 1
-            decay = min(t["ema_decay"], (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+            step = optimiser_step(loss, params, opt, ema, step, t["ema_decay"])
             if step % 50 == 0 or step == t["steps"]:
                 log(stage="transformer", step=step, loss=round(mse.item(), 5), lr=round(opt.param_groups[0]["lr"], 6),
                     **extra)

@@ -238,6 +238,32 @@ def grounding_losses(maps: list[torch.Tensor], masks: torch.Tensor, positions: t
     return torch.stack(token).mean(), torch.stack(pixel).mean()
 
 
+def add_grounding(loss: torch.Tensor, maps: list[torch.Tensor], keep: torch.Tensor, masks: torch.Tensor,
+                  positions: torch.Tensor, weights: tuple[float, float], device: torch.device) -> tuple[torch.Tensor, dict]:
+    """``loss`` plus the weighted grounding losses of the captioned rows (``keep``; dropped captions have
+    no words), and the two terms for the log."""
+    if not bool(keep.any()):
+        return loss, {}
+    rows = keep.nonzero().squeeze(1).to(device)
+    token, pixel = grounding_losses([m[rows] for m in maps], masks[keep].to(device), positions[keep].to(device))
+    loss = loss + weights[0] * token + weights[1] * pixel
+    return loss, {"token": round(token.item(), 4), "pixel": round(pixel.item(), 4)}
+
+
+def optimiser_step(loss: torch.Tensor, params: list, opt, ema: list, step: int, ema_decay: float) -> int:
+    """Back-propagate, clip to norm 1, step, and move the EMA weights (decay warming up to ``ema_decay``);
+    returns the new step count."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    step += 1
+    decay = min(ema_decay, (1 + step) / (10 + step))
+    with torch.no_grad():
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+    return step
+
+
 def _word_positions(tokenizer, ids: torch.Tensor, words: list[tuple[str, str, str]]) -> torch.Tensor:
     """(N, 4) positions of each caption's colour, shape, background-colour and "background" tokens."""
     vocab = tokenizer.get_vocab()
@@ -298,22 +324,11 @@ def train_unet(parts: dict[str, Any], data: dict[str, Any], cfg: dict[str, Any],
             cond = text_encoder(ids.to(device)).last_hidden_state
             loss = mse = F.mse_loss(unet(zt, t, cond).sample, noise)
             extra = {}
-            keep = ~drop
-            if grounded and bool(keep.any()):
-                rows = keep.nonzero().squeeze(1).to(device)
-                token, pixel = grounding_losses([m[rows] for m in recorder.maps], data["masks"][idx][keep].to(device),
-                                                positions[idx][keep].to(device))
-                loss = loss + token_weight * token + pixel_weight * pixel
-                extra = {"token": round(token.item(), 4), "pixel": round(pixel.item(), 4)}
+            if grounded:
+                loss, extra = add_grounding(loss, recorder.maps, ~drop, data["masks"][idx], positions[idx],
+                                            (token_weight, pixel_weight), device)
             recorder.maps.clear()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            step += 1
-            decay = min(u["ema_decay"], (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+            step = optimiser_step(loss, params, opt, ema, step, u["ema_decay"])
             if step % 50 == 0 or step == u["steps"]:
                 log(stage="unet", step=step, loss=round(mse.item(), 5), lr=round(opt.param_groups[0]["lr"], 6), **extra)
             if step % cfg["checkpoint_every"] == 0 or step == u["steps"]:
