@@ -309,20 +309,27 @@ def write_card(model_dir: Path, figures: dict) -> Path:
     return write_text(model_dir / "MODEL_CARD.md", text)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+def card_parser(description: str, *, model: str, steps: str, n_edit: int) -> argparse.ArgumentParser:
+    """The options both embedded models' cards take (how much each figure measures); ``model`` names the
+    default model, ``steps`` the reconstruction step counts, ``n_edit`` the edit scenes."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default=None, help=f"model folder (default: {model})")
     parser.add_argument("--n-vae", type=int, default=200)
     parser.add_argument("--n-captions", type=int, default=200)
     parser.add_argument("--n-recon", type=int, default=16)
-    parser.add_argument("--steps", default="20,50")
+    parser.add_argument("--steps", default=steps)
     parser.add_argument("--sample-steps", type=int, default=50)
-    parser.add_argument("--n-edit", type=int, default=6)
+    parser.add_argument("--n-edit", type=int, default=n_edit, help="held-out edit scenes (x 3 edits each)")
     parser.add_argument("--edit-steps", type=int, default=50)
     parser.add_argument("--n-iou", type=int, default=32, help="held-out scenes for attention localisation")
     parser.add_argument("--iou-steps", type=int, default=50)
     parser.add_argument("--card-only", action="store_true",
                         help="rewrite MODEL_CARD.md from the figures already measured (model_card_figures.json)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = card_parser(__doc__.splitlines()[0], model="the embedded model", steps="20,50", n_edit=6)
     parser.add_argument("--edit-only", action="store_true",
                         help="re-measure only the editing sweep (after a change to editing); keep the card's other "
                              "figures, which editing does not touch")

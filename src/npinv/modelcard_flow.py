@@ -7,7 +7,6 @@ with the same held-out scenes, reader and edit cases as the UNet model's card (:
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
@@ -23,6 +22,8 @@ from npinv.modelcard import (
     HELD_OUT_SEED,
     _training_device,
     _training_seconds,
+    blend_sentence,
+    card_parser,
     recommended_guidance,
     reconstruction_table,
     sample_accuracy,
@@ -275,7 +276,6 @@ def write_card(model_dir: Path, figures: dict) -> Path:
         f"weights {ground.get('token_weight', 0):g} and {ground.get('pixel_weight', 0):g}." if ground else "")
     loc = figures["localisation"]
     rec = figures["recommended_guidance"]
-    blend, bare = _sweep_row(figures["edit_sweep"], rec), _sweep_row(figures["edit_sweep_noblend"], rec)
     grid_samples = figures["samples"][-1]
     text = CARD.format(
         text_params=f"{figures['params']['text_encoder'] / 1e6:.2f}M", max_len=figures["max_length"],
@@ -301,27 +301,13 @@ def write_card(model_dir: Path, figures: dict) -> Path:
         edit_table_noblend=edit_table(figures["edit_sweep_noblend"]), recommended=rec,
         self_replace_table=self_replace_table(figures), recommended_sr=figures["recommended_self_replace"],
         default_sr=DEFAULT_SELF_REPLACE,
-        blend_sentence=(f"At that guidance local blend gives success {blend['success']:.0%} (without it "
-                        f"{bare['success']:.0%}) and background PSNR {blend['psnr_bg']:.2f} dB (without it "
-                        f"{bare['psnr_bg']:.2f} dB)."),
+        blend_sentence=blend_sentence(figures),
     )
     return write_text(model_dir / "MODEL_CARD.md", text)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model folder (default: the embedded flow model)")
-    parser.add_argument("--n-vae", type=int, default=200)
-    parser.add_argument("--n-captions", type=int, default=200)
-    parser.add_argument("--n-recon", type=int, default=16)
-    parser.add_argument("--steps", default="10,50")
-    parser.add_argument("--sample-steps", type=int, default=50)
-    parser.add_argument("--n-edit", type=int, default=24, help="held-out edit scenes (x 3 edits each)")
-    parser.add_argument("--edit-steps", type=int, default=50)
-    parser.add_argument("--n-iou", type=int, default=32)
-    parser.add_argument("--iou-steps", type=int, default=50)
-    parser.add_argument("--card-only", action="store_true",
-                        help="rewrite MODEL_CARD.md from the figures already measured (model_card_figures.json)")
+    parser = card_parser(__doc__.splitlines()[0], model="the embedded flow model", steps="10,50", n_edit=24)
     args = parser.parse_args(argv)
     model_dir = Path(args.model) if args.model else embedded_model_path("shapes-flow")
     if args.card_only:
