@@ -39,6 +39,10 @@ def test_ships_small_with_its_card_and_loads_in_diffusers_alone():
         assert (FOLDER / name).is_file(), name
     declared = model_settings("shapes-flow")
     assert declared.max_sequence_length == 0 and declared.edit_guidance != 7.5  # measured by its card
+    card = json.loads((FOLDER / "model_card_figures.json").read_text())
+    assert (declared.edit_guidance, declared.edit_self_replace) == (card["recommended_guidance"],
+                                                                   card["recommended_self_replace"])
+    assert declared.edit_self_replace != 0.6  # its card's sweep found a better window than npinv's default
     pipe = StableDiffusion3Pipeline.from_pretrained(FOLDER, text_encoder_3=None, tokenizer_3=None,
                                                     torch_dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
@@ -95,7 +99,7 @@ def test_colour_swap_with_word_swap_and_local_blend(flow, example):
     case = EditCase(0, scene, Edit("color", "green"))
     settings = EditSettings(method="npi", controller="replace", blend=("red", "green"))  # the model's guidance
     done = edit_image(flow, source, scene.caption, [case.target.caption], settings, InvertSettings(steps=50))
-    assert done.settings.guidance == flow.edit_guidance
+    assert (done.settings.guidance, done.settings.self_replace) == (flow.edit_guidance, flow.edit_self_replace)
     assert read_scene(tensor_to_image(done.images)).matches(case.target)
     bg = region_psnr(tensor_to_unit(done.images), tensor_to_unit(source.image), keep_region(case, 64))
     assert bg >= 28.0

@@ -141,8 +141,9 @@ def test_flow_model_card_measures_every_target(trained, tmp_path):
     figures = json.loads((out / "model_card_figures.json").read_text())
     assert [s["guidance"] for s in figures["samples"]] == list(modelcard_flow.SAMPLE_GUIDANCES)
     assert 0 <= figures["localisation"]["object_iou"] <= 1 and figures["bundle_mb"] > 0
-    assert json.loads((out / "npinv.json").read_text()) == {"max_sequence_length": 0,
-                                                            "edit_guidance": figures["recommended_guidance"]}
+    assert json.loads((out / "npinv.json").read_text()) == {
+        "max_sequence_length": 0, "edit_guidance": figures["recommended_guidance"],
+        "edit_self_replace": figures["recommended_self_replace"]}  # what the edit commands then default to
     card = (out / "MODEL_CARD.md").read_text()
     targets = card.split("## Targets")[1].split("##")[0]
     judged = [ln for ln in targets.splitlines() if ln.endswith(("| yes |", "| **no** |"))]

@@ -1,6 +1,6 @@
-"""Model-declared defaults: a model folder's ``npinv.json`` {"edit_guidance": w} is the guidance every
-edit command (edit, edit-batch, edit-video, serve) uses unless told otherwise; 7.5 without one.
-Reconstruction and generation keep 7.5."""
+"""Model-declared defaults: a model folder's ``npinv.json`` {"edit_guidance": w, "edit_self_replace": f}
+is the guidance and self-attention replace window every edit command (edit, edit-batch, edit-video,
+serve) uses unless told otherwise; 7.5 and 0.6 without one. Reconstruction and generation keep 7.5."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def with_settings(sd_folder: Path, tmp_path: Path, text: str | None, name: str =
 
 @pytest.fixture
 def declared(sd_folder, tmp_path) -> Path:
-    return with_settings(sd_folder, tmp_path, json.dumps({"edit_guidance": 3.0}))
+    return with_settings(sd_folder, tmp_path, json.dumps({"edit_guidance": 3.0, "edit_self_replace": 0.2}))
 
 
 def one_error_line(code: int, stderr: str) -> str:
@@ -62,8 +62,8 @@ def test_folders_without_the_file_hub_ids_and_files_give_7_5(sd_folder, tmp_path
 def test_a_declaring_folder_still_loads_with_diffusers(declared, sd_model):
     assert model_edit_guidance(declared) == 3.0
     model = load_model(str(declared), device="cpu")
-    assert model.edit_guidance == 3.0
-    assert sd_model.edit_guidance == 7.5  # the same weights without npinv.json
+    assert (model.edit_guidance, model.edit_self_replace) == (3.0, 0.2)
+    assert (sd_model.edit_guidance, sd_model.edit_self_replace) == (7.5, 0.6)  # the same weights without npinv.json
     ours, theirs = model.unet.state_dict(), sd_model.unet.state_dict()
     assert all(ours[k].equal(theirs[k]) for k in theirs)
 
@@ -78,6 +78,13 @@ def test_a_declaring_folder_still_loads_with_diffusers(declared, sd_model):
     ('{"edit_guidance": true}', "positive finite number, got True"),
     ('{"edit_guidance": NaN}', "positive finite number, got nan"),
     ('{"edit_guidance": Infinity}', "positive finite number, got inf"),
+    ('{"edit_self_replace": 1.5}', "'edit_self_replace' must be a fraction in 0..1 or a window"),
+    ('{"edit_self_replace": -0.1}', "'edit_self_replace' must be a fraction in 0..1 or a window"),
+    ('{"edit_self_replace": "0.2"}', "'edit_self_replace' must be a fraction .* got '0.2'"),
+    ('{"edit_self_replace": [0.5, 0.2]}', r"with START <= END, got \[0.5, 0.2\]"),
+    ('{"edit_self_replace": [0.1]}', r"'edit_self_replace' must be .* got \[0.1\]"),
+    ('{"edit_self_replace": null}', "'edit_self_replace' must be .* got None"),
+    ('{"edit_self_replace": true}', "'edit_self_replace' must be .* got True"),
     ('{"max_sequence_length": -1}', "integer in 0..512, got -1"),
     ('{"max_sequence_length": 600}', "integer in 0..512, got 600"),
     ('{"max_sequence_length": 1.5}', "integer in 0..512, got 1.5"),
@@ -90,6 +97,15 @@ def test_a_broken_file_is_one_error_naming_it(sd_folder, tmp_path, text, match):
     assert str(folder / SETTINGS_FILE) in str(err.value) and "\n" not in str(err.value)
     with pytest.raises(NpinvError, match=match):
         load_model(str(folder), device="cpu")  # before the (slow) load
+
+
+def test_a_declared_window_is_read_as_the_flag_reads_it(sd_folder, tmp_path):
+    from npinv.model import model_settings
+
+    for text, want in (('{"edit_self_replace": [0.1, 0.3]}', (0.1, 0.3)), ('{"edit_self_replace": 0}', 0.0),
+                       ('{"edit_self_replace": 1}', 1.0), ("{}", 0.6)):
+        folder = with_settings(sd_folder, tmp_path, text, name=f"m{len(list(tmp_path.iterdir()))}")
+        assert model_settings(folder).edit_self_replace == want
 
 
 def test_unknown_keys_warn_and_are_ignored(sd_folder, tmp_path):
@@ -109,6 +125,8 @@ def test_help_says_where_the_default_comes_from():
     for command in ("edit", "edit-batch", "edit-video"):
         flag = next(a for a in sub[command]._actions if a.dest == "guidance")
         assert flag.help == "guidance scale w (default: the model's recommended editing guidance, else 7.5)"
+        flag = next(a for a in sub[command]._actions if a.dest == "self_replace")
+        assert flag.help.endswith("(default: the model's recommended window, else 0.6)")
     for command in ("reconstruct", "generate"):
         assert "(default 7.5)" in next(a for a in sub[command]._actions if a.dest == "guidance").help
 
@@ -123,11 +141,23 @@ def test_edit_uses_the_declared_guidance_and_the_flag_overrides_it(capsys, tmp_p
                                                                   image_file):
     code, stdout, stderr = edit(capsys, tmp_path, declared, image_file)
     assert code == 0, stderr
-    assert json.loads(stdout)["guidance"] == 3.0
-    code, stdout, _ = edit(capsys, tmp_path, declared, image_file, "--guidance", 4, name="flag.png")
-    assert code == 0 and json.loads(stdout)["guidance"] == 4.0
+    assert (json.loads(stdout)["guidance"], json.loads(stdout)["self_replace"]) == (3.0, 0.2)
+    code, stdout, _ = edit(capsys, tmp_path, declared, image_file, "--guidance", 4, "--self-replace", "0.1,0.5",
+                           name="flag.png")
+    assert code == 0 and (json.loads(stdout)["guidance"], json.loads(stdout)["self_replace"]) == (4.0, [0.1, 0.5])
     code, stdout, _ = edit(capsys, tmp_path, sd_folder, image_file, name="plain.png")
-    assert code == 0 and json.loads(stdout)["guidance"] == 7.5
+    assert code == 0 and (json.loads(stdout)["guidance"], json.loads(stdout)["self_replace"]) == (7.5, 0.6)
+    # The declared values are the flags': the same pixels as the plain folder told them.
+    code, _, _ = edit(capsys, tmp_path, sd_folder, image_file, "--guidance", 3, "--self-replace", 0.2, name="told.png")
+    assert code == 0 and images_equal(tmp_path / "edit.png", tmp_path / "told.png")
+    assert not images_equal(tmp_path / "edit.png", tmp_path / "plain.png")
+
+
+def images_equal(a: Path, b: Path) -> bool:
+    import numpy as np
+    from PIL import Image
+
+    return np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
 
 
 def test_reconstruct_keeps_7_5(capsys, tmp_path, declared, image_file):
@@ -157,7 +187,7 @@ def manifest(tmp_path) -> Path:
     Scene("square", "red", "blue", 0.5).render(32).save(data / "b.png")
     rows = [{"image": "a.png", "source": SOURCE, "target": TARGET},
             {"image": "b.png", "source": "a red square on a blue background",
-             "target": "a green square on a blue background", "guidance": 2.0}]
+             "target": "a green square on a blue background", "guidance": 2.0, "self_replace": [0.1, 0.4]}]
     path = data / "manifest.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -172,10 +202,11 @@ def test_edit_batch_rows_without_guidance_take_the_models(capsys, tmp_path, decl
     args = ("edit-batch", manifest, "--out", out, "--model", declared, "--steps", 2, "--json")
     code, stdout, stderr = run(capsys, *args)
     assert code == 0, stderr
-    assert json.loads(stdout)["default_guidance"] == 3.0
+    assert json.loads(stdout)["default_guidance"] == 3.0 and json.loads(stdout)["default_self_replace"] == 0.2
     assert [r["guidance"] for r in results(out)] == [3.0, 2.0]  # the second row sets its own
-    # Results are keyed by the resolved number: the same run with the flag spelled out resumes.
-    code, stdout, _ = run(capsys, *args, "--guidance", 3)
+    assert [r["self_replace"] for r in results(out)] == [0.2, [0.1, 0.4]]
+    # Results are keyed by the resolved numbers: the same run with the flags spelled out resumes.
+    code, stdout, _ = run(capsys, *args, "--guidance", 3, "--self-replace", 0.2)
     again = json.loads(stdout)
     assert code == 0 and again["done_before"] == 2 and again["done_now"] == 0 and again["unet_calls"] == 0
 
@@ -190,6 +221,7 @@ def test_edit_batch_rows_without_guidance_take_the_models(capsys, tmp_path, decl
                           "--json")
     assert code == 0 and json.loads(stdout)["default_guidance"] == 7.5
     assert [r["guidance"] for r in results(plain)] == [7.5, 2.0]
+    assert [r["self_replace"] for r in results(plain)] == [0.6, [0.1, 0.4]]
 
 
 def test_edit_batch_with_a_broken_file_exits_2_with_one_line(capsys, tmp_path, sd_folder, manifest):
@@ -204,11 +236,11 @@ def test_edit_batch_with_a_broken_file_exits_2_with_one_line(capsys, tmp_path, s
 def test_edit_video_uses_the_declared_guidance(capsys, tmp_path, declared):
     pytest.importorskip("av")
     video = make_video(tmp_path / "in.mp4", frames=2, rate=8)
-    for extra, want in (((), 3.0), (("--guidance", 4), 4.0)):
+    for extra, want in (((), (3.0, 0.2)), (("--guidance", 4, "--self-replace", 0.5), (4.0, 0.5))):
         code, stdout, stderr = run(capsys, "edit-video", video, "--source", SOURCE, "--target", TARGET, "--steps", 2,
-                                   "--model", declared, "--out", tmp_path / f"out{want:g}.mp4", "--json", *extra)
+                                   "--model", declared, "--out", tmp_path / f"out{want[0]:g}.mp4", "--json", *extra)
         assert code == 0, stderr
-        assert json.loads(stdout)["guidance"] == want
+        assert (json.loads(stdout)["guidance"], json.loads(stdout)["self_replace"]) == want
 
 
 # -- the web app ---------------------------------------------------------------------------------
@@ -216,17 +248,22 @@ def test_serve_starts_at_the_declared_guidance(declared, sd_model, tmp_path):
     from npinv.webapp.app import ServeOptions, build_app
     from npinv.webapp.engine import Engine, parse_edit_request
 
-    for model, want in ((load_model(str(declared), device="cpu"), 3.0), (sd_model, 7.5)):
+    for model, want, window in ((load_model(str(declared), device="cpu"), 3.0, 0.2), (sd_model, 7.5, 0.6)):
         engine = Engine(model, files_dir=tmp_path / f"files{want:g}")
         assert engine.edit_guidance == want
-        assert engine.edit_request(TARGET).settings.guidance == want  # the engine's default
-        for empty in (None, "", "default"):  # the form's empty guidance box, or a client's null
-            assert engine.edit_request(TARGET, guidance=empty).settings.guidance == want
-        assert engine.edit_request(TARGET, guidance=5).settings.guidance == 5.0
+        settings = engine.edit_request(TARGET).settings  # the engine's defaults
+        assert (settings.guidance, settings.self_replace) == (want, window)
+        for empty in (None, "", "default"):  # the form's empty boxes, or a client's null
+            settings = engine.edit_request(TARGET, guidance=empty, self_replace=empty).settings
+            assert (settings.guidance, settings.self_replace) == (want, window)
+        settings = engine.edit_request(TARGET, guidance=5, self_replace="0.1,0.3").settings
+        assert (settings.guidance, settings.self_replace) == (5.0, (0.1, 0.3))
         demo = build_app(engine, ServeOptions(examples=False))
-        slider = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "npinv-guidance")
-        assert slider.value == want
-    assert parse_edit_request(TARGET).settings.guidance == 7.5  # without a model: 7.5
+        controls = {getattr(b, "elem_id", None): b for b in demo.blocks.values()}
+        assert controls["npinv-guidance"].value == want
+        assert controls["npinv-self-replace"].value == f"{window:g}"  # the box shows the model's window
+    settings = parse_edit_request(TARGET).settings
+    assert (settings.guidance, settings.self_replace) == (7.5, 0.6)  # without a model: npinv's
 
 
 def test_a_declared_t5_length_reaches_the_flow_model_and_the_default_stays_the_pipelines(sd3_no_t5_folder, tmp_path):
@@ -238,3 +275,46 @@ def test_a_declared_t5_length_reaches_the_flow_model_and_the_default_stays_the_p
     model = load_model(str(folder))
     assert model.max_sequence_length == 0 and model.edit_guidance == 3.5
     assert model.encode_prompt("a red circle").hidden.shape[1] == model.pipe.tokenizer.model_max_length
+
+
+# -- every method and controller under the declared window (the library, as the front ends call it) ----
+@pytest.fixture(scope="module")
+def declared_model(sd_folder, tmp_path_factory):
+    folder = with_settings(sd_folder, tmp_path_factory.mktemp("declared"),
+                           json.dumps({"edit_guidance": 3.0, "edit_self_replace": 0.5}))
+    return load_model(str(folder), device="cpu")
+
+
+def _controller_settings(controller: str) -> tuple[dict, str]:
+    """The controller's settings and a target it takes (reweight keeps the source's words)."""
+    if controller == "reweight":
+        return {"reweight": {"red": 2.0}}, SOURCE
+    return ({"blend": ("red", "green")} if controller == "replace" else {}), TARGET
+
+
+@pytest.mark.parametrize("method", ["npi", "proxnpi", "proxnpi-noig", "nti", "ddim"])
+def test_every_method_and_controller_takes_the_declared_window(declared_model, sd_model, image_file, method):
+    import torch
+
+    from npinv.attention.controllers import controller_names
+    from npinv.cache import InversionCache
+    from npinv.service import edit_image, invert_one, prepare_file
+    from npinv.settings import EditSettings, InvertSettings
+
+    invert = InvertSettings(steps=4)
+    cache = InversionCache()  # one inversion (and one NTI optimisation) for every edit below
+    source = prepare_file(image_file, sd_model, invert)
+    inverted = invert_one(sd_model, source, SOURCE, invert, cache=cache)
+
+    def run(model, controller, **settings):
+        extra, target = _controller_settings(controller)
+        return edit_image(model, source, SOURCE, [target], EditSettings(
+            method=method, controller=controller, **extra, **settings), invert, inversion=inverted, cache=cache)
+
+    for controller in controller_names():
+        left = run(declared_model, controller)
+        assert (left.settings.guidance, left.settings.self_replace) == (3.0, 0.5)
+        assert torch.equal(left.images, run(sd_model, controller, guidance=3.0, self_replace=0.5).images), controller
+        if controller != "none":  # the window is used: 0.25 (1 of 4 steps) is not 0.5 (2 of 4)
+            other = run(sd_model, controller, guidance=3.0, self_replace=0.25)
+            assert not torch.equal(left.images, other.images), controller

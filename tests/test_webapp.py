@@ -25,6 +25,7 @@ from PIL import Image
 from npinv.demo import bundled_examples
 from npinv.errors import NpinvError
 from npinv.inversion import Inversion
+from npinv.model import ModelSettings
 from npinv.schemes import SCHEMES, scheme_names
 from npinv.service import prepare_file
 from npinv.settings import DEFAULT_INVERT_ITERS, DEFAULT_INVERT_TOL, EditSettings, InvertSettings, flag_name, from_value, specs
@@ -285,13 +286,17 @@ def test_edit_request_reads_the_forms_text_as_the_schema_does():
     form = {"reweight": "green=2, blue=0.5", "blend": "red green", "cross_replace": "0.2,0.9",
             "cross_replace_words": "green=0.5", "self_replace": 0.4, "direct": True, "blend_res": "",
             "controller": "reweight", "method": "proxnpi", "recon_t": 300.0, "keep_attention_maps": True}
-    settings = parse_edit_request("a green circle", form | {"guidance": ""}, default_guidance=3.0).settings
+    declared = ModelSettings(edit_guidance=3.0, edit_self_replace=0.2)
+    settings = parse_edit_request("a green circle", form | {"guidance": ""}, defaults=declared).settings
     assert settings.reweight == {"green": 2.0, "blue": 0.5} and settings.blend == ("red", "green")
     assert settings.cross_replace == (0.2, 0.9) and settings.cross_replace_words == {"green": 0.5}
     assert settings.blend_res is None and settings.recon_t == 300 and settings.keep_attention_maps
     schema = from_value(EditSettings, {k: v for k, v in form.items() if k != "keep_attention_maps"})
-    assert settings == dataclasses.replace(schema, guidance=3.0, keep_attention_maps=True)
-    assert parse_edit_request("a green circle").settings == EditSettings(guidance=7.5)  # the schema's defaults
+    assert settings == dataclasses.replace(schema, guidance=3.0, keep_attention_maps=True)  # the form's 0.4 kept
+    # What the form leaves empty is the model's; without a model, npinv's defaults.
+    empty = parse_edit_request("a green circle", {"self_replace": "", "guidance": "default"}, defaults=declared)
+    assert empty.settings == EditSettings(guidance=3.0, self_replace=0.2)
+    assert parse_edit_request("a green circle").settings == EditSettings(guidance=7.5, self_replace=0.6)
 
 
 def test_the_edit_form_is_derived_from_the_schema(engine):

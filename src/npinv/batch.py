@@ -230,15 +230,17 @@ def inversion_key(row: ManifestRow, fingerprint: str) -> str:
     return _digest(dataclasses.astuple(InversionKey.of_file(fingerprint, row.image_sha256, row.source, row.invert)))
 
 
-def settings_key(row: ManifestRow) -> str:
-    return _digest(as_json(row.edit))
+def settings_key(row: ManifestRow, model: Any) -> str:
+    """The row's edit settings with the model's declared values filled in, so a row that leaves the
+    guidance or self-replace to the model and one that spells out the same numbers share results."""
+    return _digest(as_json(row.edit.resolved(model)))
 
 
 def plan(rows: list[ManifestRow], out: Path, model: Model) -> list[EditItem]:
     items = []
     fingerprint = model.fingerprint  # hashes weights: once, not per row
     for row in rows:
-        inv_key, set_key = inversion_key(row, fingerprint), settings_key(row)
+        inv_key, set_key = inversion_key(row, fingerprint), settings_key(row, model)
         for k, target in enumerate(row.targets):
             key = f"L{row.line}T{k}:" + _digest(inv_key, set_key, target, fingerprint)
             items.append(EditItem(row, k, key, out / "edits" / f"{row.line:05d}-{k}-{row.name}.png", inv_key, set_key))
@@ -368,7 +370,8 @@ def _run_chunk(model: Model, chunk: list[_Source], results: ShardedResults, prog
                     "seconds": invert_cost.seconds / n_edits + edit_s / call_edits,
                     "invert_seconds": invert_cost.seconds / len(chunk), "edit_seconds": edit_s / call_edits,
                     "batch_images": len(jobs), "method": s.method, "controller": s.controller,
-                    "guidance": s.guidance, "steps": it.row.invert.steps, "direct": s.direct,
+                    "guidance": s.guidance, "self_replace": as_json(s)["self_replace"], "steps": it.row.invert.steps,
+                    "direct": s.direct,
                     # The inversion and edit calls this edit was part of (shared with the images batched with it).
                     "unet_calls": result.cost.unet_calls, "unet_rows": result.cost.unet_rows,
                     **result.inverted.inversion.scheme_report(), "rank": results.shard.rank})

@@ -406,17 +406,21 @@ def edit_output_paths(out, count: int):
 
 
 def _edit_settings(args, **extra):
-    """EditSettings from the flags, checked, with the guidance resolved before the slow load: without
-    ``--guidance``, the one the model folder declares (its npinv.json), else 7.5."""
+    """EditSettings from the flags, checked, with the model's declared values resolved before the slow
+    load: without ``--guidance`` or ``--self-replace``, what the model folder declares (its npinv.json),
+    else 7.5 and 0.6."""
     import dataclasses
 
-    from npinv.model import model_edit_guidance
+    from npinv.model import model_settings
     from npinv.settings import EditSettings
 
-    settings = _settings(args, EditSettings)
-    if settings.guidance is None:
-        settings = dataclasses.replace(settings, guidance=model_edit_guidance(args.model))
+    settings = _settings(args, EditSettings).resolved(model_settings(args.model))
     return dataclasses.replace(settings, **extra) if extra else settings
+
+
+def _window_json(window):
+    """A self-replace window as the JSON records and manifests write it (a fraction, or [start, end])."""
+    return list(window) if isinstance(window, tuple) else window
 
 
 def _saved_invert_values(saved) -> dict:
@@ -518,7 +522,8 @@ def cmd_edit(args) -> int:
         raise
     row = {"method": settings.method, "controller": settings.controller, "source": result.inversion.source_prompt,
            "targets": args.target, "steps": result.inversion.steps, "guidance": settings.guidance,
-           "direct": settings.direct, "seconds": edited.cost.seconds, "edit_seconds": edited.edit_cost.seconds,
+           "self_replace": _window_json(settings.self_replace), "direct": settings.direct,
+           "seconds": edited.cost.seconds, "edit_seconds": edited.edit_cost.seconds,
            "unet_calls": edited.cost.unet_calls, "unet_rows": edited.cost.unet_rows,
            "outputs": [str(p) for p in edits], "grid": str(grid_path), "attention_maps": maps,
            **edited.inverted.inversion.scheme_report()}
@@ -769,6 +774,7 @@ def cmd_edit_batch(args) -> int:
     summary = {"edits": report.total, "done_before": report.done_before, "done_now": report.done_now,
                "results": str(report.results), "seconds": report.seconds, "unet_calls": report.unet_calls,
                "shard": report.shard, "default_guidance": settings.guidance,  # rows without their own guidance
+               "default_self_replace": _window_json(settings.self_replace),  # ... or self-replace
                # Edited images made per minute of this run (the inversions included; None if it made none).
                "images_per_minute": 60.0 * report.done_now / report.seconds if report.done_now and report.seconds > 0
                else None}
@@ -802,7 +808,8 @@ def cmd_edit_video(args) -> int:
                         progress=not args.quiet)
     row = {"video": args.video, "source": args.source, "target": args.target, "method": settings.method,
            "controller": settings.controller, "steps": inv_settings.steps, "guidance": settings.guidance,
-           "direct": settings.direct, "batch_size": args.batch_size, "model": model.name,
+           "self_replace": _window_json(settings.self_replace), "direct": settings.direct,
+           "batch_size": args.batch_size, "model": model.name,
            "source_frames": info.frames} | result.summary()
     if args.json:
         print(json.dumps(row))

@@ -23,7 +23,7 @@ from npinv.checks import SIZE_MULTIPLE
 from npinv.errors import NpinvError
 from npinv.finite import FiniteWatch
 from npinv.flow_schedule import FlowSchedule
-from npinv.model import DEFAULT_EDIT_GUIDANCE, Model, NpinvWarning, PromptEmbedding, UNetCounter
+from npinv.model import DEFAULT_EDIT_GUIDANCE, DEFAULT_SELF_REPLACE, Model, NpinvWarning, PromptEmbedding, UNetCounter
 
 # model_index.json's ``_class_name`` -> family. Only the text-to-image pipelines: img2img/inpaint folders
 # hold the same parts, but npinv loads the base class.
@@ -73,8 +73,9 @@ class FlowModel:
     sampling alike, so NPI's identity holds at any true-CFG scale; ``None`` on models without one."""
 
     def __init__(self, pipe: Any, name: str, device: torch.device, dtype: torch.dtype, *,
-                 edit_guidance: float = DEFAULT_EDIT_GUIDANCE, embedded_guidance: float | None = DEFAULT_EMBEDDED_GUIDANCE,
-                 max_sequence_length: int | None = None) -> None:
+                 edit_guidance: float = DEFAULT_EDIT_GUIDANCE,
+                 edit_self_replace: float | tuple[float, float] = DEFAULT_SELF_REPLACE,
+                 embedded_guidance: float | None = DEFAULT_EMBEDDED_GUIDANCE, max_sequence_length: int | None = None) -> None:
         cls = type(pipe).__name__
         if cls not in FLOW_PIPELINES:
             raise NpinvError(f"{name}: a {cls} is not a flow-matching pipeline npinv knows "
@@ -84,7 +85,8 @@ class FlowModel:
         self.kind = FLOW_PIPELINES[cls]
         self.device = device
         self.dtype = dtype
-        self.edit_guidance = edit_guidance
+        self.edit_guidance = edit_guidance  # what edits default to, as Model's
+        self.edit_self_replace = edit_self_replace
         self.transformer = pipe.transformer
         self.vae = pipe.vae
         self.counter = UNetCounter()

@@ -33,10 +33,12 @@ from npinv.schedule import Schedule
 PICKLE_SUFFIXES = (".ckpt", ".bin", ".pt", ".pth")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-# A model folder may declare npinv's defaults for it in this file beside model_index.json (diffusers
-# ignores it): {"edit_guidance": 2.5}. Without it (and for hub ids and single files) editing uses 7.5.
+# A model folder may declare npinv's editing defaults for it in this file beside model_index.json
+# (diffusers ignores it): {"edit_guidance": 2.5, "edit_self_replace": 0.2}. Without it (and for hub ids
+# and single files) edits use guidance 7.5 and self-replace 0.6 (google/prompt-to-prompt's settings).
 SETTINGS_FILE = "npinv.json"
 DEFAULT_EDIT_GUIDANCE = 7.5
+DEFAULT_SELF_REPLACE = 0.6
 # The download command of the installed huggingface_hub: its only console script is `hf` (no `huggingface-cli`).
 HUB_DOWNLOAD = "hf download"
 
@@ -117,14 +119,16 @@ def _is_embedded(spec: str | Path | None) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSettings:
-    """What a model folder's ``npinv.json`` declares: its editing guidance and, for a flow model whose
-    prompts carry no T5 rows, the T5 sequence length its transformer was trained with."""
+    """What a model folder's ``npinv.json`` declares: its editing guidance and self-attention replace
+    window (what edits use unless told otherwise) and, for a flow model whose prompts carry no T5 rows,
+    the T5 sequence length its transformer was trained with."""
 
     edit_guidance: float = DEFAULT_EDIT_GUIDANCE
+    edit_self_replace: float | tuple[float, float] = DEFAULT_SELF_REPLACE
     max_sequence_length: int | None = None
 
 
-SETTINGS_KEYS = ("edit_guidance", "max_sequence_length")
+SETTINGS_KEYS = ("edit_guidance", "edit_self_replace", "max_sequence_length")
 
 
 def model_settings(spec: str | Path | None = None) -> ModelSettings:
@@ -154,7 +158,20 @@ def model_settings(spec: str | Path | None = None) -> ModelSettings:
     length = settings.get("max_sequence_length")
     if length is not None and (isinstance(length, bool) or not isinstance(length, int) or not 0 <= length <= 512):
         raise NpinvError(f"{path}: 'max_sequence_length' must be an integer in 0..512, got {length!r}")
-    return ModelSettings(float(value), length)
+    return ModelSettings(float(value), _declared_window(path, settings.get("edit_self_replace", DEFAULT_SELF_REPLACE)),
+                         length)
+
+
+def _declared_window(path: Path, value: Any) -> float | tuple[float, float]:
+    """``edit_self_replace`` read by the settings schema's own rule for ``--self-replace`` (a fraction,
+    or [START, END]), so a declared window is exactly what the flag would accept."""
+    from npinv.settings import Window
+
+    kind = Window()
+    window = kind.from_value(value) if not isinstance(value, str) else value  # JSON text is not a window
+    if not kind.ok(window):
+        raise NpinvError(f"{path}: 'edit_self_replace' must be {kind.what}, got {value!r}")
+    return (float(window[0]), float(window[1])) if isinstance(window, tuple) else float(window)
 
 
 def model_edit_guidance(spec: str | Path | None = None) -> float:
@@ -241,10 +258,13 @@ class Model:
     """A loaded pipeline's parts plus the calls inversion and editing make on them."""
 
     def __init__(self, pipe: Any, name: str, device: torch.device, dtype: torch.dtype, *,
-                 edit_guidance: float = DEFAULT_EDIT_GUIDANCE, cuda_graphs: bool = True) -> None:
+                 edit_guidance: float = DEFAULT_EDIT_GUIDANCE,
+                 edit_self_replace: float | tuple[float, float] = DEFAULT_SELF_REPLACE, cuda_graphs: bool = True) -> None:
         self.pipe = pipe
         self.name = name
-        self.edit_guidance = edit_guidance  # the guidance edits default to (the folder's npinv.json, else 7.5)
+        # What edits default to (the folder's npinv.json, else 7.5 and 0.6): EditSettings.resolved reads them.
+        self.edit_guidance = edit_guidance
+        self.edit_self_replace = edit_self_replace
         self.device = device
         self.dtype = dtype
         self.unet = pipe.unet
@@ -552,8 +572,9 @@ def load_model(
     if type(pipe).__name__ in FLOW_PIPELINES:
         # Transformer calls run eagerly (no CUDA graphs yet for this family): cuda_graphs has no effect.
         return FlowModel(pipe, name, dev, torch_dtype, edit_guidance=edit_guidance,
-                         max_sequence_length=declared.max_sequence_length)
-    return Model(pipe, name, dev, torch_dtype, edit_guidance=edit_guidance, cuda_graphs=cuda_graphs and not offload)
+                         edit_self_replace=declared.edit_self_replace, max_sequence_length=declared.max_sequence_length)
+    return Model(pipe, name, dev, torch_dtype, edit_guidance=edit_guidance, edit_self_replace=declared.edit_self_replace,
+                 cuda_graphs=cuda_graphs and not offload)
 
 
 # -- reading a model's configs before its weights -------------------------------------------------------
@@ -859,7 +880,25 @@ def _load_flow_pipeline(spec: str, path: Path, kind: str, index: dict[str, Any],
             return cls.from_pretrained(source, transformer=transformer, local_files_only=local, **absent)
 
         return _call(load, spec)
-    return _call(lambda: cls.from_single_file(str(path), config=source, local_files_only=local, **absent), spec)
+    # diffusers takes a part an SD3 file lacks from the config only when it finds it under diffusers' weight
+    # names, which transformers' text encoders never have, and always reads the VAE from the file: so each
+    # part the file lacks (sd3_medium.safetensors: the text encoders) is loaded from the config here.
+    from diffusers import AutoencoderKL
+    from diffusers.loaders.single_file_utils import LDM_VAE_KEYS, is_clip_sd3_model, is_open_clip_sd3_model, is_t5_in_single_file
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
+    keys = _single_file_keys(path) if path.suffix.lower() == ".safetensors" else None  # a pickle: as diffusers reads it
+    held = {"vae": (AutoencoderKL, lambda k: any(key.startswith(tuple(LDM_VAE_KEYS)) for key in k)),
+            "text_encoder": (CLIPTextModelWithProjection, is_clip_sd3_model),
+            "text_encoder_2": (CLIPTextModelWithProjection, is_open_clip_sd3_model),
+            "text_encoder_3": (T5EncoderModel, is_t5_in_single_file)}
+
+    def load_sd3():
+        parts = {name: part.from_pretrained(source, subfolder=name, local_files_only=local)
+                 for name, (part, in_file) in held.items() if keys is not None and name not in absent and not in_file(keys)}
+        return cls.from_single_file(str(path), config=source, local_files_only=local, **absent, **parts)
+
+    return _call(load_sd3, spec)
 
 
 def _pipeline_class(is_xl: bool):
@@ -874,10 +913,12 @@ def _load_pipeline(spec: str, path: Path, allow_pickle: bool, config: str | Path
         _check_checkpoint_file(path, allow_pickle)
     index = _spec_index(spec, path, config)
     kind = _flow_kind(index)
+    if path.is_file() and path.suffix.lower() == ".safetensors":
+        kind = _check_single_file_family(path, _single_file_keys(path), kind, index, config)
     if kind is not None:
         if path.is_dir():
             check_model_folder(path)
-        else:
+        elif index:  # empty: a single file's hub config, not cached (the load says what is missing)
             check_index(index, f"{config if path.is_file() else spec}: model_index.json")
         return _load_flow_pipeline(spec, path, kind, index, config)
     if path.is_dir():
@@ -917,6 +958,48 @@ def _check_checkpoint_file(path: Path, allow_pickle: bool) -> None:
             "convert it to .safetensors, or pass --allow-pickle (allow_pickle=True) if you trust it")
     if suffix != ".safetensors" and suffix not in PICKLE_SUFFIXES:
         raise NpinvError(f"{path.name}: unsupported checkpoint type {suffix!r} (use .safetensors or a folder)")
+
+
+_FLOW_NAMES = {"sd3": "Stable Diffusion 3", "flux": "FLUX"}
+_FLOW_CONFIG_EXAMPLES = {"sd3": "stabilityai/stable-diffusion-3-medium-diffusers", "flux": "black-forest-labs/FLUX.1-dev"}
+
+
+def _check_single_file_family(path: Path, keys: frozenset[str], kind: str | None, index: dict[str, Any],
+                              config: str | Path | None) -> str | None:
+    """The flow family a .safetensors file's transformer keys say (diffusers' own markers), checked against
+    its config's: an SD3 or FLUX file holds neither configs, tokenizers nor scheduler, so it needs
+    ``config``; a config of another family would fail deep inside diffusers. Returns the family to load."""
+    from diffusers.loaders.single_file_utils import CHECKPOINT_KEY_NAMES
+
+    marks = {"sd3": CHECKPOINT_KEY_NAMES["sd3"] + CHECKPOINT_KEY_NAMES["sd35_large"], "flux": CHECKPOINT_KEY_NAMES["flux"]}
+    found = next((family for family, names in marks.items() if any(name in keys for name in names)), None)
+    if found == kind:
+        return kind
+    if found is not None and config is None:
+        raise NpinvError(f"{path.name} is a single-file {_FLOW_NAMES[found]} checkpoint, which holds no configs, "
+                         "tokenizers or scheduler: give --model-config (config=) the diffusers folder or hub id of "
+                         f"its model (for example {_FLOW_CONFIG_EXAMPLES[found]})")
+    if found is not None and Path(config).expanduser().is_dir():
+        check_model_folder(Path(config).expanduser())  # a broken folder: one line naming the file
+    if found is not None and not index:
+        return found  # a hub config not cached: the load says what is missing
+    if found is None:
+        raise NpinvError(f"{path.name} holds no {_FLOW_NAMES[str(kind)]} transformer, which --model-config {config} "
+                         f"(a {_FLOW_NAMES[str(kind)]} model) needs; give the checkpoint's own model as --model-config")
+    theirs = f"a {_FLOW_NAMES[kind]} model" if kind else "a Stable Diffusion (UNet) model"
+    raise NpinvError(f"{path.name} is a {_FLOW_NAMES[found]} checkpoint, but --model-config {config} is {theirs}; "
+                     "give the checkpoint's own model as --model-config")
+
+
+def _single_file_keys(path: Path) -> frozenset[str]:
+    """The tensor names of a .safetensors file (its header only)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return frozenset(fh.keys())
+    except Exception as exc:  # corrupt header: report it as the user's file problem
+        raise NpinvError(f"{path.name} is not a readable safetensors file ({exc})") from None
 
 
 def _single_file_is_xl(path: Path) -> bool:

@@ -17,7 +17,7 @@ import torch
 from npinv.bench.edit_shapes import edit_table, run_edit_shapes
 from npinv.bench.localisation import attention_localisation
 from npinv.io import atomic_path, image_grid, save_image, write_text
-from npinv.model import SETTINGS_FILE, embedded_model_path, load_model
+from npinv.model import DEFAULT_SELF_REPLACE, SETTINGS_FILE, embedded_model_path, load_model
 from npinv.modelcard import (
     HELD_OUT_SEED,
     _training_device,
@@ -37,7 +37,6 @@ SAMPLE_GUIDANCES = (4.0, 7.5)
 # UNet card's sweep and in BENCHMARKS.md's flow section.
 EDIT_GUIDANCES = (1.0, 1.5, 2.5, 4.0)
 SELF_REPLACE = (0.2, 0.4, 0.6)  # the share of steps whose image queries and keys come from the source
-DEFAULT_SELF_REPLACE = 0.6
 
 CARD = """# Model card: npinv-shapes-flow-64 (the embedded flow model)
 
@@ -138,8 +137,9 @@ Self-attention replacement at that guidance (`--self-replace`: the share of the 
 image queries and keys come from the source; the same {n_cases} cases, local blend on):
 
 {self_replace_table}
-**Recommended self-replace: {recommended_sr:g}** (pass `--self-replace {recommended_sr:g}`; npinv's default is
-{default_sr:g}, the reference's choice for UNets).
+**Recommended self-replace: {recommended_sr:g}**, also declared in `npinv.json`: the edit commands and `serve`
+use it unless `--self-replace` says otherwise (npinv's default for models that declare none is {default_sr:g},
+the reference's choice for UNets).
 
 ## Limits
 - 64x64 px scenes of three shapes and six colours only; anything else is out of distribution.
@@ -245,7 +245,7 @@ def target_rows(figures: dict) -> list[str]:
         (f"NPI + word swap + local blend succeeds on >= {t['edit_success']:.0%} of the {figures['n_edit'] * 3} cases "
          f"at w {rec:g}, self-replace {sr:g}", f"{blend['success']:.0%} (background PSNR {blend['psnr_bg']:.2f} dB)",
          blend["success"] >= t["edit_success"]),
-        (f"(the same at npinv's default self-replace {DEFAULT_SELF_REPLACE:g})",
+        (f"(the same at self-replace {DEFAULT_SELF_REPLACE:g}, npinv's default for models that declare none)",
          f"{default['success']:.0%} (background PSNR {default['psnr_bg']:.2f} dB)", default["success"] >= t["edit_success"]),
         (f"bundle <= {t['bundle_mb']:g} MB", f"{figures['bundle_mb']:.1f} MB", figures["bundle_mb"] <= t["bundle_mb"]),
         (f"training <= {t['train_hours']:g} h on 2 CPU cores", f"{figures['train_minutes']} min",
@@ -356,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     write_text(model_dir / "model_card_figures.json", json.dumps(figures, indent=2, default=float))
     settings = json.loads((model_dir / SETTINGS_FILE).read_text()) if (model_dir / SETTINGS_FILE).is_file() else {}
     settings["edit_guidance"] = figures["recommended_guidance"]
+    settings["edit_self_replace"] = figures["recommended_self_replace"]
     write_text(model_dir / SETTINGS_FILE, json.dumps(settings) + "\n")
     print(write_card(model_dir, figures))
     return 0

@@ -178,11 +178,19 @@ class _Pair(Kind):
 
 @dataclasses.dataclass(frozen=True)
 class Window(_Pair):
-    """A fraction ``f`` of the steps (the first f), or a window ``START,END`` of fractions."""
+    """A fraction ``f`` of the steps (the first f), or a window ``START,END`` of fractions.
+    ``optional``: None allowed (text ``none``, ``default`` or empty)."""
 
-    what = "a fraction in 0..1 or a window START,END of fractions with START <= END"
+    optional: bool = False
+
+    @property
+    def what(self) -> str:  # type: ignore[override]
+        return "a fraction in 0..1 or a window START,END of fractions with START <= END" + (
+            " (or default)" if self.optional else "")
 
     def from_text(self, text: str) -> Any:
+        if self.optional and text.strip().lower() in ("", "none", "null", "default"):
+            return None
         parts = [p.strip() for p in text.split(",")]
         try:
             values = [float(p) for p in parts]
@@ -191,6 +199,8 @@ class Window(_Pair):
         return values[0] if len(values) == 1 else tuple(values)
 
     def ok(self, value: Any) -> bool:
+        if value is None:
+            return self.optional
         if isinstance(value, tuple):
             return len(value) == 2 and all(map(_fraction, value)) and value[0] <= value[1]
         return _fraction(value)
@@ -504,6 +514,11 @@ class ReconstructSettings:
 
 
 GUIDANCE_HELP = "guidance scale w (default: the model's recommended editing guidance, else 7.5)"
+SELF_REPLACE_HELP = ("fraction of steps (or START,END window) with self-attention replaced (default: the model's "
+                     "recommended window, else 0.6)")
+# EditSettings fields whose None is the model's declared value (``edit_<name>`` in its npinv.json, else
+# npinv's default): Model, FlowModel and ModelSettings carry each as ``edit_<name>``.
+MODEL_DECLARED = ("guidance", "self_replace")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -523,8 +538,9 @@ class EditSettings:
     cross_replace_words: dict[str, float | tuple[float, float]] = setting(
         {}, WordWindows(), "per-word cross-replace windows of target words, WORD=F or WORD=START,END",
         label="Per-word cross-replace (WORD=F ...)", metavar="WORD=F", advanced=True, aliases=("cross-replace-word",))
-    self_replace: float | tuple[float, float] = setting(
-        0.6, Window(), "fraction of steps (or START,END window) with self-attention replaced (default 0.6)",
+    # None: the model's declared window (its folder's npinv.json), else 0.6; see resolved().
+    self_replace: float | tuple[float, float] | None = setting(
+        None, Window(optional=True), SELF_REPLACE_HELP,
         label="Self-attention replace (fraction or START,END)", metavar="F|START,END")
     # Self-attention is replaced in layers whose query maps are at most this fraction of the latent's side:
     # 0.5 is 32x32 at 512 px, as google/prompt-to-prompt (diffusers' community pipeline: 0.25).
@@ -593,8 +609,10 @@ class EditSettings:
                              f"got {self.flowedit_n_min}")
 
     def resolved(self, model: Any) -> EditSettings:
-        """With the guidance the model recommends when none is set."""
-        return self if self.guidance is not None else dataclasses.replace(self, guidance=model.edit_guidance)
+        """With the model's declared values (:data:`MODEL_DECLARED`: its guidance and self-replace
+        window) where none is set. ``model``: a loaded model or its :class:`~npinv.model.ModelSettings`."""
+        filled = {name: getattr(model, f"edit_{name}") for name in MODEL_DECLARED if getattr(self, name) is None}
+        return dataclasses.replace(self, **filled) if filled else self
 
     @property
     def cross_windows(self) -> float | tuple[float, float] | dict[str, Any]:
@@ -606,4 +624,6 @@ class EditSettings:
     @property
     def self_window(self) -> tuple[float, float]:
         w = self.self_replace
+        if w is None:
+            raise ValueError("self_replace is the model's: resolve the settings first (EditSettings.resolved)")
         return (0.0, float(w)) if not isinstance(w, tuple) else (float(w[0]), float(w[1]))

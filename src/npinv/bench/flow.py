@@ -22,11 +22,11 @@ from npinv.bench.paired import EDIT_CASE, PairedComparison, compare_paired, load
 from npinv.bench.reconstruct import run_reconstruct_bench
 from npinv.bench.results import markdown_table
 from npinv.io import atomic_path
+from npinv.model import DEFAULT_SELF_REPLACE
 
 # Reconstruction labels (npinv.bench.reconstruct): method@inversion.
 FLOW_RECON_METHODS = ("ddim1", "ddim", "npi", "npi@fixed-point", "npi@anderson", "npi@bdia", "npi@midpoint",
                       "npi@fireflow", "nti", "npi@dec100")
-DEFAULT_SELF_REPLACE = 0.6  # EditSettings' default
 # Rows of the family table: the labels both families run.
 FAMILY_METHODS = ("ddim1", "ddim", "npi", "npi@fixed-point", "npi@anderson", "npi@bdia", "nti", "npi@dec100")
 

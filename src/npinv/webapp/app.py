@@ -27,6 +27,7 @@ import gradio as gr
 from npinv.cache import InversionCache
 from npinv.errors import NpinvError
 from npinv.settings import (
+    MODEL_DECLARED,
     Choice,
     EditSettings,
     Flag,
@@ -224,6 +225,8 @@ def setting_control(field: dataclasses.Field, spec: Spec, *, guidance: float | N
     server's cap of a number below the schema's bound (:data:`~npinv.webapp.engine.SERVER_CAPS`). The
     control's value is sent as is (preprocess=False) and read by the schema, like a manifest's."""
     kind, default, label = spec.kind, default_of(field), _label(field.name, spec)
+    if default is None and model is not None and field.name in MODEL_DECLARED:
+        default = getattr(model, f"edit_{field.name}")  # the model's declared self-replace, shown as its number
     common = dict(label=label, elem_id=f"npinv-{flag_name(field.name)}", info=spec.help if info else None)
     if field.name == "guidance" and guidance is not None:
         # Starts at the model's recommended editing guidance (its npinv.json), else 7.5; the range and

@@ -34,7 +34,7 @@ from npinv.errors import NpinvError
 from npinv.inversion import Inversion
 from npinv.io import load_image, save_image, tensor_to_image
 from npinv.methods import check_scheme
-from npinv.model import DEFAULT_EDIT_GUIDANCE, Model, QuietTruncation
+from npinv.model import Model, ModelSettings, QuietTruncation
 from npinv.service import (
     Edited,
     InversionKey,
@@ -185,14 +185,14 @@ class EditRequest:
 
 
 def parse_edit_request(target: Any, form: dict[str, Any] | None = None, *,
-                       default_guidance: float = DEFAULT_EDIT_GUIDANCE,
-                       max_chars: int = Limits.max_prompt_chars) -> EditRequest:
+                       defaults: Any = None, max_chars: int = Limits.max_prompt_chars) -> EditRequest:
     """The form's values (keyed by :data:`FORM_FIELDS`, EditSettings' field names, as any client may
     send them: numbers or text, ``blend="red green"``, ``reweight="green=2"``) read and checked by
     the settings schema (:func:`npinv.settings.from_value`), so every bad value gets the schema's one
     message. Here only what the schema cannot know: the target prompt, and every value's length.
-    A guidance of None (or empty, or "default") is ``default_guidance``: :meth:`Engine.edit_request`
-    passes the model's."""
+    A guidance or self-replace of None (or empty, or "default") is the one ``defaults`` declares (a
+    model or its :class:`~npinv.model.ModelSettings`; none: npinv's 7.5 and 0.6):
+    :meth:`Engine.edit_request` passes the model."""
     target = text_field(target, "target prompt", max_chars)
     if not target:
         raise NpinvError("give a target prompt: the source prompt with the words you want changed")
@@ -204,10 +204,9 @@ def parse_edit_request(target: Any, form: dict[str, Any] | None = None, *,
         check_length(value, name, max_chars)
     maps = values.pop(MAPS_FIELD, False)
     maps = check_value(MAPS_FIELD, Flag(), Flag().from_value(maps))
-    settings = from_value(EditSettings, values)
-    guidance = default_guidance if settings.guidance is None else settings.guidance
+    settings = from_value(EditSettings, values).resolved(ModelSettings() if defaults is None else defaults)
     # A float, whatever the client sent (3 or 3.0): the guidance names NTI's cached variant.
-    settings = dataclasses.replace(settings, guidance=float(guidance), keep_attention_maps=maps)
+    settings = dataclasses.replace(settings, guidance=float(settings.guidance), keep_attention_maps=maps)
     return EditRequest(target, settings)
 
 
@@ -306,8 +305,7 @@ class Engine:
 
     def edit_request(self, target: Any, **form: Any) -> EditRequest:
         """:func:`parse_edit_request` with this model's editing guidance and this server's text limit."""
-        return parse_edit_request(target, form, default_guidance=self.edit_guidance,
-                                  max_chars=self.limits.max_prompt_chars)
+        return parse_edit_request(target, form, defaults=self.model, max_chars=self.limits.max_prompt_chars)
 
     def invert_settings(self, **values: Any) -> InvertSettings:
         """The request's inversion settings (keyed by :data:`INVERT_FIELDS`, InvertSettings' web fields,
