@@ -302,3 +302,41 @@ def test_offload_needs_cuda(capsys, tmp_path, flux_dev_folder, image_file):
     assert "--offload" in one_line(code, stderr) and not (tmp_path / "x.png").exists()
     with pytest.raises(NpinvError, match="CUDA device"):
         load_model(flux_dev_folder, device="cpu", offload=True)
+
+
+@pytest.mark.parametrize("name,value", [("self_replace_size", 0.25), ("blend_res", 8)])
+def test_a_unet_layer_knob_is_refused_on_a_flow_model(capsys, tmp_path, sd3_folder, sd3_model, image_file, name,
+                                                      value):
+    """Both pick UNet layers by map size; every flow block has one map size, so they would do nothing."""
+    from npinv.errors import NpinvError
+    from npinv.webapp.engine import Engine
+
+    flag = "--" + name.replace("_", "-")
+    out = tmp_path / "edit.png"
+    code, stdout, stderr = run(capsys, "edit", image_file, "--source", SOURCE, "--target", TARGET, "--model",
+                               sd3_folder, "--steps", STEPS, "--size", 32, "--out", out, "--json", flag, value)
+    line = one_line(code, stderr)
+    assert flag in line and "no effect" in line and stdout == "" and not out.exists()
+    manifest = tmp_path / "manifest.jsonl"
+    manifest.write_text(json.dumps({"image": str(image_file), "source": SOURCE, "target": TARGET, name: value}) + "\n")
+    code, stdout, stderr = run(capsys, "edit-batch", manifest, "--out", tmp_path / "batch", "--model", sd3_folder,
+                               "--steps", STEPS, "--size", 32, "--json")
+    assert flag in one_line(code, stderr) and not (tmp_path / "batch" / "results.jsonl").exists()
+    engine = Engine(sd3_model, files_dir=tmp_path / "files")
+    before = sd3_model.counter.calls
+    with pytest.raises(NpinvError, match="no effect"):
+        engine.edit(engine.new_cache(), image_file, SOURCE, engine.edit_request(TARGET, **{name: value}), steps=2)
+    assert sd3_model.counter.calls == before  # refused before the inversion
+
+
+def test_the_web_form_leaves_the_unet_layer_knobs_out_on_a_flow_model(tmp_path, sd3_model, sd_model):
+    from npinv.webapp.app import ServeOptions, build_app
+    from npinv.webapp.engine import Engine
+
+    def ids(model) -> set:
+        demo = build_app(Engine(model, files_dir=tmp_path / model.name.replace("/", "_")), ServeOptions(examples=False))
+        return {getattr(b, "elem_id", None) for b in demo.blocks.values()}
+
+    knobs = {"npinv-self-replace-size", "npinv-blend-res"}
+    assert knobs <= ids(sd_model) and not knobs & ids(sd3_model)
+    assert "npinv-self-replace" in ids(sd3_model)  # the window itself acts on joint attention

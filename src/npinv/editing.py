@@ -26,7 +26,7 @@ from npinv.inversion import Inversion
 from npinv.methods import EditGroup, check_scheme, get_method, prepared_negatives
 from npinv.model import Model, PromptEmbedding
 from npinv.sampling import Branch, StepHook, StepState, sample
-from npinv.settings import EditSettings
+from npinv.settings import EditSettings, flag_name
 
 __all__ = ["EditSettings", "EditResult", "EditJob", "edit", "edit_batch", "cross_edit", "blend_tokens",
            "check_edit_words", "check_edit", "blend_downscale", "edit_tokens", "BLEND_SIDE"]
@@ -106,7 +106,25 @@ def check_edit(model: Model, source_prompt: str, targets: list[str], steps: int,
     (FlowEdit on a UNet) and its inversion scheme, then the words against the rows the edit addresses
     (:func:`edit_tokens`: SD3's CLIP and T5 rows, FLUX's T5 pieces)."""
     get_method(settings.method).check_model(model)
+    check_layer_knobs(model, settings)
     check_edit_words(edit_tokens(model), source_prompt, targets, steps, settings)
+
+
+# Settings that pick UNet attention layers by their map size; a flow transformer's blocks all see the
+# latent at one patch grid, so on a flow model they would change nothing: refused rather than ignored.
+UNET_LAYER_KNOBS = ("self_replace_size", "blend_res")
+
+
+def check_layer_knobs(model: Model, settings: EditSettings) -> None:
+    """Refuse, in one line, a layer-size knob set (away from its default) for a flow model."""
+    if not getattr(model, "is_flow", False):
+        return
+    defaults = EditSettings()
+    for name in UNET_LAYER_KNOBS:
+        if getattr(settings, name) != getattr(defaults, name):
+            raise NpinvError(f"--{flag_name(name)} picks UNet attention layers by map size; every block of the flow "
+                             f"model {model.name} sees the latent at one patch grid, so it has no effect there: "
+                             "leave it out")
 
 
 def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, source_rows: str = "shared",
@@ -127,6 +145,7 @@ def edit_batch(model: Model, jobs: list[EditJob], settings: EditSettings, *, sou
         for target in job.targets:
             check_prompt(target, "the target prompt")
     method.check_model(model)
+    check_layer_knobs(model, settings)
     if not method.needs_inversion:  # FlowEdit: its own loop from each image's clean latent
         from npinv.flowedit import edit_jobs
 

@@ -973,6 +973,8 @@ def _check_single_file_family(path: Path, keys: frozenset[str], kind: str | None
 
     marks = {"sd3": CHECKPOINT_KEY_NAMES["sd3"] + CHECKPOINT_KEY_NAMES["sd35_large"], "flux": CHECKPOINT_KEY_NAMES["flux"]}
     found = next((family for family, names in marks.items() if any(name in keys for name in names)), None)
+    if found is None and any(k.startswith("single_transformer_blocks.") for k in keys):
+        found = "flux"  # a FluxTransformer2DModel's own state dict (diffusers' layout), which diffusers also reads
     if found == kind:
         return kind
     if found is not None and config is None:

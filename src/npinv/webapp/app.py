@@ -25,6 +25,7 @@ from typing import Any
 import gradio as gr
 
 from npinv.cache import InversionCache
+from npinv.editing import UNET_LAYER_KNOBS
 from npinv.errors import NpinvError
 from npinv.settings import (
     MODEL_DECLARED,
@@ -348,7 +349,9 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
                                            placeholder="a green circle on a blue background",
                                            max_length=limits.max_prompt_chars)
                 # The form's controls, derived from the settings schema (see setting_control).
-                web = [(f, spec) for f, spec in specs(EditSettings) if spec.web]
+                # A flow model's form leaves out the UNet layer-size knobs (refused there: no effect).
+                hidden = UNET_LAYER_KNOBS if getattr(engine.model, "is_flow", False) else ()
+                web = [(f, spec) for f, spec in specs(EditSettings) if spec.web and f.name not in hidden]
                 form: dict[str, gr.Component] = {}
 
                 def controls(fields, info: bool = False) -> None:
@@ -393,7 +396,7 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
         edit_btn.click(edit, [image, source_prompt],
                        [input_view, edited, reconstruction, psnr, maps, timings, edit_file, inversion_file, status,
                         session], inputs_kwargs={**invert_settings, "target_prompt": target_prompt, "session": session,
-                                                 **{n: form[n] for n in FORM_FIELDS}},
+                                                 **{n: form[n] for n in FORM_FIELDS if n in form}},
                        api_name="edit", **common)
     demo.queue(max_size=options.queue_size, default_concurrency_limit=1)
     return demo
