@@ -340,3 +340,19 @@ def test_the_web_form_leaves_the_unet_layer_knobs_out_on_a_flow_model(tmp_path, 
     knobs = {"npinv-self-replace-size", "npinv-blend-res"}
     assert knobs <= ids(sd_model) and not knobs & ids(sd3_model)
     assert "npinv-self-replace" in ids(sd3_model)  # the window itself acts on joint attention
+
+
+def test_web_flowedit_on_a_fresh_upload_encodes_only_and_reuses_a_session_inversion(tmp_path, sd3_model, image_file):
+    from npinv.webapp.engine import Engine
+
+    engine = Engine(sd3_model, files_dir=tmp_path / "files")
+    request = engine.edit_request(TARGET, method="flowedit", controller="none")
+    fresh = engine.edit(engine.new_cache(), image_file, SOURCE, request, steps=2)
+    assert fresh.inversion_file is None and fresh.result.inverted.inversion.encoded_only
+    assert fresh.result.inverted.cost.unet_calls == 0  # no inversion was run for it
+    assert fresh.result.cost.unet_calls == fresh.result.edit_cost.unet_calls > 0
+    cache = engine.new_cache()
+    engine.invert(cache, image_file, SOURCE, steps=2)
+    again = engine.edit(cache, image_file, SOURCE, request, steps=2)
+    assert again.timings.inversion_cached and again.inversion_file is not None  # the session's, downloadable
+    assert torch.equal(again.result.images, fresh.result.images)  # FlowEdit reads the clean latent only

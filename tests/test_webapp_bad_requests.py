@@ -142,7 +142,8 @@ EDIT_CASES = [
     ("guidance", "x" * 100_000, "guidance is 100,000 characters long"),
     *[("cross_replace", v, "cross-replace " + WINDOW + m) for v, m in
       ((float("nan"), "nan"), (float("inf"), "inf"), (1.5, "1.5"), ("0.9,0.2", "(0.9, 0.2)"), ("", "''"))],
-    ("self_replace", float("-inf"), "self-replace " + WINDOW + "-inf"),
+    *[("self_replace", v, "self-replace " + WINDOW.replace(", got", " (or none), got") + m) for v, m in
+      ((float("-inf"), "-inf"), ("0.7,0.1", "(0.7, 0.1)"), (2, "2"))],  # empty is the model's window
     ("cross_replace_words", "green=2", "cross-replace-words must be WORD=FRACTION or WORD=START,END items"),
     ("self_replace_size", 0, "self-replace-size must be a number in (0, 1], got 0"),
     ("blend_res", 0.5, "blend-res must be a whole number in 1..4096 (or none), got 0.5"),

@@ -186,7 +186,7 @@ class Window(_Pair):
     @property
     def what(self) -> str:  # type: ignore[override]
         return "a fraction in 0..1 or a window START,END of fractions with START <= END" + (
-            " (or default)" if self.optional else "")
+            " (or none)" if self.optional else "")
 
     def from_text(self, text: str) -> Any:
         if self.optional and text.strip().lower() in ("", "none", "null", "default"):

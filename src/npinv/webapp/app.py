@@ -298,7 +298,8 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
         status = (f"**Edited** toward \"{request.target}\" with {settings.method}, {settings.controller} "
                   f"({report.timings.line()}). Source branch: PSNR {report.psnr:.2f} dB to the input.")
         return (report.input_image, report.edited, report.reconstruction, _psnr(report.psnr), report.maps,
-                report.timings.as_dict(), str(report.edit_file), str(report.inversion_file), status, session)
+                report.timings.as_dict(), str(report.edit_file),
+                None if report.inversion_file is None else str(report.inversion_file), status, session)
 
     side = model.resolution
     pixels = ["npinv-pixels"]

@@ -33,7 +33,7 @@ from npinv.editing import check_edit
 from npinv.errors import NpinvError
 from npinv.inversion import Inversion
 from npinv.io import load_image, save_image, tensor_to_image
-from npinv.methods import check_scheme
+from npinv.methods import check_scheme, get_method
 from npinv.model import Model, ModelSettings, QuietTruncation
 from npinv.service import (
     Edited,
@@ -281,7 +281,7 @@ class EditReport:
     maps: list[tuple[Image.Image, str]]
     result: Edited
     edit_file: Path
-    inversion_file: Path
+    inversion_file: Path | None  # None when the edit needed no inversion (FlowEdit on a fresh upload)
     timings: Timings
     warnings: list[str]
 
@@ -369,9 +369,14 @@ class Engine:
         check_edit(self.model, prompt, [request.target], settings.steps, request.settings)
         with self._model_call() as caught:
             source, read_s = self._read(path, name, settings)
-            if InversionKey.of(self.model, source, prompt, settings) not in cache:
-                _stage(stage, "inverting")
-            inverted = invert_one(self.model, source, prompt, settings, cache=cache, progress=progress)
+            inverted_before = InversionKey.of(self.model, source, prompt, settings) in cache
+            # An inversion-free method (FlowEdit) takes the session's inversion when there is one (its clean
+            # latent is all it reads), else the image's latents alone, at no model call.
+            encode_only = not inverted_before and not get_method(request.settings.method).needs_inversion
+            if not inverted_before:
+                _stage(stage, "encoding" if encode_only else "inverting")
+            inverted = invert_one(self.model, source, prompt, settings, cache=cache, progress=progress,
+                                  encode_only=encode_only)
             _stage(stage, "editing")
             done = edit_inverted(self.model, [(inverted, [request.target])], request.settings, cache=cache,
                         progress=progress)[0]
@@ -381,7 +386,7 @@ class Engine:
             start = time.perf_counter()  # writing the files, not the model's work
             folder = self._request_folder()
             edit_file = save_image(edited, folder / "edit.png")
-            inv_file = self._save_inversion(done.inversion, folder)
+            inv_file = None if done.inversion.encoded_only else self._save_inversion(done.inversion, folder)
             save_s = time.perf_counter() - start
         timings = self._timings(cache, inverted, done.cost, settings.steps, read_s, save_s,
                                 edit_seconds=done.edit_cost.seconds)
