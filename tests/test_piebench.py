@@ -383,3 +383,17 @@ def test_piebench_command(tmp_path, sd_folder, capsys):
     assert (out / "results.jsonl").is_file() and "| npi" in capsys.readouterr().out
     code = main(["--quiet", "bench", "piebench", "--data", str(tmp_path / "nothing"), "--out", str(out)])
     assert code == 2
+
+
+def test_piebench_on_a_flow_model_inverts_only_for_methods_that_sample_an_inversion(tmp_path, sd3_folder, capsys):
+    from npinv.cli import main
+
+    make_bench(tmp_path / "data")
+    for methods, invert_calls in (("flowedit", 0), ("npi,flowedit", 2)):
+        out = tmp_path / methods.replace(",", "_")
+        code = main(["--quiet", "bench", "piebench", "--data", str(tmp_path / "data"), "--steps", "2", "--model",
+                     str(sd3_folder), "--out", str(out), "--limit", "1", "--methods", methods])
+        assert code == 0, capsys.readouterr().err
+        rows = _rows(out)
+        assert sorted(r["method"] for r in rows) == sorted(methods.split(","))
+        assert {r["invert_unet_calls"] for r in rows} == {invert_calls}  # FlowEdit alone: the latents, no calls

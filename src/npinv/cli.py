@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = bsub.add_parser("piebench", help="PIE-Bench: invert and edit every image, score the unedited region")
     p.add_argument("--data", required=True, help="PIE-Bench folder (annotation_images/, mapping_file.json)")
-    p.add_argument("--methods", default="npi", help="comma separated: npi,proxnpi,proxnpi-noig,nti,ddim")
+    p.add_argument("--methods", default="npi", help="comma separated: npi,proxnpi,proxnpi-noig,nti,ddim "
+                   "(and flowedit on flow models)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
     p.add_argument("--guidance", type=_number, default=7.5, help="guidance scale w (default 7.5)")
     p.add_argument("--offset", type=int, default=0, choices=[0, 1], help="timestep offset (published: 0)")

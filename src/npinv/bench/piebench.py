@@ -297,7 +297,10 @@ def run_piebench(model: Model, data_dir: str | Path, out_dir: str | Path, *, met
         mask = mask_for(item, source.shape[0], source.shape[1])
         blend, weights = edit_words(item, reweight)
         torch.manual_seed(SEED)
-        inverted = invert_one(model, prepared, item.source_prompt, invert_settings, progress=progress)
+        # Only the clean latents when every method still to run is inversion-free (FlowEdit).
+        encode_only = all(not get_method(m).needs_inversion for m in todo)
+        inverted = invert_one(model, prepared, item.source_prompt, invert_settings, progress=progress,
+                              encode_only=encode_only)
         for method in todo:
             torch.manual_seed(SEED)
             es = EditSettings(method=method, controller=controller, guidance=guidance, cross_replace=cross_replace,
