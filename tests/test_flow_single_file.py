@@ -241,3 +241,65 @@ def test_flow_file_with_another_family_config_is_refused_in_one_line(capsys, tmp
                                     "--model-config", config, "--steps", 2, "--device", "cpu", "--out", tmp_path / "x.png")
         assert says in _one_line(code, stdout, stderr)
     assert not (tmp_path / "x.png").exists()
+
+
+# -- FLUX.1-dev vs FLUX.1-schnell: the file's guidance embedding against its config's -------------------
+@pytest.fixture(scope="module")
+def flux_variant_files(tmp_path_factory, flux_files, flux_schnell_folder):
+    """A schnell transformer (no guidance embedding) in BFL's, ComfyUI's and diffusers' layouts, and the dev
+    transformer of ``flux_files`` in diffusers' layout too (a FluxTransformer2DModel's state dict saved as is)."""
+    from diffusers import FluxTransformer2DModel
+
+    root = tmp_path_factory.mktemp("flux_variants")
+    files = {"dev": {"bfl": flux_files["bfl"], "comfy": flux_files["comfy"], "diffusers": root / "dev.safetensors"},
+             "schnell": {layout: root / f"schnell-{layout}.safetensors" for layout in ("bfl", "comfy", "diffusers")}}
+    dev = FluxTransformer2DModel.from_pretrained(flux_files["folder"] / "transformer")
+    schnell = FluxTransformer2DModel.from_pretrained(flux_schnell_folder / "transformer")
+    save_single_file(dev.state_dict(), files["dev"]["diffusers"])
+    save_single_file(schnell.state_dict(), files["schnell"]["diffusers"])
+    save_single_file(flux_transformer_to_original(schnell), files["schnell"]["bfl"])
+    save_single_file(flux_transformer_to_original(schnell, SD3_PREFIX), files["schnell"]["comfy"])
+    return files
+
+
+@pytest.mark.parametrize("layout", ["bfl", "comfy", "diffusers"])
+def test_flux_dev_and_schnell_mismatch_is_refused_in_one_line(flux_variant_files, flux_files, flux_schnell_folder,
+                                                              layout):
+    """A schnell file with a dev config (diffusers: a meta-tensor error) and a dev file with a schnell config
+    (diffusers: its guidance weights silently dropped, a schnell model) are both refused before any weights load."""
+    from npinv.errors import NpinvError
+
+    cases = [(flux_variant_files["schnell"][layout], flux_files["config"],
+              ("FLUX.1-schnell-like", "without guidance embedding", "guidance_embeds: true", "FLUX.1-schnell")),
+             (flux_variant_files["dev"][layout], flux_schnell_folder,
+              ("FLUX.1-dev-like", "with guidance embedding", "guidance_embeds: false", "black-forest-labs/FLUX.1-dev"))]
+    for path, config, says in cases:
+        with pytest.raises(NpinvError) as caught:
+            load_model(path, device="cpu", config=config)
+        message = str(caught.value)
+        assert "\n" not in message and path.name in message and str(config) in message, message
+        assert all(words in message for words in says), message
+
+
+@pytest.mark.parametrize("layout", ["bfl", "diffusers"])
+def test_flux_schnell_file_loads_with_its_schnell_config(flux_variant_files, flux_schnell_folder, layout):
+    reference = load_model(flux_schnell_folder, device="cpu")
+    with flux_width(TINY_FLUX_WIDTH):
+        model = load_model(flux_variant_files["schnell"][layout], device="cpu", config=flux_schnell_folder)
+    assert model.kind == "flux" and model.timestep_distilled and model.embedded_guidance is None
+    _assert_same(reference, model)
+
+
+def test_cli_refuses_flux_dev_schnell_mismatch_in_one_line(capsys, tmp_path, image_file, flux_variant_files,
+                                                           flux_files, flux_schnell_folder):
+    """A schnell file with a dev config through reconstruct; a dev file with a schnell config through generate
+    (reconstruct refuses a schnell config's model for inversion from its configs, before the file is read)."""
+    cases = [(("reconstruct", image_file), flux_variant_files["schnell"]["bfl"], flux_files["config"], "FLUX.1-schnell-like"),
+             (("generate",), flux_variant_files["dev"]["comfy"], flux_schnell_folder, "FLUX.1-dev-like")]
+    for command, path, config, says in cases:
+        with flux_width(TINY_FLUX_WIDTH):
+            code, stdout, stderr = _run(capsys, *command, "--prompt", PROMPT, "--model", path, "--model-config", config,
+                                        "--steps", 2, "--size", 32, "--device", "cpu", "--out", tmp_path / "x.png")
+        line = _one_line(code, stdout, stderr)
+        assert says in line and path.name in line and str(config) in line, line
+    assert not (tmp_path / "x.png").exists()

@@ -976,6 +976,8 @@ def _check_single_file_family(path: Path, keys: frozenset[str], kind: str | None
     if found is None and any(k.startswith("single_transformer_blocks.") for k in keys):
         found = "flux"  # a FluxTransformer2DModel's own state dict (diffusers' layout), which diffusers also reads
     if found == kind:
+        if kind == "flux" and config is not None:
+            _check_flux_guidance(path, keys, config)
         return kind
     if found is not None and config is None:
         raise NpinvError(f"{path.name} is a single-file {_FLOW_NAMES[found]} checkpoint, which holds no configs, "
@@ -991,6 +993,46 @@ def _check_single_file_family(path: Path, keys: frozenset[str], kind: str | None
     theirs = f"a {_FLOW_NAMES[kind]} model" if kind else "a Stable Diffusion (UNet) model"
     raise NpinvError(f"{path.name} is a {_FLOW_NAMES[found]} checkpoint, but --model-config {config} is {theirs}; "
                      "give the checkpoint's own model as --model-config")
+
+
+def _check_flux_guidance(path: Path, keys: frozenset[str], config: str | Path) -> None:
+    """A FLUX.1-dev file (guidance embedding) needs a dev config and a schnell file (none) a schnell config:
+    diffusers builds the transformer from the config, so a dev config fails on the schnell file's missing
+    weights (a meta-tensor error) and a schnell config silently drops the dev file's (a schnell model)."""
+    wants = _config_transformer(config)
+    if wants is None:
+        return  # a hub config not cached: nothing to compare before the load
+    guided = bool(wants.get("guidance_embeds", False))  # FluxTransformer2DModel's default
+    has = any(k.removeprefix("model.diffusion_model.").startswith(("guidance_in.", "time_text_embed.guidance_embedder."))
+              for k in keys)  # BFL's / ComfyUI's names, or diffusers' own
+    if has == guided:
+        return
+    if has:
+        raise NpinvError(f"{path.name} is a FLUX.1-dev-like checkpoint with guidance embedding, but --model-config "
+                         f"{config} is a FLUX.1-schnell-like model (its transformer has guidance_embeds: false); give "
+                         "a FLUX.1-dev config as --model-config (black-forest-labs/FLUX.1-dev or its diffusers folder)")
+    raise NpinvError(f"{path.name} is a FLUX.1-schnell-like checkpoint without guidance embedding, but --model-config "
+                     f"{config} is a FLUX.1-dev-like model (its transformer has guidance_embeds: true); give a "
+                     "FLUX.1-schnell config as --model-config (black-forest-labs/FLUX.1-schnell or its diffusers folder)")
+
+
+def _config_transformer(config: str | Path) -> dict[str, Any] | None:
+    """The transformer config of a single file's ``config``: a folder's, or a hub id's cached copy (read
+    before the load: ``model_facts`` fetches it into the cache when there is a network); None if unknown."""
+    folder = Path(config).expanduser()
+    if folder.is_dir():
+        found: Path | None = folder / "transformer" / "config.json"
+    elif _HUB_ID.match(str(config)):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(str(config), "transformer/config.json")
+        except Exception:  # an odd id or cache layout: the load will say what is wrong
+            cached = None
+        found = Path(cached) if isinstance(cached, str) else None
+    else:
+        found = None
+    return _read_json(found) if found is not None and found.is_file() else None
 
 
 def _single_file_keys(path: Path) -> frozenset[str]:
