@@ -292,10 +292,12 @@ def test_flux_schnell_file_loads_with_its_schnell_config(flux_variant_files, flu
 
 def test_cli_refuses_flux_dev_schnell_mismatch_in_one_line(capsys, tmp_path, image_file, flux_variant_files,
                                                            flux_files, flux_schnell_folder):
-    """A schnell file with a dev config through reconstruct; a dev file with a schnell config through generate
-    (reconstruct refuses a schnell config's model for inversion from its configs, before the file is read)."""
-    cases = [(("reconstruct", image_file), flux_variant_files["schnell"]["bfl"], flux_files["config"], "FLUX.1-schnell-like"),
-             (("generate",), flux_variant_files["dev"]["comfy"], flux_schnell_folder, "FLUX.1-dev-like")]
+    """Each mismatch through a command that inverts (its file, not its schnell config, named as what it is:
+    the check runs before the config-only refusal of schnell for inversion) and through generate."""
+    schnell_file, dev_file = flux_variant_files["schnell"]["bfl"], flux_variant_files["dev"]["comfy"]
+    cases = [(("reconstruct", image_file), schnell_file, flux_files["config"], "FLUX.1-schnell-like"),
+             (("reconstruct", image_file), dev_file, flux_schnell_folder, "FLUX.1-dev-like"),
+             (("generate",), dev_file, flux_schnell_folder, "FLUX.1-dev-like")]
     for command, path, config, says in cases:
         with flux_width(TINY_FLUX_WIDTH):
             code, stdout, stderr = _run(capsys, *command, "--prompt", PROMPT, "--model", path, "--model-config", config,

@@ -775,6 +775,11 @@ def model_facts(spec: str | Path | None = None, config: str | Path | None = None
     folder = embedded_model_path(spec) if _is_embedded(spec) else Path(str(spec)).expanduser()
     if folder.is_dir():
         return check_model_folder(folder)
+    if folder.is_file() and folder.suffix.lower() == ".safetensors":
+        # The file's family (from its header) against its config's, as the load checks it: a FLUX.1-dev file
+        # with a schnell config is refused for what it is, not as a schnell model that cannot be inverted.
+        index = _spec_index(str(spec), folder, config)
+        _check_single_file_family(folder, _single_file_keys(folder), _flow_kind(index), index, config)
     if folder.is_file() and config is not None and Path(config).expanduser().is_dir():
         return check_model_folder(Path(config).expanduser())
     repo = str(config) if folder.is_file() and config is not None else str(spec)
