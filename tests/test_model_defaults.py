@@ -318,3 +318,15 @@ def test_every_method_and_controller_takes_the_declared_window(declared_model, s
         if controller != "none":  # the window is used: 0.25 (1 of 4 steps) is not 0.5 (2 of 4)
             other = run(sd_model, controller, guidance=3.0, self_replace=0.25)
             assert not torch.equal(left.images, other.images), controller
+
+
+def test_models_says_what_each_models_edits_default_to(capsys, declared):
+    code, stdout, stderr = run(capsys, "models", "--json", "--model", declared)
+    assert code == 0, stderr
+    info = json.loads(stdout)
+    assert (info["model"]["edit_guidance"], info["model"]["edit_self_replace"]) == (3.0, 0.2)
+    flow = json.loads((embedded_model_path("shapes-flow") / SETTINGS_FILE).read_text())
+    assert info["shapes-flow"]["edit_self_replace"] == flow["edit_self_replace"] != 0.6
+    assert info["default"]["edit_self_replace"] == 0.6  # the UNet model declares none
+    code, stdout, _ = run(capsys, "models", "--model", declared)
+    assert code == 0 and "edits: guidance 3, self-replace 0.2" in stdout.splitlines()[-1]

@@ -694,23 +694,32 @@ def cmd_serve(args) -> int:
 
 
 def cmd_models(args) -> int:
-    from npinv.model import EMBEDDED_MODELS, model_facts
+    from npinv.model import EMBEDDED_MODELS, model_facts, model_settings
+
+    def edit_defaults(spec) -> dict:
+        """What the model's edits default to (its npinv.json, else npinv's)."""
+        declared = model_settings(spec)
+        return {"edit_guidance": declared.edit_guidance, "edit_self_replace": _window_json(declared.edit_self_replace)}
 
     # The embedded models under their --model names ("default" is the one used without --model).
     info = {("default" if n == 0 else m.aliases[0]): {
         "name": m.name, "path": str(m.path), "available": (m.path / "model_index.json").is_file(),
-        "family": m.family, "kind": "sd3" if m.family == "flow" else None, "invertible": True}
+        "family": m.family, "kind": "sd3" if m.family == "flow" else None, "invertible": True,
+        **edit_defaults(m.aliases[0])}
         for n, m in enumerate(EMBEDDED_MODELS)}
     if args.model is not None:
         facts = model_facts(args.model, args.model_config)
         info["model"] = {"name": args.model, "path": args.model, "available": True, "family": facts.architecture,
-                         "kind": facts.kind, "invertible": not facts.timestep_distilled}
+                         "kind": facts.kind, "invertible": not facts.timestep_distilled, **edit_defaults(args.model)}
     if args.json:
         print(json.dumps(info))
     else:
         for key, m in info.items():
             family = m["family"] + (f" ({m['kind']})" if m["kind"] else "")
-            print(f"{key}: {m['name']}  {m['path']}  {family}" + ("" if m["invertible"] else "  generation only"))
+            window = m["edit_self_replace"]
+            window = ",".join(f"{v:g}" for v in window) if isinstance(window, list) else f"{window:g}"
+            print(f"{key}: {m['name']}  {m['path']}  {family}" + ("" if m["invertible"] else "  generation only")
+                  + f"  edits: guidance {m['edit_guidance']:g}, self-replace {window}")
     return 0
 
 
