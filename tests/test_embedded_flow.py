@@ -65,7 +65,8 @@ def test_models_lists_both_embedded_models(capsys):
     info = json.loads(capsys.readouterr().out)
     assert info["default"]["name"] == "npinv-shapes-64" and info["default"]["family"] == "unet"
     assert info["shapes-flow"] == {"name": "npinv-shapes-flow-64", "path": str(FOLDER), "available": True,
-                                   "family": "flow", "kind": "sd3", "invertible": True}
+                                   "family": "flow", "kind": "sd3", "invertible": True, "edit_guidance": 1.5,
+                                   "edit_self_replace": 0.2}
 
 
 def test_npi_is_the_round_trip_and_exact_inversion_reaches_the_vae(flow, example):
