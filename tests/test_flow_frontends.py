@@ -329,7 +329,7 @@ def test_a_unet_layer_knob_is_refused_on_a_flow_model(capsys, tmp_path, sd3_fold
     assert sd3_model.counter.calls == before  # refused before the inversion
 
 
-def test_the_web_form_leaves_the_unet_layer_knobs_out_on_a_flow_model(tmp_path, sd3_model, sd_model):
+def test_the_web_form_leaves_out_the_knobs_the_model_cannot_use(tmp_path, sd3_model, sd_model):
     from npinv.webapp.app import ServeOptions, build_app
     from npinv.webapp.engine import Engine
 
@@ -340,6 +340,8 @@ def test_the_web_form_leaves_the_unet_layer_knobs_out_on_a_flow_model(tmp_path, 
     knobs = {"npinv-self-replace-size", "npinv-blend-res"}
     assert knobs <= ids(sd_model) and not knobs & ids(sd3_model)
     assert "npinv-self-replace" in ids(sd3_model)  # the window itself acts on joint attention
+    flowedit = {"npinv-flowedit-n-max", "npinv-flowedit-n-min", "npinv-flowedit-n-avg", "npinv-flowedit-source-guidance"}
+    assert flowedit <= ids(sd3_model) and not flowedit & ids(sd_model)  # FlowEdit is not offered on a UNet
 
 
 def test_web_flowedit_on_a_fresh_upload_encodes_only_and_reuses_a_session_inversion(tmp_path, sd3_model, image_file):

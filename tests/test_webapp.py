@@ -28,7 +28,16 @@ from npinv.inversion import Inversion
 from npinv.model import ModelSettings
 from npinv.schemes import SCHEMES, scheme_names
 from npinv.service import prepare_file
-from npinv.settings import DEFAULT_INVERT_ITERS, DEFAULT_INVERT_TOL, EditSettings, InvertSettings, flag_name, from_value, specs
+from npinv.settings import (
+    DEFAULT_INVERT_ITERS,
+    DEFAULT_INVERT_TOL,
+    FLOWEDIT_KNOBS,
+    EditSettings,
+    InvertSettings,
+    flag_name,
+    from_value,
+    specs,
+)
 from npinv.webapp.app import ServeOptions, build_app, is_loopback, launch
 from npinv.webapp.engine import (
     FORM_FIELDS,
@@ -306,6 +315,9 @@ def test_the_edit_form_is_derived_from_the_schema(engine):
     by_id = {b.elem_id: b for b in demo.blocks.values() if getattr(b, "elem_id", None)}
     more = by_id["npinv-more-settings"]
     for f, spec in specs(EditSettings):
+        if f.name in FLOWEDIT_KNOBS:  # FlowEdit's, on a flow model's page only (tests/test_flow_frontends.py)
+            assert f"npinv-{flag_name(f.name)}" not in by_id
+            continue
         control = by_id[f"npinv-{flag_name(f.name)}"]
         assert control.label == spec.label, f.name
         inside = [more.children, *(getattr(c, "children", []) for c in more.children)]
@@ -338,7 +350,7 @@ def test_the_edit_form_is_derived_from_the_schema(engine):
     fns = {d.api_name: d for d in demo.fns.values()}
     assert fns["invert"].input_parameter_names == ["image", "source_prompt", "session", *INVERT_FIELDS]
     assert fns["edit"].input_parameter_names == ["image", "source_prompt", *INVERT_FIELDS, "target_prompt",
-                                                 "session", *FORM_FIELDS]
+                                                 "session", *(n for n in FORM_FIELDS if n not in FLOWEDIT_KNOBS)]
 
 
 def test_limits_and_options_refuse_nonsense():
@@ -510,10 +522,12 @@ def test_page_and_config(server, tmp_path):
     config = httpx.get(f"{server}config", timeout=30).json()
     assert config["title"] == "npinv: invert once, edit many"
     assert {d.get("api_name") for d in config["dependencies"]} >= {"invert", "edit"}
-    # The edit endpoint's parameters are the form's: EditSettings' field names, for any client.
+    # The edit endpoint's parameters are the form's: EditSettings' field names, for any client (a UNet
+    # model's page has no FlowEdit knobs).
     api = client(server, tmp_path).view_api(return_format="dict", print_info=False)
     names = [p["parameter_name"] for p in api["named_endpoints"]["/edit"]["parameters"]]
-    assert names == ["image", "source_prompt", *INVERT_FIELDS, "target_prompt", *FORM_FIELDS]
+    form = [n for n in FORM_FIELDS if n not in FLOWEDIT_KNOBS]
+    assert names == ["image", "source_prompt", *INVERT_FIELDS, "target_prompt", *form]
     names = [p["parameter_name"] for p in api["named_endpoints"]["/invert"]["parameters"]]
     assert names == ["image", "source_prompt", *INVERT_FIELDS]
 

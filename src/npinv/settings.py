@@ -519,6 +519,8 @@ SELF_REPLACE_HELP = ("fraction of steps (or START,END window) with self-attentio
 # EditSettings fields whose None is the model's declared value (``edit_<name>`` in its npinv.json, else
 # npinv's default): Model, FlowModel and ModelSettings carry each as ``edit_<name>``.
 MODEL_DECLARED = ("guidance", "self_replace")
+# EditSettings fields only --method flowedit reads (refused with any other method).
+FLOWEDIT_KNOBS = ("flowedit_n_max", "flowedit_n_min", "flowedit_n_avg", "flowedit_source_guidance")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -599,10 +601,10 @@ class EditSettings:
         check_fields(self)
         if self.controller == "reweight" and not self.reweight:
             raise NpinvError("the reweight controller needs at least one reweight WORD=SCALE")
-        knobs = {"flowedit_n_max": None, "flowedit_n_min": 0, "flowedit_n_avg": 1, "flowedit_source_guidance": None}
         if self.method != "flowedit":  # a knob the method does not use is refused rather than ignored
-            for name, default in knobs.items():
-                if getattr(self, name) != default:
+            defaults = EditSettings()
+            for name in FLOWEDIT_KNOBS:
+                if getattr(self, name) != getattr(defaults, name):
                     raise NpinvError(f"{flag_name(name)} applies to --method flowedit only, not {self.method}")
         elif self.flowedit_n_max is not None and self.flowedit_n_min >= self.flowedit_n_max:
             raise NpinvError(f"flowedit-n-min must be below flowedit-n-max ({self.flowedit_n_max}), "

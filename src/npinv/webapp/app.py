@@ -28,6 +28,7 @@ from npinv.cache import InversionCache
 from npinv.editing import UNET_LAYER_KNOBS
 from npinv.errors import NpinvError
 from npinv.settings import (
+    FLOWEDIT_KNOBS,
     MODEL_DECLARED,
     Choice,
     EditSettings,
@@ -350,8 +351,9 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
                                            placeholder="a green circle on a blue background",
                                            max_length=limits.max_prompt_chars)
                 # The form's controls, derived from the settings schema (see setting_control).
-                # A flow model's form leaves out the UNet layer-size knobs (refused there: no effect).
-                hidden = UNET_LAYER_KNOBS if getattr(engine.model, "is_flow", False) else ()
+                # A flow model's form leaves out the UNet layer-size knobs (refused there: no effect), a UNet
+                # model's FlowEdit's (a flow-only method, not offered there).
+                hidden = UNET_LAYER_KNOBS if getattr(engine.model, "is_flow", False) else FLOWEDIT_KNOBS
                 web = [(f, spec) for f, spec in specs(EditSettings) if spec.web and f.name not in hidden]
                 form: dict[str, gr.Component] = {}
 
