@@ -337,6 +337,12 @@ def test_the_web_form_leaves_out_the_knobs_the_model_cannot_use(tmp_path, sd3_mo
         demo = build_app(Engine(model, files_dir=tmp_path / model.name.replace("/", "_")), ServeOptions(examples=False))
         return {getattr(b, "elem_id", None) for b in demo.blocks.values()}
 
+    # Choosing FlowEdit moves the guidance slider to its own default (the paper's target guidance), and back.
+    demo = build_app(Engine(sd3_model, files_dir=tmp_path / "sd3"), ServeOptions(examples=False))
+    follow = next(d for d in demo.fns.values() if [b.elem_id for b in d.inputs] == ["npinv-method"])
+    assert [b.elem_id for b in follow.outputs] == ["npinv-guidance"]
+    assert (follow.fn("flowedit"), follow.fn("npi")) == (13.5, sd3_model.edit_guidance)
+
     knobs = {"npinv-self-replace-size", "npinv-blend-res"}
     assert knobs <= ids(sd_model) and not knobs & ids(sd3_model)
     assert "npinv-self-replace" in ids(sd3_model)  # the window itself acts on joint attention

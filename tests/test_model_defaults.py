@@ -124,7 +124,8 @@ def test_help_says_where_the_default_comes_from():
     sub = next(a for a in parser._actions if a.dest == "command").choices
     for command in ("edit", "edit-batch", "edit-video"):
         flag = next(a for a in sub[command]._actions if a.dest == "guidance")
-        assert flag.help == "guidance scale w (default: the model's recommended editing guidance, else 7.5)"
+        assert flag.help == ("guidance scale w (default: the model's recommended editing guidance, else 7.5; "
+                             "flowedit: the paper's target guidance)")
         flag = next(a for a in sub[command]._actions if a.dest == "self_replace")
         assert flag.help.endswith("(default: the model's recommended window, else 0.6)")
     for command in ("reconstruct", "generate"):
@@ -330,3 +331,41 @@ def test_models_says_what_each_models_edits_default_to(capsys, declared):
     assert info["default"]["edit_self_replace"] == 0.6  # the UNet model declares none
     code, stdout, _ = run(capsys, "models", "--model", declared)
     assert code == 0 and "edits: guidance 3, self-replace 0.2" in stdout.splitlines()[-1]
+
+
+# -- a method's own default guidance: FlowEdit's is the paper's target guidance ---------------------------
+def test_flowedit_defaults_to_the_papers_target_guidance_on_every_front_end(capsys, tmp_path, sd3_folder,
+                                                                          flux_dev_folder, image_file):
+    from npinv.settings import EditSettings
+    from npinv.webapp.app import method_guidance
+    from npinv.webapp.engine import Engine
+
+    declared = with_settings(sd3_folder, tmp_path, json.dumps({"edit_guidance": 3.5}))  # tuned for NPI edits
+    sd3, flux = load_model(str(declared)), load_model(str(flux_dev_folder))
+    assert EditSettings(method="flowedit").resolved(sd3).guidance == 13.5  # Kulikov et al.'s SD3 setting
+    assert EditSettings(method="flowedit").resolved(flux).guidance == 5.5  # ... and FLUX.1-dev's (embedded)
+    assert EditSettings(method="npi").resolved(sd3).guidance == 3.5  # the model's, for sampling an inversion
+    assert EditSettings(method="flowedit", guidance=4.0).resolved(sd3).guidance == 4.0
+
+    def edit_json(*extra) -> dict:
+        code, stdout, stderr = run(capsys, "edit", image_file, "--source", SOURCE, "--target", TARGET, "--steps", 2,
+                                   "--size", 32, "--model", declared, "--out", tmp_path / "e.png", "--json", *extra)
+        assert code == 0, stderr
+        return json.loads(stdout)
+
+    assert edit_json("--method", "flowedit")["guidance"] == 13.5
+    assert edit_json("--method", "flowedit", "--guidance", 4)["guidance"] == 4.0
+    assert edit_json("--controller", "none")["guidance"] == 3.5
+    # edit-batch: each row's method picks its default, whatever the flags' method.
+    manifest = tmp_path / "rows.jsonl"
+    manifest.write_text("".join(json.dumps({"image": str(image_file), "source": SOURCE, "target": TARGET, **r}) + "\n"
+                                for r in ({"method": "flowedit"}, {"controller": "none"})))
+    code, stdout, stderr = run(capsys, "edit-batch", manifest, "--out", tmp_path / "batch", "--model", declared,
+                               "--steps", 2, "--size", 32, "--json")
+    assert code == 0, stderr
+    assert json.loads(stdout)["default_guidance"] == 3.5  # the flags' method (npi)
+    assert [r["guidance"] for r in results(tmp_path / "batch")] == [13.5, 3.5]
+    # The web app: a request without a guidance, and the slider moving with the method.
+    engine = Engine(sd3, files_dir=tmp_path / "files")
+    assert engine.edit_request(TARGET, method="flowedit").settings.guidance == 13.5
+    assert (method_guidance(engine, "flowedit"), method_guidance(engine, "npi")) == (13.5, 3.5)

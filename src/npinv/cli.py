@@ -412,10 +412,14 @@ def _edit_settings(args, **extra):
     else 7.5 and 0.6."""
     import dataclasses
 
-    from npinv.model import model_settings
+    from npinv.model import model_facts, model_settings
     from npinv.settings import EditSettings
 
-    settings = _settings(args, EditSettings).resolved(model_settings(args.model))
+    settings = _settings(args, EditSettings)
+    declared = model_settings(args.model)
+    if settings.guidance is None:  # a method's own default (FlowEdit's) depends on the family: read the configs
+        declared = dataclasses.replace(declared, family=model_facts(args.model, args.model_config).kind)
+    settings = settings.resolved(declared)
     return dataclasses.replace(settings, **extra) if extra else settings
 
 
@@ -768,10 +772,14 @@ def cmd_edit_batch(args) -> int:
     if args.batch_size < 1:
         raise NpinvError("--batch-size must be at least 1")
     check_output_folder(out)
-    settings = _edit_settings(args)  # the flags are each row's defaults
+    from npinv.settings import EditSettings
+
+    # The flags are each row's defaults; what a row leaves to the model (guidance, self-replace) is resolved
+    # with the row's own method when it is edited. ``settings``: that resolution for the flags' method.
+    settings = _edit_settings(args)
     inv_settings = _invert_settings(args)
     _check_before_load(args, inv_settings)
-    rows = read_manifest(args.manifest, settings, inv_settings)  # every row checked before the model loads
+    rows = read_manifest(args.manifest, _settings(args, EditSettings), inv_settings)  # checked before the load
     facts = model_facts(args.model, args.model_config)
     check_schedules(rows, facts.scheduler, facts.size_multiple)  # rows' steps, offsets and sizes vs the model
     shard = current_shard()

@@ -69,6 +69,11 @@ class Method:
     # Only flow-matching models; UNet models refuse the method.
     flow_only = False
 
+    def default_guidance(self, family: str | None) -> float | None:
+        """The ``--guidance`` this method takes when none is given on a model of ``family`` ("sd", "sdxl",
+        "sd3", "flux"); None: the model's recommended editing guidance (its npinv.json, else 7.5)."""
+        return None
+
     def check_model(self, model: Model) -> None:
         """Refuse, in one line, a model this method cannot run on."""
         if self.flow_only and not getattr(model, "is_flow", False):
@@ -177,8 +182,8 @@ class InversionGuidance(StepHook):
 
 class FlowEditMethod(Method):
     """FlowEdit (Kulikov et al. 2024): an edit from the clean latent with no inversion (:mod:`npinv.flowedit`).
-    The edit's ``--guidance`` is FlowEdit's target guidance (the paper's 13.5 on SD3, 5.5 embedded on
-    FLUX.1-dev), the source's is the paper's (3.5; 1.5 embedded); ``--steps`` its step count, with the
+    The edit's ``--guidance`` is FlowEdit's target guidance (default: the paper's, 13.5 on SD3, 5.5 embedded
+    on FLUX.1-dev), the source's is the paper's (3.5; 1.5 embedded); ``--steps`` its step count, with the
     paper's window ``n_max`` scaled to it. Attention controllers do not apply."""
 
     name = "flowedit"
@@ -189,6 +194,13 @@ class FlowEditMethod(Method):
 
     def negatives(self, inv: Inversion, guidance: float) -> list[PromptEmbedding]:
         return [inv.source] * inv.steps  # never sampled: FlowEdit's loop takes no negatives from an inversion
+
+    def default_guidance(self, family: str | None) -> float | None:
+        """The paper's target guidance: a model's recommended editing guidance is tuned for sampling an
+        inversion (NPI), where the scale means something else than FlowEdit's velocity difference."""
+        from npinv.flowedit import PAPER_DEFAULTS
+
+        return PAPER_DEFAULTS[family]["target_guidance"] if family in PAPER_DEFAULTS else None
 
 
 # The registry, in the order front ends list the methods. Read-only: no module-level mutable state.

@@ -126,6 +126,9 @@ class ModelSettings:
     edit_guidance: float = DEFAULT_EDIT_GUIDANCE
     edit_self_replace: float | tuple[float, float] = DEFAULT_SELF_REPLACE
     max_sequence_length: int | None = None
+    # Not from npinv.json: the model's family when the caller read it from the configs (``model_facts``),
+    # for a method's own default guidance (EditSettings.resolved); None when unknown.
+    family: str | None = None
 
 
 SETTINGS_KEYS = ("edit_guidance", "edit_self_replace", "max_sequence_length")

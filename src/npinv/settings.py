@@ -513,7 +513,8 @@ class ReconstructSettings:
         get_method(self.method).check_reconstruct()  # an edit-only method (flowedit), before any work
 
 
-GUIDANCE_HELP = "guidance scale w (default: the model's recommended editing guidance, else 7.5)"
+GUIDANCE_HELP = ("guidance scale w (default: the model's recommended editing guidance, else 7.5; flowedit: the "
+                 "paper's target guidance)")
 SELF_REPLACE_HELP = ("fraction of steps (or START,END window) with self-attention replaced (default: the model's "
                      "recommended window, else 0.6)")
 # EditSettings fields whose None is the model's declared value (``edit_<name>`` in its npinv.json, else
@@ -612,8 +613,15 @@ class EditSettings:
 
     def resolved(self, model: Any) -> EditSettings:
         """With the model's declared values (:data:`MODEL_DECLARED`: its guidance and self-replace
-        window) where none is set. ``model``: a loaded model or its :class:`~npinv.model.ModelSettings`."""
+        window) where none is set, but a method's own default guidance first (FlowEdit's: the paper's,
+        for the model's ``family``). ``model``: a loaded model, or its :class:`~npinv.model.ModelSettings`
+        (with the family the CLI reads from its configs)."""
+        from npinv.methods import get_method
+
         filled = {name: getattr(model, f"edit_{name}") for name in MODEL_DECLARED if getattr(self, name) is None}
+        if "guidance" in filled:
+            own = get_method(self.method).default_guidance(getattr(model, "family", None))
+            filled["guidance"] = filled["guidance"] if own is None else own
         return dataclasses.replace(self, **filled) if filled else self
 
     @property

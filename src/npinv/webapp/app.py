@@ -208,6 +208,15 @@ def setting_text(kind, value) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+def method_guidance(engine: Engine, method: str) -> float:
+    """The guidance an edit with ``method`` defaults to on the engine's model (FlowEdit: the paper's
+    target guidance; the others: the model's recommended one), where the page's slider moves to."""
+    from npinv.methods import METHODS
+
+    own = METHODS[method].default_guidance(getattr(engine.model, "family", None)) if method in METHODS else None
+    return engine.edit_guidance if own is None else own
+
+
 def runnable_choices(name: str, options: list, model) -> list:
     """The methods and inversion schemes this server's model runs (flow-only ones are not offered for a
     UNet model); every other setting's options as they are."""
@@ -370,6 +379,9 @@ def build_app(engine: Engine, options: ServeOptions | None = None) -> gr.Blocks:
                 with gr.Accordion("More settings", open=False, elem_id="npinv-more-settings"):
                     controls([(f, spec) for f, spec in web if f.name not in FORM_TOP and spec.advanced], info=True)
                 edit_btn = gr.Button("Edit", variant="primary", elem_id="npinv-edit")
+                # The guidance slider follows the method: its own default (FlowEdit's), else the model's.
+                form["method"].change(functools.partial(method_guidance, engine), form["method"], form["guidance"],
+                                      api_visibility="private", queue=False)
             with gr.Column(scale=2, min_width=480):
                 with gr.Row():
                     edited = gr.Image(label="Edit", interactive=False, format="png", height=220,
