@@ -269,9 +269,9 @@ def _training_seconds(log: list[dict]) -> float:
     return total + last
 
 
-def write_card(model_dir: Path, figures: dict) -> Path:
-    cfg = json.loads((model_dir / "train_config.json").read_text())
-    log = [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
+def reconstruction_rows(figures: dict) -> str:
+    """The card's reconstruction table rows (DDIM w 1 and 7.5, NTI, NPI: PSNR, seconds, calls), one per step
+    count; both embedded models' cards print them."""
     recon = {(r["method"], r["guidance"], r["steps"]): r for r in figures["reconstruction"]}
     lines = []
     for steps in figures["recon_steps"]:
@@ -282,6 +282,12 @@ def write_card(model_dir: Path, figures: dict) -> Path:
                      f"{get('nti', 7.5, 'psnr_mean'):.2f} | {get('npi', 7.5, 'psnr_mean'):.2f} | "
                      f"{get('nti', 7.5, 'seconds_median'):.2f} | {get('npi', 7.5, 'seconds_median'):.2f} | "
                      f"{get('nti', 7.5, 'unet_calls_mean'):.0f} | {get('npi', 7.5, 'unet_calls_mean'):.0f} |")
+    return "\n".join(lines)
+
+
+def write_card(model_dir: Path, figures: dict) -> Path:
+    cfg = json.loads((model_dir / "train_config.json").read_text())
+    log = [json.loads(line) for line in (model_dir / "train_log.jsonl").read_text().splitlines() if line.strip()]
     s = figures["samples"]
     latent = cfg["resolution"] // 2 ** (len(cfg["vae"]["block_out_channels"]) - 1)
     history = model_dir / HISTORY_FILE
@@ -298,7 +304,7 @@ def write_card(model_dir: Path, figures: dict) -> Path:
         acc_color=s["color"], acc_shape=s["shape"], acc_bg=s["background"], acc_all=s["all"], n_captions=s["n"],
         iou_maps=loc["maps"], iou_steps=loc["steps"], object_iou=loc["object_iou"],
         background_iou=loc["background_iou"], n_iou=loc["n"],
-        n_recon=figures["n_recon"], recon_rows="\n".join(lines), n_grid=figures["n_grid"],
+        n_recon=figures["n_recon"], recon_rows=reconstruction_rows(figures), n_grid=figures["n_grid"],
         grid_captions="; ".join(s["captions"][: figures["n_grid"]]), max_steps=max(figures["recon_steps"]),
         edit_steps=figures["edit_steps"], n_edit=figures["n_edit"], edit_table=edit_table(figures["edit_sweep"]),
         edit_table_noblend=edit_table(figures["edit_sweep_noblend"]), blend_sentence=blend_sentence(figures),

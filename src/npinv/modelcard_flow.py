@@ -25,6 +25,7 @@ from npinv.modelcard import (
     blend_sentence,
     card_parser,
     recommended_guidance,
+    reconstruction_rows,
     reconstruction_table,
     sample_accuracy,
     vae_psnr,
@@ -259,16 +260,6 @@ def write_card(model_dir: Path, figures: dict) -> Path:
     t = cfg["transformer"]
     vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
     latent = cfg["resolution"] // 2 ** (len(vae_cfg["block_out_channels"]) - 1)
-    recon = {(r["method"], r["guidance"], r["steps"]): r for r in figures["reconstruction"]}
-    lines = []
-    for steps in figures["recon_steps"]:
-        def get(m: str, w: float, key: str, steps: int = steps) -> float:
-            return recon[(m, w, steps)][key]
-
-        lines.append(f"| {steps} | {get('ddim', 1.0, 'psnr_mean'):.2f} | {get('ddim', 7.5, 'psnr_mean'):.2f} | "
-                     f"{get('nti', 7.5, 'psnr_mean'):.2f} | {get('npi', 7.5, 'psnr_mean'):.2f} | "
-                     f"{get('nti', 7.5, 'seconds_median'):.2f} | {get('npi', 7.5, 'seconds_median'):.2f} | "
-                     f"{get('nti', 7.5, 'unet_calls_mean'):.0f} | {get('npi', 7.5, 'unet_calls_mean'):.0f} |")
     ground = t.get("grounding")
     grounding_text = (
         "A grounding loss (as the UNet model's: TokenCompose, Wang et al. 2024, with the scenes' exact masks) "
@@ -294,7 +285,7 @@ def write_card(model_dir: Path, figures: dict) -> Path:
                               f"{s['all']:.1%} |" for s in figures["samples"]),
         ceiling8=iou_ceiling(8, loc["n"]), ceiling16=iou_ceiling(16, loc["n"]),
         iou_steps=loc["steps"], object_iou=loc["object_iou"], background_iou=loc["background_iou"], n_iou=loc["n"],
-        n_recon=figures["n_recon"], recon_rows="\n".join(lines), grid_guidance=grid_samples["guidance"],
+        n_recon=figures["n_recon"], recon_rows=reconstruction_rows(figures), grid_guidance=grid_samples["guidance"],
         grid_captions="; ".join(grid_samples["captions"][:24]), max_steps=max(figures["recon_steps"]),
         edit_steps=figures["edit_steps"], n_edit=figures["n_edit"], n_cases=3 * figures["n_edit"],
         edit_date=figures.get("edit_date", figures["date"]), edit_table=edit_table(figures["edit_sweep"]),
