@@ -397,3 +397,6 @@ def test_piebench_on_a_flow_model_inverts_only_for_methods_that_sample_an_invers
         rows = _rows(out)
         assert sorted(r["method"] for r in rows) == sorted(methods.split(","))
         assert {r["invert_unet_calls"] for r in rows} == {invert_calls}  # FlowEdit alone: the latents, no calls
+        # Each method at its published guidance: the diffusion papers' 7.5, FlowEdit's 13.5 on SD3.
+        published = {"npi": 7.5, "flowedit": 13.5}
+        assert {r["method"]: r["guidance"] for r in rows} == {m: published[m] for m in methods.split(",")}

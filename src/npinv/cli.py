@@ -262,7 +262,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="npi", help="comma separated: npi,proxnpi,proxnpi-noig,nti,ddim "
                    "(and flowedit on flow models)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
-    p.add_argument("--guidance", type=_number, default=7.5, help="guidance scale w (default 7.5)")
+    p.add_argument("--guidance", type=_number, default=None, help="guidance scale w (default: each method's "
+                   "published setting, 7.5, and FlowEdit's paper target guidance for flowedit)")
     p.add_argument("--offset", type=int, default=0, choices=[0, 1], help="timestep offset (published: 0)")
     p.add_argument("--types", default=None, help="editing type ids to run, comma separated (default all)")
     p.add_argument("--limit", type=int, default=None, help="at most this many images")

@@ -257,11 +257,14 @@ def edit_words(item: PieItem, reweight: float) -> tuple[tuple[str, str] | None, 
 
 
 def run_piebench(model: Model, data_dir: str | Path, out_dir: str | Path, *, methods=("npi",), steps: int = 50,
-                 guidance: float = 7.5, offset: int | None = 0, controller: str = "refine", cross_replace: float = 0.4,
+                 guidance: float | None = None, offset: int | None = 0, controller: str = "refine", cross_replace: float = 0.4,
                  self_replace: float = 0.6, reweight: float = 2.0, types: Iterable[int | str] | None = None,
                  limit: int | None = None, parity: bool = False, progress: bool = False,
                  metrics: NetworkMetrics | None = None, shard: Shard | None = None) -> dict:
     """Invert and edit every selected PIE-Bench image with each method; returns the summary.
+
+    ``guidance`` None: each method's published setting, :data:`PIEBENCH_GUIDANCE` (7.5) for the methods
+    that sample an inversion and FlowEdit's paper target guidance for it (each row records its own).
 
     ``metrics``: the networks for structure, LPIPS and CLIP (default: :meth:`NetworkMetrics.load` on the
     model's device, from the local cache only)."""
@@ -303,7 +306,8 @@ def run_piebench(model: Model, data_dir: str | Path, out_dir: str | Path, *, met
                               encode_only=encode_only)
         for method in todo:
             torch.manual_seed(SEED)
-            es = EditSettings(method=method, controller=controller, guidance=guidance, cross_replace=cross_replace,
+            es = EditSettings(method=method, controller=controller, guidance=method_guidance(method, guidance, model),
+                              cross_replace=cross_replace,
                               self_replace=self_replace, blend=blend, reweight=dict(weights))
             done = edit(model, [(inverted, [item.target_prompt])], es, progress=progress)[0]
             result = done.result
@@ -321,7 +325,7 @@ def run_piebench(model: Model, data_dir: str | Path, out_dir: str | Path, *, met
                 # The edit call (NTI's optimisation included) and the image's one inversion, from their costs.
                 "seconds": done.edit_cost.seconds, "invert_seconds": inverted.cost.seconds,
                 "unet_calls": done.edit_cost.unet_calls, "unet_rows": done.edit_cost.unet_rows,
-                "invert_unet_calls": inverted.cost.unet_calls, **_row_settings(settings),
+                "invert_unet_calls": inverted.cost.unet_calls, **_row_settings(settings), "guidance": es.guidance,
             }
             results.add(row)
     rows = results.merge()
@@ -330,6 +334,18 @@ def run_piebench(model: Model, data_dir: str | Path, out_dir: str | Path, *, met
     write_text(out / "table.md", piebench_table(summary))
     write_csv(rows, out / "results.csv")
     return summary
+
+
+# The published PIE-Bench runs' guidance for the diffusion methods (NTI, NPI and ProxNPI papers).
+PIEBENCH_GUIDANCE = 7.5
+
+
+def method_guidance(method: str, guidance: float | None, model: Model) -> float:
+    """The guidance an image is edited with: ``guidance`` when given, else the method's published setting."""
+    if guidance is not None:
+        return guidance
+    own = get_method(method).default_guidance(getattr(model, "family", None))
+    return PIEBENCH_GUIDANCE if own is None else own
 
 
 def select_items(items: list[PieItem], types: Iterable[int | str] | None, limit: int | None) -> list[PieItem]:
