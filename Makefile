@@ -20,11 +20,11 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check src tests benchmarks
+	$(PY) -m ruff check src tests benchmarks examples
 
 # Browser test of the web app (npinv serve): Debian's headless Chromium driven by Selenium; writes
 # docs/webapp.png. Installs chromium and chromium-driver with apt when missing (needs root).
