@@ -616,11 +616,11 @@ class EditSettings:
         window) where none is set, but a method's own default guidance first (FlowEdit's: the paper's,
         for the model's ``family``). ``model``: a loaded model, or its :class:`~npinv.model.ModelSettings`
         (with the family the CLI reads from its configs)."""
-        from npinv.methods import get_method
+        from npinv.methods import METHODS
 
         filled = {name: getattr(model, f"edit_{name}") for name in MODEL_DECLARED if getattr(self, name) is None}
-        if "guidance" in filled:
-            own = get_method(self.method).default_guidance(getattr(model, "family", None))
+        if "guidance" in filled and self.method in METHODS:  # an unknown method: validate() says so, as always
+            own = METHODS[self.method].default_guidance(getattr(model, "family", None))
             filled["guidance"] = filled["guidance"] if own is None else own
         return dataclasses.replace(self, **filled) if filled else self
 
