@@ -426,7 +426,9 @@ def _edit_settings(args, **extra):
 
 def _window_json(window):
     """A self-replace window as the JSON records and manifests write it (a fraction, or [start, end])."""
-    return list(window) if isinstance(window, tuple) else window
+    from npinv.settings import Window
+
+    return Window().to_json(window)
 
 
 def _saved_invert_values(saved) -> dict:
