@@ -211,10 +211,7 @@ def setting_text(kind, value) -> str:
 def method_guidance(engine: Engine, method: str) -> float:
     """The guidance an edit with ``method`` defaults to on the engine's model (FlowEdit: the paper's
     target guidance; the others: the model's recommended one), where the page's slider moves to."""
-    from npinv.methods import METHODS
-
-    own = METHODS[method].default_guidance(getattr(engine.model, "family", None)) if method in METHODS else None
-    return engine.edit_guidance if own is None else own
+    return EditSettings(method=method).resolved(engine.model).guidance
 
 
 def runnable_choices(name: str, options: list, model) -> list:
